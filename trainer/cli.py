@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default=None, help="where the network is saved (default ./output)")
     t.add_argument("--resume", action="store_true", help="continue the last stopped run of this name")
     t.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    t.add_argument("--logs-dir", default=None, help="where CSV logs and resumable states go (default ./logs)")
+    t.add_argument("--debug", action="store_true", help="show the full traceback on failure")
     return p
 
 

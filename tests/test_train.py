@@ -1,0 +1,158 @@
+"""LoRA mode end to end on tiny models: the loss falls, stop/resume is exact, caching, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TinyHost, image_folder, quick_config
+from trainer.jobs import JobError, run_job
+
+
+def _losses(csv_path):
+    rows = list(csv.reader(open(csv_path, encoding="utf-8")))
+    head = next(i for i, r in enumerate(rows) if r and r[0] == "Step")
+    return [float(r[2]) for r in rows[head + 1:]]
+
+
+@pytest.mark.parametrize("network_type", ["lierla", "c3lier", "loha"])
+def test_lora_mode_loss_falls(tmp_path, network_type):
+    data = image_folder(tmp_path / "data", n=2)
+    cfg = quick_config(lora_data_directory=str(data), network_type=network_type, train_iterations="60",
+                       train_learning_rate="3e-3", logging_save_csv=True, train_min_timesteps="400",
+                       train_max_timesteps="600", save_lora_name=f"fall_{network_type}",
+                       lora_trigger_word="pat")
+    host = TinyHost("sd1", tmp_path / "out")
+    result = run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=lambda m: None)
+    assert result.saved and result.saved[-1].name == f"fall_{network_type}.safetensors"
+    assert host.restored == 1
+    losses = _losses(result.csv_paths[0])
+    assert len(losses) == 60  # exactly train_iterations optimizer steps
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.75 * first, (first, last)
+
+
+def _final_weights(path):
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def test_stop_and_resume_match_uninterrupted_run(tmp_path):
+    data = image_folder(tmp_path / "data", n=3)
+    common = dict(lora_data_directory=str(data), train_iterations="10", save_overwrite=True,
+                  train_lr_scheduler="cosine", logging_save_csv=True)
+    full = run_job(quick_config(save_lora_name="full", **common), host=TinyHost("sd1", tmp_path / "a"),
+                   logs_dir=tmp_path / "logs", log=lambda m: None)
+
+    stop = threading.Event()
+
+    def stop_at_4(event):
+        if event.step == 4 and not event.message:
+            stop.set()
+
+    cfg = quick_config(save_lora_name="part", **common)
+    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", stop=stop,
+                    on_progress=stop_at_4, log=lambda m: None)
+    assert first.stopped and first.steps == 4
+    assert (tmp_path / "b" / "part_4steps.safetensors").is_file()
+    assert (tmp_path / "logs" / "state" / "part.pt").is_file()
+
+    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True,
+                     log=lambda m: None)
+    assert not second.stopped and second.steps == 10
+    assert not (tmp_path / "logs" / "state" / "part.pt").exists()
+    a, b = _final_weights(full.saved[-1]), _final_weights(second.saved[-1])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    # the resumed run appended to the same CSV: 10 rows in all
+    assert len(_losses(second.csv_paths[0])) == 10
+
+
+def test_latents_are_encoded_once_and_disk_cache_matches_memory(tmp_path, monkeypatch):
+    from trainer.data import cache as cache_mod
+
+    data = image_folder(tmp_path / "data", n=3)
+    calls = {"n": 0}
+    real = cache_mod.encode_latents
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "encode_latents", counting)
+    losses = []
+    for disk in (False, True, True):
+        calls["n"] = 0
+        cfg = quick_config(lora_data_directory=str(data), train_iterations="5", image_mirroring=True,
+                           cache_latents_to_disk=disk, logging_save_csv=True, save_overwrite=True)
+        res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+        losses.append(_losses(res.csv_paths[0])[0])
+        if disk and len(losses) == 3:
+            assert calls["n"] == 0  # second disk run: every latent read back
+        else:
+            assert calls["n"] == 6  # 3 images + 3 mirrored copies, once each, not once per step
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert losses[1] == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_refuses_to_overwrite_existing_network(tmp_path):
+    data = image_folder(tmp_path / "data", n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny.safetensors").write_bytes(b"user's file")
+    cfg = quick_config(lora_data_directory=str(data), train_iterations="2")
+    with pytest.raises(JobError, match="already exists"):
+        run_job(cfg, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=lambda m: None)
+    assert (out / "tiny.safetensors").read_bytes() == b"user's file"
+
+
+def test_text_encoder_trained_when_base_selected(tmp_path):
+    data = image_folder(tmp_path / "data", n=2)
+    cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_textencoder_learning_rate="5e-4")
+    assert "BASE" in cfg.network_blocks
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    sd = load_file(str(res.saved[-1]))
+    te_up = [v for k, v in sd.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert te_up and any(v.abs().sum() > 0 for v in te_up)  # trained away from the zero init
+
+
+def test_sdxl_and_v_prediction_train(tmp_path):
+    data = image_folder(tmp_path / "data", n=2, size=(64, 48))
+    for kind in ("sdxl", "sd2"):
+        cfg = quick_config(lora_data_directory=str(data), train_iterations="3", save_lora_name=kind,
+                           image_buckets_step="16", image_min_length="32")
+        res = run_job(cfg, host=TinyHost(kind, tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+        assert res.saved[-1].is_file()
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    from tiny import save_tiny_diffusers
+    from trainer.cli import main
+
+    model = save_tiny_diffusers("sd1", tmp_path / "model")
+    data = image_folder(tmp_path / "data", n=2)
+    cfg = quick_config(lora_data_directory=str(data), train_iterations="3", logging_save_csv=True,
+                       save_lora_name="cli_run")
+    cfg_path = tmp_path / "run.json"
+    cfg.to_json(cfg_path)
+    args = ["train", str(cfg_path), "--set", f"model={model}", "--output-dir", str(tmp_path / "out"),
+            "--logs-dir", str(tmp_path / "logs"), "--device", "cpu"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "cli_run.safetensors").is_file()
+    assert "Successfully created" in capsys.readouterr().out
+    # a second run refuses to overwrite, with a one-line reason and a non-zero exit
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "already exists" in err[-1]
+    # bad settings: exit 2 and the parameter named
+    assert main(["train", str(cfg_path), "--set", "network_rank=-3"]) == 2
+    assert "network_rank" in capsys.readouterr().err
+    # the run's config JSON beside the LoRA when save_as_json is on
+    assert main(args + ["--set", "save_as_json=true", "--set", "save_lora_name=with_json"]) == 0
+    saved = json.loads((tmp_path / "out" / "with_json.json").read_text(encoding="utf-8"))
+    assert saved["save_lora_name"] == "with_json"

@@ -1,0 +1,57 @@
+"""Buckets: the public entry points for frames, sample plans and batching, and the ``buckets`` command.
+
+The work lives in ``frames`` (pure frame maths), ``samples`` (per-image plans) and
+``batching`` (seeded, resumable batch order); this module gathers them under one name and
+prints the frames for ``python -m trainer buckets``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from trainer.data.batching import BucketBatcher
+from trainer.data.frames import (
+    Frame, fit_to_bucket, make_buckets, nearest_bucket, nearest_sub_buckets, needs_upscale, parse_image_size,
+)
+from trainer.data.samples import Placement, SampleSpec, bucket_indices, group_by_bucket, iter_loaded, plan_samples
+
+__all__ = [
+    "BucketBatcher", "Frame", "Placement", "SampleSpec", "bucket_indices", "buckets_command", "fit_to_bucket",
+    "format_frames", "group_by_bucket", "iter_loaded", "make_buckets", "nearest_bucket", "nearest_sub_buckets",
+    "needs_upscale", "parse_image_size", "plan_samples",
+]
+
+SUB_HEADER = "# sub-image frames"
+# The command's options, named next to the setting names the errors use.
+_FLAGS = {"image_size(height, width)": "--size", "image_buckets_step": "--step",
+          "image_min_length": "--min-length", "image_max_ratio": "--max-ratio"}
+
+
+def format_frames(size: str, step: int, min_length: int, max_ratio: float) -> list[str]:
+    """The ``buckets`` command's lines: frames as ``(h, w)``, then the sub-image frames.
+
+    Raises ValueError for settings that cannot make frames.
+    """
+    main, sub = make_buckets(size, step, min_length, max_ratio)
+    lines = [f"({h}, {w})" for w, h in main]
+    lines.append(SUB_HEADER)
+    if sub:
+        lines += [f"({h}, {w})" for w, h in sub]
+    else:
+        lines.append("# none: lower --min-length (or --step) to get sub-image frames")
+    return lines
+
+
+def buckets_command(size: str, step: int, min_length: int, max_ratio: float) -> int:
+    """Print the bucket frames (height, width) one per line; 0 on success, 2 for bad input."""
+    try:
+        lines = format_frames(size, step, min_length, max_ratio)
+    except ValueError as exc:
+        message = str(exc)
+        for key, flag in _FLAGS.items():
+            if message.startswith(key):
+                message = f"{flag} ({key}){message[len(key):]}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0

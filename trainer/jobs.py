@@ -1,0 +1,322 @@
+"""Run one training job end to end: config -> host model -> mode tasks -> loop -> saved files.
+
+``run_job`` is what the CLI, the UI and the queue all call. It never leaves the user's
+model changed (``host.restore()`` runs after success, error and stop alike), refuses to
+overwrite an existing network unless ``save_overwrite`` is on, and on a stop saves what was
+learned plus a resumable state under logs/state/.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainer import paths
+
+
+class JobError(RuntimeError):
+    """A job could not start or finish; the message says what to change."""
+
+
+@dataclass
+class JobResult:
+    message: str
+    saved: list = field(default_factory=list)
+    stopped: bool = False
+    steps: int = 0
+    csv_paths: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "model": "float16"}
+
+
+def resolve_dtype(value: str, device, *, field_name: str):
+    """A precision string -> torch dtype, with a clear error where the device cannot do it."""
+    import torch
+
+    if value == "int8":
+        raise JobError(f"{field_name}: int8 needs torchao weight-only quantisation, which this "
+                       "install does not provide; choose fp16 or bf16")
+    dtype = getattr(torch, _DTYPES.get(value, "float32"))
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise JobError(f"{field_name}: this GPU does not support bf16; choose fp16 or fp32")
+    return dtype
+
+
+def pick_device(name: str | None = None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mode_module(mode: str):
+    import importlib
+
+    module = {"LoRA": "lora", "iLECO": "ileco", "Difference": "difference",
+              "ADDifT": "addift", "Multi-ADDifT": "addift"}[mode]
+    return importlib.import_module(f"trainer.modes.{module}")
+
+
+def seed_everything(seed: int) -> int:
+    import numpy as np
+    import torch
+
+    if seed is None or int(seed) < 0:
+        seed = random.SystemRandom().randrange(0, 2**32)
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def planned_outputs(config, output_dir: Path) -> list[Path]:
+    """Files a run of ``config`` would create (final ones), for the overwrite check."""
+    name = config.save_lora_name or "untitled"
+    out = [output_dir / f"{name}.safetensors"]
+    if config.mode == "Difference" and (config.diff_save_1st_pass or config.diff_1st_pass_only):
+        out.append(output_dir / f"{name}_copy.safetensors")
+    return out
+
+
+def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | None = None,
+            resume: bool = False, device=None, stop: threading.Event | None = None,
+            on_progress: Callable | None = None, log: Callable[[str], None] = print) -> JobResult:
+    """Train ``config`` with the model ``host`` provides; see the module docstring."""
+    import torch
+
+    from trainer import loop
+    from trainer.modes.base import ModeContext
+    from trainer.runlog import CsvLog, csv_path, load_state, state_path
+
+    config.check_for_run()
+    name = config.save_lora_name or "untitled"
+    output_dir = Path(output_dir or host.lora_dir())
+    logs_dir = Path(logs_dir or paths.logs_dir())
+    stop = stop or threading.Event()
+    state_file = state_path(logs_dir, name)
+    state = load_state(state_file) if resume else None
+    if state is not None and state.get("config") != config.to_dict():
+        log("note: the settings differ from the stopped run's; continuing with the stopped run's settings")
+        config = type(config).from_dict(state["config"])
+    if not resume and not config.save_overwrite:
+        existing = [p for p in planned_outputs(config, output_dir) if p.exists()]
+        if existing:
+            raise JobError(f"{existing[0]} already exists; choose another save_lora_name or turn on "
+                           "save_overwrite")
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    model_dtype = resolve_dtype(config.train_model_precision, device, field_name="train_model_precision")
+    lora_dtype = resolve_dtype(config.train_lora_precision, device, field_name="train_lora_precision")
+    vae_dtype = resolve_dtype(config.train_VAE_precision, device, field_name="train_VAE_precision")
+    save_dtype = resolve_dtype(config.save_precision, device, field_name="save_precision")
+
+    log("Preparing the model...")
+    bundle = host.load(config)
+    result = JobResult("")
+    try:
+        seed = state["seed"] if state else seed_everything(config.train_seed)
+        if state:
+            seed_everything(seed)
+        bundle.freeze()
+        for te in bundle.text_encoders:
+            _place(te, device, model_dtype)
+        _place(bundle.unet, device, model_dtype)
+        _place(bundle.vae, device, vae_dtype)
+        if config.use_gradient_checkpointing:
+            bundle.unet.enable_gradient_checkpointing()
+            bundle.unet.train()  # diffusers checkpoints only in train mode; SD has no dropout
+        if getattr(config, "zero_terminal_snr", False):
+            from trainer.losses import rescale_zero_terminal_snr
+
+            rescale_zero_terminal_snr(bundle.noise_scheduler)
+        ctx = ModeContext(bundle=bundle, device=device, model_dtype=model_dtype, lora_dtype=lora_dtype,
+                          vae_dtype=vae_dtype, log=log, cache_dir=logs_dir / "cache")
+        ctx.extras["resume_pass"] = state["pass"] if state else 0
+        ctx.extras["search_dirs"] = [output_dir]
+        started = time.time()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if config.save_as_json and not resume:
+            config.to_json(output_dir / f"{name}.json")
+        for index, task in enumerate(_mode_module(config.mode).build_tasks(config, ctx)):
+            if state and index < state["pass"]:
+                continue
+            stem = name if task.name == "main" else f"{name}_{task.name}"
+            csv = None
+            if config.logging_save_csv:
+                csv = CsvLog(state["csv"][task.name] if state and task.name in state.get("csv", {})
+                             else csv_path(logs_dir, name, "" if task.name == "main" else f"_{task.name}"),
+                             _csv_info(task.config, bundle), len(task.param_groups()), append=bool(state))
+                result.csv_paths.append(csv.path)
+            saver = _saver(task, bundle, output_dir, save_dtype, seed, started, config)
+            opts = loop.LoopOptions(
+                save=saver, stem=stem, device=device, model_dtype=model_dtype, stop=stop,
+                on_progress=on_progress, csv=csv, state_path=state_file,
+                resume=state if state and index == state["pass"] else None,
+                extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
+                             "csv": {task.name: str(csv.path)} if csv else {}},
+            )
+            if not getattr(task, "skip_training", False):
+                out = loop.run(task, opts)
+            else:
+                out = loop.LoopResult(0, False, [saver(stem, True)] if task.save_final else [], 0.0, [])
+            if csv:
+                csv.close()
+            result.saved += out.saved
+            result.notes += out.notes
+            result.steps = out.steps_done
+            if out.stopped:
+                result.stopped = True
+                result.message = f"Stopped at step {out.steps_done}. Saved {out.saved[-1]}; " \
+                                 f"continue with --resume (state in {state_file})"
+                return result
+        if state_file.exists():
+            state_file.unlink()
+        result.message = "Successfully created to " + ", ".join(str(p) for p in result.saved[-1:])
+        log("Done.")
+        return result
+    finally:
+        host.restore()
+
+
+def _place(module, device, dtype) -> None:
+    """Move a frozen module; cast only when the dtype really changes (diffusers warns on every cast)."""
+    current = next(module.parameters()).dtype
+    module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
+
+
+def _csv_info(cfg, bundle) -> dict:
+    return {"network_rank": cfg.network_rank, "network_alpha": cfg.network_alpha,
+            "train_learning_rate": cfg.train_learning_rate, "train_iterations": cfg.train_iterations,
+            "train_lr_scheduler": cfg.train_lr_scheduler, "model_version": bundle.family.base_model_version,
+            "train_optimizer": cfg.train_optimizer, "save_lora_name": cfg.save_lora_name}
+
+
+def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float, job_config):
+    """A closure the loop calls to save the task's network under a file stem."""
+    from trainer.modes.base import network_spec
+    from trainer.network.io import build_metadata, save_network
+
+    cfg = task.config
+
+    def save(stem: str, final: bool) -> Path:
+        training = {"ss_output_name": stem, "ss_seed": str(seed), "ss_training_started_at": str(started),
+                    "ss_steps": str(getattr(task, "steps_done", "")), "traintrain_mode": job_config.mode,
+                    "traintrain_pass": task.name}
+        training.update(getattr(task, "metadata", lambda: {})())
+        spec = network_spec(cfg, _SpecCtx(task.network), train_text_encoder=bool(task.network.te_modules))
+        meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network_spec=spec,
+                              base_model_hash_info=bundle.metadata, training_info=training)
+        path = output_dir / f"{stem}.safetensors"
+        overwrite = job_config.save_overwrite or not final
+        return save_network(task.network, path, metadata=meta, dtype=save_dtype,
+                            strength=float(cfg.network_strength), overwrite=overwrite)
+
+    return save
+
+
+class _SpecCtx:
+    """Just enough context for network_spec(): the dtype of the trained parameters."""
+
+    def __init__(self, network):
+        self.lora_dtype = next(network.parameters()).dtype
+
+
+def train_command(args) -> int:
+    """``python -m trainer train CONFIG.json [--set k=v ...] [--output-dir DIR] [--resume]``."""
+    import signal
+    import sys
+
+    from trainer.config import ConfigError, TrainConfig
+    from trainer.hosts.standalone import StandaloneHost
+
+    try:
+        config = TrainConfig.from_json(args.config)
+        for item in args.overrides:
+            config = config.with_override(item)
+        for w in config.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        config.check_for_run()
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir or "output")
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nStopping after this step (press Ctrl-C again to abort without saving)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = _ProgressBar()
+    try:
+        host = StandaloneHost(output_dir=output_dir)
+        result = run_job(config, host=host, output_dir=output_dir, logs_dir=getattr(args, "logs_dir", None),
+                         resume=args.resume, device=args.device, stop=stop, on_progress=bar.update,
+                         log=bar.write)
+    except KeyboardInterrupt:
+        bar.close()
+        print("error: aborted; nothing saved", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the details are not hidden
+        bar.close()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            raise
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bar.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(result.message)
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar fed by loop progress events."""
+
+    def __init__(self):
+        self._bar = None
+        self._pass = None
+
+    def update(self, event) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None or event.pass_name != self._pass:
+            self.close()
+            self._pass = event.pass_name
+            self._bar = tqdm(total=event.total, initial=event.step, desc=event.pass_name, dynamic_ncols=True)
+        if event.message:
+            return
+        self._bar.n = event.step
+        post = {"loss": f"{event.loss_ema:.4f}"}
+        if event.lrs:
+            post["lr"] = f"{event.lrs[-1]:.2e}"
+        if event.epoch is not None:
+            post["epoch"] = event.epoch
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.refresh()
+
+    def write(self, msg: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+

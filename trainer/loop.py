@@ -1,0 +1,211 @@
+"""The one training loop, shared by every mode and every pass.
+
+A mode hands the loop a *task*: the trainable network, the effective settings of this pass
+and a ``compute_loss(step)`` that runs one micro-batch forward and returns the loss. The
+loop owns everything else: optimizer and scheduler, gradient accumulation, mixed precision,
+gradient clipping, exactly ``train_iterations`` optimizer steps, the CSV log, progress
+events, periodic saves, stop requests (finish the step, save, write a resumable state) and
+resuming from such a state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from trainer import optim
+from trainer.runlog import CsvLog, save_state
+
+
+class Task(Protocol):
+    """What a mode gives the loop for one training pass."""
+
+    name: str                 # "main", or "copy" for Difference's first pass
+    config: object            # the effective TrainConfig of this pass
+    network: torch.nn.Module  # the trainable network (already applied to the model)
+    epoch: int | None         # current data epoch, when the task has epochs
+
+    def param_groups(self) -> list[dict]: ...
+    def compute_loss(self, step: int) -> torch.Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class ProgressEvent:
+    """Sent after every optimizer step (and once at start/end with a message)."""
+
+    pass_name: str
+    step: int
+    total: int
+    loss: float = float("nan")
+    loss_ema: float = float("nan")
+    lrs: list = field(default_factory=list)
+    it_per_s: float = 0.0
+    eta_s: float = 0.0
+    epoch: int | None = None
+    message: str = ""
+
+
+@dataclass
+class LoopOptions:
+    """How one pass runs: where it writes, how it reports, how it is stopped."""
+
+    save: Callable[[str, bool], Path]          # (file stem, is_final) -> saved path
+    stem: str                                  # output name of this pass, e.g. "name" / "name_copy"
+    device: torch.device
+    model_dtype: torch.dtype = torch.float32   # autocast dtype (fp32 = no autocast)
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_progress: Callable[[ProgressEvent], None] | None = None
+    csv: CsvLog | None = None
+    state_path: Path | None = None             # resumable state is written here on stop
+    resume: dict | None = None                 # a state written by an earlier stop of this pass
+    extra_state: dict = field(default_factory=dict)  # saved with the state (e.g. pass index)
+
+
+@dataclass
+class LoopResult:
+    steps_done: int
+    stopped: bool
+    saved: list
+    last_loss: float
+    notes: list
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run(task: Task, opts: LoopOptions) -> LoopResult:
+    """Train ``task`` for its configured number of optimizer steps (or until stopped)."""
+    cfg = task.config
+    total = int(cfg.train_iterations)
+    accum = max(1, int(getattr(cfg, "gradient_accumulation_steps", 1) or 1))
+    max_norm = float(getattr(cfg, "train_max_grad_norm", 0.0) or 0.0)
+    every = int(cfg.save_per_steps or 0)
+
+    opt_info = optim.build_optimizer(
+        cfg.train_optimizer, task.param_groups(), lr=cfg.train_learning_rate,
+        settings=optim.parse_settings(cfg.train_optimizer_settings, field="train_optimizer_settings"),
+        device=opts.device, network=task.network,
+    )
+    sched_info = optim.build_scheduler(
+        cfg.train_lr_scheduler, opt_info, num_training_steps=total,
+        warmup_steps=int(cfg.train_lr_warmup_steps or 0), num_cycles=int(cfg.train_lr_scheduler_num_cycles or 1),
+        power=float(cfg.train_lr_scheduler_power or 1.0), step_rules=cfg.train_lr_step_rules or "",
+        settings=optim.parse_settings(cfg.train_lr_scheduler_settings, field="train_lr_scheduler_settings"),
+    )
+    notes = list(opt_info.notes) + list(sched_info.notes)
+    optimizer = opt_info.optimizer
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = torch.amp.GradScaler("cuda") if opts.model_dtype == torch.float16 and opts.device.type == "cuda" else None
+
+    start, ema = 0, None
+    if opts.resume:
+        task.network.load_state_dict(opts.resume["network"])
+        opt_info.load_state_dict(opts.resume["optimizer"])
+        sched_info.load_state_dict(opts.resume["scheduler"])
+        task.load_state_dict(opts.resume["task"])
+        _set_rng_state(opts.resume["rng"])
+        start, ema = int(opts.resume["step"]), opts.resume.get("loss_ema")
+        if scaler is not None and opts.resume.get("scaler"):
+            scaler.load_state_dict(opts.resume["scaler"])
+    optim.optimizer_train_mode(opt_info)
+    _emit(opts, ProgressEvent(task.name, start, total, message=f"{task.name}: steps {start}/{total}"))
+
+    saved: list[Path] = []
+    last = float("nan")
+    t0, window = time.perf_counter(), []
+    for step in range(start, total):
+        tic = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(accum):
+            with _autocast(opts.device, opts.model_dtype):
+                loss = task.compute_loss(step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss.item()} at step {step + 1}; lower train_learning_rate, "
+                    "or use bf16/fp32 model precision instead of fp16")
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.detach().float().item()
+        last = loss_sum / accum
+        if max_norm > 0:
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lrs = sched_info.lr_values()  # after the step: schedule-free optimizers update it there
+        sched_info.step(last)
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        ema = last if ema is None else 0.9 * ema + 0.1 * last
+        window.append(time.perf_counter() - tic)
+        window = window[-20:]
+        rate = len(window) / sum(window) if sum(window) > 0 else 0.0
+        if opts.csv is not None:
+            opts.csv.row(done, task.epoch, last, ema, lrs, time.perf_counter() - t0)
+        _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, rate,
+                                  (total - done) / rate if rate else 0.0, task.epoch))
+
+        if every > 0 and done % every == 0 and done < total:
+            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", final=False))
+        if opts.stop.is_set() and done < total:
+            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", final=False))
+            if opts.state_path is not None:
+                save_state(opts.state_path, {
+                    "step": done, "network": task.network.state_dict(), "optimizer": opt_info.state_dict(),
+                    "scheduler": sched_info.state_dict(), "task": task.state_dict(), "rng": _rng_state(),
+                    "loss_ema": ema, "scaler": scaler.state_dict() if scaler else None, **opts.extra_state,
+                })
+            _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, message="stopped"))
+            return LoopResult(done, True, saved, last, notes)
+
+    if getattr(task, "save_final", True):
+        saved.append(_save(opts, opt_info, opts.stem, final=True))
+    return LoopResult(total, False, saved, last, notes)
+
+
+def _save(opts: LoopOptions, opt_info, stem: str, *, final: bool) -> Path:
+    """Save the network; schedule-free optimizers hold their best weights in eval mode."""
+    optim.optimizer_eval_mode(opt_info)
+    try:
+        return opts.save(stem, final)
+    finally:
+        if not final:
+            optim.optimizer_train_mode(opt_info)
+
+
+def _emit(opts: LoopOptions, event: ProgressEvent) -> None:
+    if opts.on_progress is not None:
+        opts.on_progress(event)

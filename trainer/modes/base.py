@@ -1,0 +1,83 @@
+"""What every mode shares: the run context, building the network, and the UNet call.
+
+A mode module says what one training step computes. It builds one or more *tasks* (see
+trainer/loop.py) and never loops itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from trainer.conditioning import Conditioning, PromptEncoder, sdxl_time_ids
+
+
+@dataclass
+class ModeContext:
+    """Everything a mode needs besides its settings."""
+
+    bundle: object                     # trainer.bundle.ModelBundle, frozen, on device
+    device: torch.device
+    model_dtype: torch.dtype           # dtype of the frozen UNet / text encoders
+    lora_dtype: torch.dtype            # dtype of the trainable network parameters
+    vae_dtype: torch.dtype
+    log: Callable[[str], None] = print
+    cache_dir: object = None           # folder for on-disk latent caches, or None
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._encoder = None
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
+            self._encoder = PromptEncoder(self.bundle)
+        return self._encoder
+
+
+def network_spec(cfg, ctx: ModeContext, *, train_text_encoder: bool):
+    """The NetworkSpec of a config's network settings."""
+    from trainer.network.network import NetworkSpec
+
+    return NetworkSpec(
+        network_type=cfg.network_type, rank=int(cfg.network_rank), alpha=float(cfg.network_alpha),
+        conv_rank=int(cfg.network_conv_rank), conv_alpha=float(cfg.network_conv_alpha),
+        element=cfg.network_element, blocks=list(cfg.network_blocks), dtype=ctx.lora_dtype,
+        train_text_encoder=train_text_encoder,
+    )
+
+
+def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool):
+    """Create the network for ``cfg``, load ``network_resume`` weights if set, inject it."""
+    from trainer.network.network import create_network
+
+    net = create_network(ctx.bundle, network_spec(cfg, ctx, train_text_encoder=train_text_encoder))
+    if getattr(cfg, "network_resume", ""):
+        from trainer.network.io import load_network_weights
+
+        load_network_weights(net, cfg.network_resume, strict=False)
+        ctx.log(f"network weights loaded from {cfg.network_resume}")
+    net.to(ctx.device)
+    net.apply_to()
+    return net
+
+
+def unet_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the UNet; SDXL gets its pooled embedding and size/crop time ids."""
+    kwargs = {}
+    if bundle.family.name == "sdxl":
+        if time_ids is None:
+            h, w = noisy.shape[-2] * bundle.vae_scale_factor, noisy.shape[-1] * bundle.vae_scale_factor
+            time_ids = sdxl_time_ids((h, w), (0, 0), (h, w))
+        time_ids = time_ids.to(noisy.device, noisy.dtype).expand(noisy.shape[0], -1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(noisy.device), "time_ids": time_ids}
+    return bundle.unet(noisy, timesteps, cond.hidden.to(noisy.device), **kwargs).sample
+
+
+def repeat_cond(cond: Conditioning, n: int) -> Conditioning:
+    """Repeat a single-prompt conditioning ``n`` times along the batch."""
+    return Conditioning(cond.hidden.expand(n, -1, -1),
+                        None if cond.pooled is None else cond.pooled.expand(n, -1))

@@ -1,0 +1,115 @@
+"""LoRA mode: plain noise (or v) prediction on captioned, bucketed images (SPEC.md §4.1).
+
+prepare: discover images and captions, plan bucketed samples (sub-images, mirroring),
+encode every sample's latent once (LatentCache), and encode every caption once while the
+text encoder is frozen (TextCache). When BASE is among the blocks the text encoder gets
+network modules and captions are encoded live every step so those modules train.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.conditioning import sdxl_time_ids
+from trainer.data.cache import LatentCache, TextCache
+from trainer.losses import diffusion_loss, make_noise, sample_timesteps, training_target
+from trainer.modes.base import ModeContext, build_network, unet_forward
+
+
+def trains_text_encoder(cfg) -> bool:
+    return "BASE" in list(cfg.network_blocks)
+
+
+def prepare_images(cfg, ctx: ModeContext):
+    """Discover, plan and cache the images of ``cfg.lora_data_directory``."""
+    from trainer.data.images import discover_images
+    from trainer.data.buckets import plan_samples
+
+    items = discover_images(cfg.lora_data_directory, trigger_word=cfg.lora_trigger_word,
+                            use_filename_as_tag=cfg.image_use_filename_as_tag)
+    specs = plan_samples(
+        items, cfg.image_size, cfg.image_buckets_step, cfg.image_min_length, cfg.image_max_ratio,
+        sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring,
+        disable_upscale=cfg.image_disable_upscale,
+    )
+    if not specs:
+        raise ValueError(f"no usable images in {cfg.lora_data_directory} (all were skipped; see the warnings above)")
+    ctx.log(f"{len(items)} images -> {len(specs)} training samples in {len({s.bucket for s in specs})} buckets")
+    fam = ctx.bundle.family
+    cache = LatentCache(ctx.bundle.vae, scale=fam.latent_scale, shift=fam.latent_shift,
+                        disk_dir=ctx.cache_dir if getattr(cfg, "cache_latents_to_disk", False) else None,
+                        vae_id=str(ctx.bundle.source))
+    cache.build(specs, progress=lambda i, n: ctx.log(f"caching latents {i}/{n}") if i == n else None)
+    return items, specs, cache
+
+
+class LoraTask:
+    """One LoRA-mode training pass over a bucketed, cached image set."""
+
+    name = "main"
+
+    def __init__(self, cfg, ctx: ModeContext, *, specs, cache: LatentCache, network, prompts=None):
+        from trainer.data.buckets import BucketBatcher, group_by_bucket
+
+        self.config, self.ctx, self.network = cfg, ctx, network
+        self.specs, self.cache = specs, cache
+        self.prompts = prompts if prompts is not None else [s.item.prompt for s in specs]
+        self.train_te = bool(network.te_modules)
+        self.text = None if self.train_te else TextCache(ctx.encoder).build(self.prompts)
+        groups = group_by_bucket(specs)
+        self.batcher = BucketBatcher(groups, int(cfg.train_batch_size),
+                                     num_multiply=int(cfg.image_num_multiply), seed=int(cfg.train_seed))
+        self._iter = iter(self.batcher)
+
+    @property
+    def epoch(self):
+        return self.batcher.epoch
+
+    def param_groups(self) -> list[dict]:
+        te_lr = self.config.train_textencoder_learning_rate or self.config.train_learning_rate
+        return self.network.param_groups(unet_lr=self.config.train_learning_rate, te_lr=te_lr)
+
+    def _batch(self) -> list[int]:
+        return next(self._iter)
+
+    def conditioning(self, idx: list[int]):
+        prompts = [self.prompts[i] for i in idx]
+        if self.train_te:
+            return self.ctx.encoder.encode(prompts)
+        return self.text.get(prompts)
+
+    def compute_loss(self, step: int) -> torch.Tensor:
+        cfg, ctx, bundle = self.config, self.ctx, self.ctx.bundle
+        idx = self._batch()
+        latents = torch.stack([self.cache.latents[i] for i in idx]).to(ctx.device)
+        noise = make_noise(latents, float(getattr(cfg, "train_noise_offset", 0.0) or 0.0))
+        t = sample_timesteps(len(idx), int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
+                             fixed_in_batch=bool(cfg.train_fixed_timsteps_in_batch), device=ctx.device)
+        sched = bundle.noise_scheduler
+        noisy = sched.add_noise(latents, noise, t)
+        cond = self.conditioning(idx)
+        time_ids = None
+        if bundle.family.name == "sdxl":
+            time_ids = torch.cat([
+                sdxl_time_ids(s.original_size, s.crop_top_left, (s.bucket[1], s.bucket[0]))
+                for s in (self.specs[i] for i in idx)
+            ])
+        pred = unet_forward(bundle, noisy, t, cond.to(ctx.device), time_ids)
+        target = training_target(sched, latents, noise, t, bundle.prediction_type)
+        return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
+                              snr_gamma=float(cfg.train_snr_gamma))
+
+    def state_dict(self) -> dict:
+        return {"batcher": self.batcher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+        self._iter = iter(self.batcher)
+
+
+def build_tasks(cfg, ctx: ModeContext):
+    """LoRA mode has one pass."""
+    _, specs, cache = prepare_images(cfg, ctx)
+    net = build_network(cfg, ctx, train_text_encoder=trains_text_encoder(cfg))
+    ctx.log(f"network: {len(net.unet_modules)} U-Net modules, {len(net.te_modules)} text-encoder modules")
+    yield LoraTask(cfg, ctx, specs=specs, cache=cache, network=net)

@@ -1,0 +1,81 @@
+"""Run records under logs/: the per-step CSV loss log and the resumable state of a stopped run.
+
+CSV layout (readable by the reference's Plot tab, which takes the row starting with
+``Step`` as the header): a few ``key,value`` rows describing the run, then
+``Step,Epoch,Loss,Loss EMA,Learning Rate 1[,Learning Rate 2...],Time``, then one row per
+optimizer step (1-based step, raw loss, EMA loss, the LRs used by that step, seconds since
+the start). Rows are flushed as they are written, so a plot of a running job is current.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def csv_path(logs_dir: Path, name: str, suffix: str = "") -> Path:
+    """``logs/<YYYYMMDD>/<name><suffix>-<YYYYMMDD_HHMMSS>.csv``."""
+    return Path(logs_dir) / time.strftime("%Y%m%d") / f"{name}{suffix}-{timestamp()}.csv"
+
+
+class CsvLog:
+    """Append-only CSV of one training pass."""
+
+    def __init__(self, path: Path, info: dict, n_lrs: int, *, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not (append and self.path.exists())
+        self._fh = open(self.path, "a" if not fresh else "w", newline="", encoding="utf-8")
+        self._w = csv.writer(self._fh)
+        if fresh:
+            for k, v in info.items():
+                self._w.writerow([k, v])
+            lrs = [f"Learning Rate {i + 1}" for i in range(max(1, n_lrs))]
+            self._w.writerow(["Step", "Epoch", "Loss", "Loss EMA", *lrs, "Time"])
+            self._fh.flush()
+
+    def row(self, step: int, epoch, loss: float, ema: float, lrs: list, seconds: float) -> None:
+        self._w.writerow([step, "" if epoch is None else epoch, f"{loss:.6g}", f"{ema:.6g}",
+                          *[f"{lr:.6g}" for lr in lrs], f"{seconds:.2f}"])
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def state_path(logs_dir: Path, name: str) -> Path:
+    """Where the resumable state of run ``name`` lives."""
+    return Path(logs_dir) / "state" / f"{name}.pt"
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write a resumable state atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no stopped run to resume: {path} does not exist. Resume needs a run of the same "
+            "save_lora_name that was stopped (Ctrl-C or Stop) before it finished.")
+    # The state holds numpy RNG state and python objects written by this program.
+    return torch.load(path, map_location="cpu", weights_only=False)
