@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
+TINY_LATENT_SCALE = 5.0
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "clip_tokenizer"
 HIDDEN = 32
 VOCAB = 49408
@@ -42,11 +45,16 @@ def _text_config(**extra):
 def tiny_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64,
     )
+    # A trained SD VAE has a narrow posterior (std far below the latent spread); a random one
+    # has std ~1, which would bury the image in sampling noise. Narrow it the same way.
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] = -8.0
+    return vae
 
 
 def tiny_scheduler(prediction_type: str = "epsilon"):
@@ -120,7 +128,10 @@ def tiny_bundle(kind: str, seed: int = 0):
     from trainer.families import get_family
 
     parts = tiny_components(kind, seed)
-    bundle = ModelBundle(family=get_family(kind), source=f"tiny-{kind}", **parts)
+    # Scaled SD latents have a spread near 1; the random tiny VAE's raw latents spread ~0.2,
+    # so give the tiny family a latent scale that brings them to the same range.
+    family = dataclasses.replace(get_family(kind), latent_scale=TINY_LATENT_SCALE)
+    bundle = ModelBundle(family=family, source=f"tiny-{kind}", **parts)
     return bundle.freeze()
 
 

@@ -204,7 +204,6 @@ def _csv_info(cfg, bundle) -> dict:
 
 def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float, job_config):
     """A closure the loop calls to save the task's network under a file stem."""
-    from trainer.modes.base import network_spec
     from trainer.network.io import build_metadata, save_network
 
     cfg = task.config
@@ -214,8 +213,7 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
                     "ss_steps": str(getattr(task, "steps_done", "")), "traintrain_mode": job_config.mode,
                     "traintrain_pass": task.name}
         training.update(getattr(task, "metadata", lambda: {})())
-        spec = network_spec(cfg, _SpecCtx(task.network), train_text_encoder=bool(task.network.te_modules))
-        meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network_spec=spec,
+        meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network_spec=task.network.spec,
                               base_model_hash_info=bundle.metadata, training_info=training)
         path = output_dir / f"{stem}.safetensors"
         overwrite = job_config.save_overwrite or not final
@@ -223,13 +221,6 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
                             strength=float(cfg.network_strength), overwrite=overwrite)
 
     return save
-
-
-class _SpecCtx:
-    """Just enough context for network_spec(): the dtype of the trained parameters."""
-
-    def __init__(self, network):
-        self.lora_dtype = next(network.parameters()).dtype
 
 
 def train_command(args) -> int:

@@ -25,6 +25,14 @@ def encode_latents(vae, pixels: torch.Tensor, scale: float, shift: float = 0.0) 
     return (dist.sample() - shift) * scale
 
 
+def encode_latents_mean(vae, pixels: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """VAE-encode to the posterior mean: deterministic, so the latents of two images of a pair
+    differ only where the images differ (a random posterior sample each would add a spurious
+    difference that ADDifT and Difference would then learn)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return (dist.mean - shift) * scale
+
+
 def mask_to_latent(mask: np.ndarray | None, latent_hw: tuple[int, int]) -> torch.Tensor | None:
     """Nearest-downsample a pixel mask (H, W) to (1, h, w) at latent resolution."""
     if mask is None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.data.cache import encode_latents, mask_to_latent
+from trainer.data.cache import encode_latents_mean, mask_to_latent
 from trainer.losses import diffusion_loss
 from trainer.modes.base import ModeContext, build_network, repeat_cond, unet_forward
 
@@ -181,8 +181,8 @@ def prepare_single(cfg, ctx: ModeContext) -> dict:
     if px_t.shape != px_o.shape:
         raise ValueError(f"original image {size} and target image could not be brought to one size")
     fam = bundle.family
-    z_o = encode_latents(bundle.vae, px_o, fam.latent_scale, fam.latent_shift).float()
-    z_t = encode_latents(bundle.vae, px_t, fam.latent_scale, fam.latent_shift).float()
+    z_o = encode_latents_mean(bundle.vae, px_o, fam.latent_scale, fam.latent_shift).float()
+    z_t = encode_latents_mean(bundle.vae, px_t, fam.latent_scale, fam.latent_shift).float()
     h, w = px_o.shape[-2:]
     mask = mask_to_latent(mask_o, tuple(z_o.shape[-2:])) if cfg.diff_use_diff_mask else None
     return {"z_o": z_o, "z_t": z_t, "c_o": ctx.encoder.encode([cfg.original_prompt or ""]),

@@ -49,16 +49,23 @@ def network_spec(cfg, ctx: ModeContext, *, train_text_encoder: bool):
     )
 
 
-def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool):
-    """Create the network for ``cfg``, load ``network_resume`` weights if set, inject it."""
+def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool, from_file: str | None = None):
+    """Create the network for ``cfg`` and inject it.
+
+    With ``network_resume`` (or ``from_file``) the modules, ranks and alphas come from that file
+    as SPEC.md §6.4 describes (block and element choices give way to the file's modules).
+    """
     from trainer.network.network import create_network
 
-    net = create_network(ctx.bundle, network_spec(cfg, ctx, train_text_encoder=train_text_encoder))
-    if getattr(cfg, "network_resume", ""):
-        from trainer.network.io import load_network_weights
+    spec = network_spec(cfg, ctx, train_text_encoder=train_text_encoder)
+    source = from_file or getattr(cfg, "network_resume", "")
+    if source:
+        from trainer.network.resume import resume_network
 
-        load_network_weights(net, cfg.network_resume, strict=False)
-        ctx.log(f"network weights loaded from {cfg.network_resume}")
+        net = resume_network(ctx.bundle, spec, str(source))
+        ctx.log(f"network weights loaded from {source}")
+    else:
+        net = create_network(ctx.bundle, spec)
     net.to(ctx.device)
     net.apply_to()
     return net

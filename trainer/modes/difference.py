@@ -21,7 +21,7 @@ import torch
 from trainer.conditioning import sdxl_time_ids
 from trainer.losses import diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.addift import _source_size, load_pixels
-from trainer.data.cache import encode_latents
+from trainer.data.cache import encode_latents_mean
 from trainer.modes.base import ModeContext, build_network, repeat_cond, unet_forward
 
 
@@ -90,8 +90,8 @@ def _encode_pair(cfg, ctx: ModeContext):
     px_b, _, _ = load_pixels(cfg.target_image, factor=f, size=_source_size(cfg.original_image))
     px_b = px_b[..., : px_a.shape[-2], : px_a.shape[-1]]
     fam = bundle.family
-    z_a = encode_latents(bundle.vae, px_a, fam.latent_scale, fam.latent_shift).float()
-    z_b = encode_latents(bundle.vae, px_b, fam.latent_scale, fam.latent_shift).float()
+    z_a = encode_latents_mean(bundle.vae, px_a, fam.latent_scale, fam.latent_shift).float()
+    z_b = encode_latents_mean(bundle.vae, px_b, fam.latent_scale, fam.latent_shift).float()
     h, w = px_a.shape[-2:]
     return z_a, z_b, sdxl_time_ids((h, w), (0, 0), (h, w))
 
@@ -102,16 +102,15 @@ def build_tasks(cfg, ctx: ModeContext):
         cond = ctx.encoder.encode([cfg.original_prompt or ""])
     resume_pass = int(ctx.extras.get("resume_pass", 0))
 
-    copy_net = build_network(cfg, ctx, train_text_encoder=False)
-    ctx.log(f"copy network: {len(copy_net.unet_modules)} U-Net modules")
     save_copy = bool(cfg.diff_save_1st_pass or cfg.diff_1st_pass_only)
-    pass1 = ImageTask("copy", cfg, ctx, copy_net, z_a, cond, time_ids, save_final=save_copy)
+    loaded = None
     if cfg.diff_load_1st_pass and resume_pass == 0:
-        from trainer.network.io import load_network_weights
-
-        path = find_first_pass(cfg.diff_load_1st_pass, ctx.extras.get("search_dirs", []))
-        load_network_weights(copy_net, path, strict=True)
-        ctx.log(f"pass 1 skipped: copy network loaded from {path}")
+        loaded = find_first_pass(cfg.diff_load_1st_pass, ctx.extras.get("search_dirs", []))
+    copy_net = build_network(cfg, ctx, train_text_encoder=False, from_file=loaded)
+    ctx.log(f"copy network: {len(copy_net.unet_modules)} U-Net modules")
+    pass1 = ImageTask("copy", cfg, ctx, copy_net, z_a, cond, time_ids, save_final=save_copy)
+    if loaded is not None:
+        ctx.log(f"pass 1 skipped: copy network loaded from {loaded}")
         pass1.skip_training = True
         pass1.save_final = False
     yield pass1

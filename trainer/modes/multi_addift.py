@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.data.cache import TextCache, encode_latents, mask_to_latent
+from trainer.data.cache import TextCache, encode_latents_mean, mask_to_latent
 from trainer.modes.base import ModeContext
 
 
@@ -46,8 +46,8 @@ def prepare_pairs(cfg, ctx: ModeContext) -> dict:
     orig, target, masks, time_ids = _Latents(), _Latents(), [], []
     for spec in specs:
         px_o, px_t, m_o, m_t = spec.load()
-        z_o = encode_latents(bundle.vae, torch.from_numpy(px_o)[None], fam.latent_scale, fam.latent_shift)
-        z_t = encode_latents(bundle.vae, torch.from_numpy(px_t)[None], fam.latent_scale, fam.latent_shift)
+        z_o = encode_latents_mean(bundle.vae, torch.from_numpy(px_o)[None], fam.latent_scale, fam.latent_shift)
+        z_t = encode_latents_mean(bundle.vae, torch.from_numpy(px_t)[None], fam.latent_scale, fam.latent_shift)
         orig.latents.append(z_o[0].float().cpu())
         target.latents.append(z_t[0].float().cpu())
         mask = difference_mask(px_o, px_t)

@@ -1,0 +1,142 @@
+"""The safetensors header of a saved network: kohya ``ss_*`` keys, ``modelspec.*`` keys and the
+full TrainTrain config (SPEC §6.5). Every value is a string.
+
+Changes from the reference, on purpose:
+- ``ss_network_module`` says what the file is: ``networks.lora`` for lierla/c3lier and
+  ``lycoris.kohya`` (with ``"algo": "loha"`` in ``ss_network_args``) for LoHa, as sd-scripts and
+  LyCORIS write it, instead of the reference's ``network.lora`` for everything.
+- ``ss_training_started_at`` is the real start of training, passed in by the caller.
+- ``modelspec.*`` keys (Stability AI model spec, as sd-scripts writes them) and
+  ``traintrain_config`` (the settings as JSON) are added; the ``sshs_*`` hashes are added by
+  ``io.save_network`` from the final tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+from typing import Any, Mapping
+
+_REQUIRED_TRAINING = ("ss_training_started_at", "ss_output_name")
+
+# ss_* key -> reference JSON key of the value (SPEC §6.5).
+_FROM_CONFIG = {
+    "ss_learning_rate": "train_learning_rate",
+    "ss_unet_lr": "train_learning_rate",
+    "ss_max_train_steps": "train_iterations",
+    "ss_lr_warmup_steps": "train_lr_warmup_steps",
+    "ss_lr_scheduler": "train_lr_scheduler",
+    "ss_lr_step_rules": "train_lr_step_rules",
+    "ss_lr_scheduler_num_cycles": "train_lr_scheduler_num_cycles",
+    "ss_lr_scheduler_power": "train_lr_scheduler_power",
+    "ss_min_snr_gamma": "train_snr_gamma",
+    "ss_seed": "train_seed",
+}
+
+# base_model_hash_info key -> ss_* key (sd-scripts' names for the base checkpoint). Only these are
+# read: a checkpoint's own header may hold the ss_* keys of its training, which must not leak in.
+_BASE_MODEL_KEYS = {"name": "ss_sd_model_name", "hash": "ss_sd_model_hash", "sha256": "ss_new_sd_model_hash"}
+_BASE_MODEL_KEYS.update({v: v for v in list(_BASE_MODEL_KEYS.values())})
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return "" if value is None else str(value)
+
+
+def _network_fields(spec: Any) -> dict[str, str]:
+    conv = {"conv_dim": str(spec.conv_rank or spec.rank), "conv_alpha": str(spec.conv_alpha or spec.alpha)}
+    fields = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+              "ss_network_alpha": str(spec.alpha)}
+    if spec.network_type == "c3lier":
+        fields["ss_network_args"] = json.dumps(conv)
+    elif spec.network_type == "loha":
+        fields["ss_network_module"] = "lycoris.kohya"
+        fields["ss_network_args"] = json.dumps({"algo": "loha", **conv, "use_tucker": "True"})
+    return fields
+
+
+def _image_size(config: Mapping[str, Any], default: int) -> tuple[int, int]:
+    """(height, width) from the config's ``image_size(height, width)`` ("512" or "512,768")."""
+    raw = config.get("image_size(height, width)", default)
+    parts = raw if isinstance(raw, (list, tuple)) else str(raw).replace(" ", "").split(",")
+    try:
+        sizes = [int(float(p)) for p in parts if str(p) != ""]
+    except ValueError:
+        return default, default
+    if len(sizes) == 1:
+        return sizes[0], sizes[0]
+    return (sizes[0], sizes[1]) if len(sizes) == 2 else (default, default)
+
+
+def _is_true(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def _modelspec(family: Any, config: Mapping[str, Any], title: str, started: float) -> dict[str, str]:
+    v_pred = _is_true(config.get("model_v_pred", False)) or family.default_prediction == "v_prediction"
+    height, width = _image_size(config, family.default_resolution)
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_arch(v_pred),
+        "modelspec.implementation": family.modelspec_implementation,
+        "modelspec.title": title,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started)).isoformat(),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+
+
+def _tag_frequency(value: Any) -> str:
+    """The reference writes ``{"1": {tag: count}}``; a flat ``{tag: count}`` is wrapped that way."""
+    if isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values()):
+        value = {"1": value}
+    return _text(value if value is not None else {})
+
+
+def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec: Any,
+                   base_model_hash_info: Mapping[str, Any] | None, training_info: Mapping[str, Any]) -> dict[str, str]:
+    """The header of a saved network (all values strings), without the ``sshs_*`` hashes.
+
+    Args:
+        config_dict: the run's settings under the reference's JSON keys (``TrainConfig.to_dict()``).
+        family: the model ``Family``.
+        network_spec: the ``NetworkSpec`` the network was built with.
+        base_model_hash_info: about the base checkpoint: ``name``, ``hash`` (A1111's short hash) and
+            ``sha256`` (or the same under ``ss_sd_model_name``, ``ss_sd_model_hash``,
+            ``ss_new_sd_model_hash``); every other key is ignored.
+        training_info: header entries of this save, written as given (dicts as JSON). Must hold
+            ``ss_training_started_at`` (Unix time the training started) and ``ss_output_name``; usual
+            others are ``ss_seed`` (the resolved seed), ``ss_steps``, ``ss_tag_frequency``.
+    """
+    missing = [k for k in _REQUIRED_TRAINING if k not in training_info]
+    if missing:
+        raise ValueError(f"training_info lacks {missing}; build_metadata needs the start time and output name")
+    try:
+        started = float(training_info["ss_training_started_at"])
+    except (TypeError, ValueError):
+        raise ValueError(f"training_info ss_training_started_at is {training_info['ss_training_started_at']!r}; "
+                         "it must be a Unix time in seconds") from None
+    meta = {"ss_session_id": str(random.randint(0, 2**31 - 1))}
+    for key, config_key in _FROM_CONFIG.items():
+        meta[key] = _text(config_dict.get(config_key, ""))
+    meta["ss_text_encoder_lr"] = _text(config_dict.get("train_textencoder_learning_rate") or meta["ss_learning_rate"])
+    meta["ss_optimizer"] = _text(config_dict.get("train_optimizer", "")).lower()
+    meta.update(_network_fields(network_spec))
+    meta["ss_mixed_precision"] = str(network_spec.dtype)
+    meta["ss_v2"] = str(bool(family.is_v2))
+    meta["ss_base_model_version"] = family.base_model_version
+    meta["ss_resolution"] = str(_image_size(config_dict, family.default_resolution))
+    meta["ss_tag_frequency"] = _tag_frequency(training_info.get("ss_tag_frequency"))
+    for key, value in (base_model_hash_info or {}).items():
+        target = _BASE_MODEL_KEYS.get(key)
+        if target and value not in (None, ""):
+            meta[target] = _text(value)
+    meta.update({k: _text(v) for k, v in training_info.items() if k != "ss_tag_frequency"})
+    meta.update(_modelspec(family, config_dict, meta["ss_output_name"], started))
+    meta["traintrain_config"] = json.dumps(dict(config_dict), ensure_ascii=False, default=str)
+    return meta
