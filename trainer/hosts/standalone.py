@@ -1,0 +1,307 @@
+"""Standalone host: Stable Diffusion models read from disk, fully offline.
+
+``load_model`` accepts what users download:
+
+- a single-file checkpoint with LDM keys (``.safetensors``/``.sft``, or ``.ckpt``/``.pt``/``.pth``/
+  ``.bin`` read with ``torch.load(weights_only=True)``); the family (SD1.x, SD2.x, SDXL base) is
+  detected from the keys and the weights are converted by diffusers' single-file converters
+  with the config folders shipped in ``trainer/assets`` (see ``ldm_convert.py``);
+- a diffusers model folder (``model_index.json``), loaded with ``from_pretrained(local_files_only=True)``.
+
+No hub is ever contacted: configs come from the package (or ``config_dir``), and a missing
+config is an error. Everything is loaded on CPU unless ``device`` says otherwise; the caller moves it.
+
+``StandaloneHost`` implements the :class:`~trainer.hosts.base.Host` protocol around it
+(SPEC.md §1.4: models under ``<models-dir>/StableDiffusion`` or ``Stable-Diffusion``, VAEs under
+``VAE``, output in ``./output``).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer.bundle import ModelBundle
+from trainer.families import get_family
+from trainer.hosts.base import ModelLoadError, config_value
+from trainer.hosts.checkpoint_file import (
+    CHECKPOINT_SUFFIXES, UNET_PREFIX, V_PRED_KEY, ZTSNR_KEY, CheckpointFile, describe_non_model, detect_family,
+    is_vae_only, require_unet,
+)
+from trainer.hosts.components import (
+    TEXT_ENCODERS, ConfigFolders, decide_prediction, load_tokenizer, noise_scheduler, read_json, yaml_says_v,
+)
+from trainer.hosts.ldm_convert import build_text_encoder, build_unet, build_vae, text_encoder_class
+
+__all__ = ["load_model", "load_vae", "StandaloneHost", "ModelLoadError"]
+
+_UNSUPPORTED_PIPELINES = {
+    "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux", "ZImagePipeline": "Z-Image",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
+}
+
+
+def load_model(path: str | Path, *, vae_path: str | Path | None = None, v_pred: bool | None = None,
+               family: str | None = None, config_dir: str | Path | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """Load a checkpoint file or diffusers folder as a frozen ModelBundle.
+
+    ``vae_path`` replaces the model's VAE (LDM or diffusers VAE file, or a diffusers VAE folder).
+    ``v_pred``: True/False force the prediction type; None detects it (``v_pred`` key, a
+    ``parameterization: "v"`` yaml next to the file, a folder's scheduler config; else epsilon).
+    ``family`` ("sd1", "sd2", "sdxl") overrides detection; ``config_dir`` is a diffusers-format
+    folder of configs used instead of the shipped ones. Raises ModelLoadError.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise ModelLoadError(f"model file not found: {source}")
+    if family is not None and family not in TEXT_ENCODERS:
+        raise ModelLoadError(f"family must be one of {', '.join(TEXT_ENCODERS)} (or None to detect), not {family!r}")
+    if vae_path is not None and str(vae_path) in ("", "None"):
+        vae_path = None
+    if source.is_dir():
+        bundle = _load_diffusers_folder(source, v_pred=v_pred, family=family, dtype=dtype)
+    else:
+        bundle = _load_single_file(source, v_pred=v_pred, family=family, config_dir=config_dir, dtype=dtype,
+                                   own_vae=not vae_path)
+    if vae_path:
+        # A diffusers folder describes its own VAE; single files use config_dir or the shipped configs.
+        folders = ConfigFolders(bundle.family.name, config_dir or (source if source.is_dir() else None))
+        bundle.vae = load_vae(vae_path, vae_config=folders.json("vae"), dtype=dtype)
+        bundle.metadata["vae"] = str(vae_path)
+    target = torch.device(device)
+    if target.type != "cpu":
+        for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
+            module.to(target)
+    return bundle.freeze()
+
+
+def _load_single_file(path: Path, *, v_pred: bool | None, family: str | None, config_dir: str | Path | None,
+                      dtype: torch.dtype, own_vae: bool) -> ModelBundle:
+    ckpt = CheckpointFile(path, "model")
+    if family:  # the user's word wins over the keys (odd merges); the file must still be a model
+        require_unet(ckpt)
+    name = family or detect_family(ckpt)
+    fam = get_family(name)
+    folders = ConfigFolders(name, config_dir)
+    source = path.name
+    if own_vae and not any(k.startswith("first_stage_model.") for k in ckpt.shapes):
+        raise ModelLoadError(f"{source} contains no VAE weights (first_stage_model.*); choose a VAE file as well")
+    state = ckpt.state_dict()
+    unet = build_unet(state, folders.json("unet"), dtype=dtype, source=source)
+    _drop(state, UNET_PREFIX)  # the UNet holds its own (cast) tensors now; free the file's copy early
+    # With a separate VAE the checkpoint's own VAE is not built at all; load_model sets it.
+    vae = build_vae(state, folders.json("vae"), dtype=dtype, source=source) if own_vae else None
+    encoders, tokenizers = [], []
+    for slot in TEXT_ENCODERS[name]:
+        encoders.append(build_text_encoder(
+            state, folders.folder(slot.subfolder) / "config.json", layout=slot.layout, ldm_prefix=slot.ldm_prefix,
+            dtype=dtype, source=source, component=slot.subfolder.replace("_", " ")))
+        tokenizers.append(load_tokenizer(folders.folder(slot.tokenizer_subfolder), slot.pad_token))
+    ckpt.release()
+    prediction, why = decide_prediction(
+        v_pred, has_v_key=V_PRED_KEY in ckpt.shapes, yaml_v=yaml_says_v(path), default=fam.default_prediction)
+    ztsnr = ZTSNR_KEY in ckpt.shapes
+    bundle = ModelBundle(
+        family=fam, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+        noise_scheduler=noise_scheduler(folders.json("scheduler", "scheduler_config.json"), prediction, ztsnr),
+        prediction_type=prediction, source=str(path),
+        metadata={
+            "model_name": path.stem, "format": "safetensors" if ckpt.is_safetensors else "torch",
+            "family_source": "option" if family else "keys",
+            "v_pred_source": why, "ztsnr": ztsnr, "config_dir": folders.describe(),
+        },
+    )
+    return bundle
+
+
+def _drop(state: dict, prefix: str) -> None:
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+
+
+def _folder_family(folder: Path, index: dict) -> str:
+    pipeline = str(index.get("_class_name", ""))
+    if pipeline in _UNSUPPORTED_PIPELINES or "text_encoder" not in index:
+        what = _UNSUPPORTED_PIPELINES.get(pipeline, pipeline or "this pipeline")
+        raise ModelLoadError(f"{folder} is a {what} model, which is not supported (supported: SD1.x, SD2.x, SDXL base)")
+    if pipeline == "StableDiffusionXLPipeline":
+        return "sdxl"
+    if pipeline != "StableDiffusionPipeline":
+        raise ModelLoadError(
+            f"{folder} holds a {pipeline} (model_index.json); only StableDiffusionPipeline and "
+            "StableDiffusionXLPipeline folders can be trained")
+    unet = read_json(folder / "unet" / "config.json")
+    width = unet.get("cross_attention_dim")
+    if width in (768, 1024):
+        return "sd1" if width == 768 else "sd2"
+    te = read_json(folder / "text_encoder" / "config.json")
+    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
+
+
+def _load_diffusers_folder(folder: Path, *, v_pred: bool | None, family: str | None,
+                           dtype: torch.dtype) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is a folder without model_index.json; give a checkpoint file or a diffusers model folder")
+    detected = _folder_family(folder, read_json(folder / "model_index.json"))
+    name = family or detected
+    fam = get_family(name)
+    local = dict(local_files_only=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **local)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **local)
+        encoders, tokenizers = [], []
+        for slot in TEXT_ENCODERS[name]:
+            where = str(folder / slot.subfolder)
+            cls = text_encoder_class(CLIPTextConfig.from_pretrained(where, **local))
+            encoders.append(cls.from_pretrained(where, **local).to(dtype))
+            tokenizers.append(load_tokenizer(folder / slot.tokenizer_subfolder, slot.pad_token))
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"diffusers folder {folder} could not be loaded: {str(error).splitlines()[0]}") from error
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    prediction, why = decide_prediction(v_pred, folder_prediction=scheduler_config.get("prediction_type"),
+                                        default=fam.default_prediction)
+    zero_snr = bool(scheduler_config.get("rescale_betas_zero_snr", False))
+    return ModelBundle(
+        family=fam, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+        noise_scheduler=noise_scheduler(scheduler_config, prediction, zero_snr), prediction_type=prediction,
+        source=str(folder),
+        metadata={"model_name": folder.name, "format": "diffusers",
+                  "family_source": "option" if family else "model_index", "v_pred_source": why, "ztsnr": zero_snr, "config_dir": str(folder)},
+    )
+
+
+def load_vae(path: str | Path, *, vae_config: dict, dtype: torch.dtype = torch.float32) -> Any:
+    """An AutoencoderKL from a VAE file (LDM or diffusers keys, or a full checkpoint's VAE) or folder.
+
+    ``vae_config`` (the family's ``vae/config.json``) describes the architecture of single files.
+    """
+    from diffusers import AutoencoderKL
+
+    source = Path(path)
+    if not source.exists():
+        raise ModelLoadError(f"VAE file not found: {source}")
+    if source.is_dir():
+        sub = None if (source / "config.json").is_file() else "vae"
+        if sub and not (source / sub / "config.json").is_file():
+            raise ModelLoadError(f"VAE folder {source} has no config.json (nor vae/config.json)")
+        try:
+            vae = AutoencoderKL.from_pretrained(source, subfolder=sub, torch_dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"VAE folder {source} could not be loaded: {str(error).splitlines()[0]}") from error
+        return vae.eval()
+    ckpt = CheckpointFile(source, "VAE")
+    full_model_vae = any(k.startswith("first_stage_model.") for k in ckpt.shapes)
+    if not (is_vae_only(ckpt) or full_model_vae):
+        raise ModelLoadError(f"{source.name} cannot be used as the VAE: {describe_non_model(ckpt)}")
+    vae = build_vae(ckpt.state_dict(), vae_config, dtype=dtype, source=source.name)
+    ckpt.release()
+    return vae
+
+
+class StandaloneHost:
+    """The Host protocol for the standalone program: models from folders on disk.
+
+    ``models_dir`` is the root of SPEC.md §1.4 (checkpoints under ``StableDiffusion`` or
+    ``Stable-Diffusion``, VAEs under ``VAE``); ``ckpt_dir`` / ``vae_dir`` override it.
+    ``output_dir`` (default ``./output``) is where networks are saved. Models load to
+    ``device``/``dtype`` (default CPU, fp32). ``on_progress`` receives progress events;
+    ``stop_event`` (one is made if not given) is what ``should_stop`` reads.
+    """
+
+    def __init__(self, models_dir: str | Path | None = None, *, ckpt_dir: str | Path | None = None,
+                 vae_dir: str | Path | None = None, output_dir: str | Path | None = None,
+                 config_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, on_progress: Callable[[Any], None] | None = None,
+                 stop_event: threading.Event | None = None) -> None:
+        root = Path(models_dir) if models_dir is not None else None
+        self.ckpt_dirs = [Path(ckpt_dir)] if ckpt_dir else (
+            [root / "StableDiffusion", root / "Stable-Diffusion"] if root else [])
+        self.vae_dirs = [Path(vae_dir)] if vae_dir else ([root / "VAE"] if root else [])
+        self.output_dir = Path(output_dir) if output_dir is not None else Path.cwd() / "output"
+        self.config_dir = config_dir
+        self.device, self.dtype = device, dtype
+        self.on_progress = on_progress
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
+
+    def load(self, config: Any) -> ModelBundle:
+        """Load ``config.model`` (+ ``config.vae``); a ticked ``model_v_pred`` forces v-prediction."""
+        model = config_value(config, "model")
+        if not model or str(model) == "None":
+            raise ModelLoadError("No Model Selected. Choose a checkpoint file or a diffusers folder as the model.")
+        vae = config_value(config, "vae")
+        ticked = bool(config_value(config, "model_v_pred", False))
+        return load_model(
+            self.resolve(model, self.ckpt_dirs, "model"),
+            vae_path=self.resolve(vae, self.vae_dirs, "VAE") if vae and str(vae) != "None" else None,
+            v_pred=True if ticked else None, config_dir=self.config_dir, device=self.device, dtype=self.dtype,
+        )
+
+    @staticmethod
+    def resolve(name: str | Path, folders: list[Path], what: str) -> Path:
+        """A full path as given; a relative one in the first of ``folders`` that holds it, else from the cwd."""
+        given = Path(name)
+        if given.is_absolute():
+            return given
+        for folder in folders:
+            if (folder / given).exists():
+                return folder / given
+        if given.exists():
+            return given
+        searched = ", ".join(str(f) for f in folders) or "no model folders configured"
+        raise ModelLoadError(f"{what} file not found: {name} (searched: {searched})")
+
+    def restore(self) -> None:
+        """Nothing to restore: the standalone program holds no model of its own."""
+
+    def lora_dir(self) -> Path:
+        """The output folder (``./output`` unless given)."""
+        return self.output_dir
+
+    def list_models(self) -> list[str]:
+        """Checkpoint files and diffusers folders under the checkpoint folders, as relative paths."""
+        return _list_files(self.ckpt_dirs, with_diffusers_folders=True)
+
+    def list_vaes(self) -> list[str]:
+        """VAE files under the VAE folder, as relative paths."""
+        return _list_files(self.vae_dirs, with_diffusers_folders=False)
+
+    def progress(self, event: Any) -> None:
+        """Pass the event to ``on_progress`` if one was given."""
+        if self.on_progress is not None:
+            self.on_progress(event)
+
+    def should_stop(self) -> bool:
+        """True once ``stop_event`` is set."""
+        return self.stop_event.is_set()
+
+    def request_stop(self) -> None:
+        """Ask the running loop to stop (the Stop button / Ctrl-C handler)."""
+        self.stop_event.set()
+
+
+def _list_files(folders: list[Path], *, with_diffusers_folders: bool) -> list[str]:
+    """Checkpoint files (and diffusers folders) under ``folders``, relative, sorted case-insensitively."""
+    found: set[str] = set()
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        diffusers_roots = {index.parent for index in folder.rglob("model_index.json")}
+        for item in folder.rglob("*"):
+            if not (item.is_file() and item.suffix.lower() in CHECKPOINT_SUFFIXES):
+                continue
+            if diffusers_roots.intersection(item.parents):
+                continue  # weights inside a diffusers folder are not models of their own
+            found.add(item.relative_to(folder).as_posix())
+        if with_diffusers_folders:
+            found.update(root.relative_to(folder).as_posix() for root in diffusers_roots if root != folder)
+    return sorted(found, key=str.lower)
