@@ -116,6 +116,14 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
             raise JobError(f"{existing[0]} already exists; choose another save_lora_name or turn on "
                            "save_overwrite")
     device = pick_device(device) if not isinstance(device, torch.device) else device
+    from trainer.distributed import detect
+
+    dist = detect(device)
+    if dist.enabled:
+        device = dist.accelerator.device
+        dist.check_batch(int(config.train_batch_size))
+        if not dist.is_main:
+            log = lambda msg: None  # noqa: E731 - one voice in the console
     model_dtype = resolve_dtype(config.train_model_precision, device, field_name="train_model_precision")
     lora_dtype = resolve_dtype(config.train_lora_precision, device, field_name="train_lora_precision")
     vae_dtype = resolve_dtype(config.train_VAE_precision, device, field_name="train_VAE_precision")
@@ -141,19 +149,19 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
 
             rescale_zero_terminal_snr(bundle.noise_scheduler)
         ctx = ModeContext(bundle=bundle, device=device, model_dtype=model_dtype, lora_dtype=lora_dtype,
-                          vae_dtype=vae_dtype, log=log, cache_dir=logs_dir / "cache")
+                          vae_dtype=vae_dtype, log=log, cache_dir=logs_dir / "cache", dist=dist)
         ctx.extras["resume_pass"] = state["pass"] if state else 0
         ctx.extras["search_dirs"] = [output_dir]
         started = time.time()
         output_dir.mkdir(parents=True, exist_ok=True)
-        if config.save_as_json and not resume:
+        if config.save_as_json and not resume and dist.is_main:
             config.to_json(output_dir / f"{name}.json")
         for index, task in enumerate(_mode_module(config.mode).build_tasks(config, ctx)):
             if state and index < state["pass"]:
                 continue
             stem = name if task.name == "main" else f"{name}_{task.name}"
             csv = None
-            if config.logging_save_csv:
+            if config.logging_save_csv and dist.is_main:
                 csv = CsvLog(state["csv"][task.name] if state and task.name in state.get("csv", {})
                              else csv_path(logs_dir, name, "" if task.name == "main" else f"_{task.name}"),
                              _csv_info(task.config, bundle), len(task.param_groups()), append=bool(state))
@@ -162,14 +170,15 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
             opts = loop.LoopOptions(
                 save=saver, stem=stem, device=device, model_dtype=model_dtype, stop=stop,
                 on_progress=on_progress, csv=csv, state_path=state_file,
-                resume=state if state and index == state["pass"] else None,
+                resume=state if state and index == state["pass"] else None, dist=dist,
                 extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
                              "csv": {task.name: str(csv.path)} if csv else {}},
             )
             if not getattr(task, "skip_training", False):
                 out = loop.run(task, opts)
             else:
-                out = loop.LoopResult(0, False, [saver(stem, True)] if task.save_final else [], 0.0, [])
+                keep = task.save_final and dist.is_main
+                out = loop.LoopResult(0, False, [saver(stem, True)] if keep else [], 0.0, [])
             if csv:
                 csv.close()
             result.saved += out.saved
@@ -177,11 +186,15 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
             result.steps = out.steps_done
             if out.stopped:
                 result.stopped = True
-                result.message = f"Stopped at step {out.steps_done}. Saved {out.saved[-1]}; " \
-                                 f"continue with --resume (state in {state_file})"
+                where = f"Saved {out.saved[-1]}; " if out.saved else ""
+                result.message = (f"Stopped at step {out.steps_done}. {where}"
+                                  f"continue with --resume (state in {state_file})")
                 return result
-        if state_file.exists():
+        if state_file.exists() and dist.is_main:
             state_file.unlink()
+        if not result.saved:
+            result.message = "Finished; this process saved nothing (the main process saves)"
+            return result
         result.message = "Successfully created to " + ", ".join(str(p) for p in result.saved[-1:])
         log("Done.")
         return result

@@ -69,6 +69,7 @@ class LoopOptions:
     state_path: Path | None = None             # resumable state is written here on stop
     resume: dict | None = None                 # a state written by an earlier stop of this pass
     extra_state: dict = field(default_factory=dict)  # saved with the state (e.g. pass index)
+    dist: object = None                        # trainer.distributed.Dist; None = one process
 
 
 @dataclass
@@ -103,6 +104,9 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 def run(task: Task, opts: LoopOptions) -> LoopResult:
     """Train ``task`` for its configured number of optimizer steps (or until stopped)."""
+    from trainer.distributed import SINGLE
+
+    dist = opts.dist or SINGLE
     cfg = task.config
     total = int(cfg.train_iterations)
     accum = max(1, int(getattr(cfg, "gradient_accumulation_steps", 1) or 1))
@@ -146,7 +150,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
         loss_sum = 0.0
         for _ in range(accum):
             with _autocast(opts.device, opts.model_dtype):
-                loss = task.compute_loss(step)
+                loss = dist.run(task.network, lambda: task.compute_loss(step))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the loss became {loss.item()} at step {step + 1}; lower train_learning_rate, "
@@ -154,7 +158,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             scaled = loss / accum
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.detach().float().item()
-        last = loss_sum / accum
+        last = dist.mean(loss_sum / accum)
         if max_norm > 0:
             if scaler:
                 scaler.unscale_(optimizer)
@@ -173,14 +177,17 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
         window.append(time.perf_counter() - tic)
         window = window[-20:]
         rate = len(window) / sum(window) if sum(window) > 0 else 0.0
-        if opts.csv is not None:
+        if opts.csv is not None and dist.is_main:
             opts.csv.row(done, task.epoch, last, ema, lrs, time.perf_counter() - t0)
-        _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, rate,
-                                  (total - done) / rate if rate else 0.0, task.epoch))
+        if dist.is_main:
+            _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, rate,
+                                      (total - done) / rate if rate else 0.0, task.epoch))
 
-        if every > 0 and done % every == 0 and done < total:
+        if every > 0 and done % every == 0 and done < total and dist.is_main:
             saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", final=False))
-        if opts.stop.is_set() and done < total:
+        if dist.any(opts.stop.is_set()) and done < total:
+            if not dist.is_main:
+                return LoopResult(done, True, saved, last, notes)
             saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", final=False))
             if opts.state_path is not None:
                 save_state(opts.state_path, {
@@ -191,8 +198,9 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, message="stopped"))
             return LoopResult(done, True, saved, last, notes)
 
-    if getattr(task, "save_final", True):
+    if getattr(task, "save_final", True) and dist.is_main:
         saved.append(_save(opts, opt_info, opts.stem, final=True))
+    dist.barrier()
     return LoopResult(total, False, saved, last, notes)
 
 

@@ -107,7 +107,7 @@ class AddiftTask:
             s = self.single
             return (s["z_o"].expand(b, -1, -1, -1), s["z_t"].expand(b, -1, -1, -1),
                     repeat_cond(s["c_o"], b), repeat_cond(s["c_t"], b),
-                    None if s["mask"] is None else s["mask"].expand(b, -1, -1, -1), s["time_ids"])
+                    None if s["mask"] is None else s["mask"].expand(b, -1, -1, -1), s["time_ids"].expand(b, -1))
         p = self.pairs
         idx = next(p["iter"])
         z_o = torch.stack([p["orig"].latents[i] for i in idx])
@@ -138,6 +138,8 @@ class AddiftTask:
             if alt < 0:
                 a = b = noise
         sched = bundle.noise_scheduler
+        a, b, noise, t, c_o, c_t, mask, time_ids = (
+            ctx.shard(v) for v in (a, b, noise, t, c_o, c_t, mask, time_ids))
         x_a, x_b = sched.add_noise(a, noise, t), sched.add_noise(b, noise, t)
         with torch.no_grad():
             self.network.multiplier = 0.0

@@ -26,9 +26,14 @@ class ModeContext:
     log: Callable[[str], None] = print
     cache_dir: object = None           # folder for on-disk latent caches, or None
     extras: dict = field(default_factory=dict)
+    dist: object = None                # trainer.distributed.Dist; None = one process
 
     def __post_init__(self):
         self._encoder = None
+
+    def shard(self, x):
+        """This process's share of a full-batch tensor (identity in a single process)."""
+        return x if self.dist is None else self.dist.shard(x)
 
     @property
     def encoder(self) -> PromptEncoder:

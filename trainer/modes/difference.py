@@ -50,9 +50,10 @@ class ImageTask:
         t = sample_timesteps(b, int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
                              fixed_in_batch=bool(cfg.train_fixed_timsteps_in_batch), device=ctx.device)
         sched = bundle.noise_scheduler
-        pred = unet_forward(bundle, sched.add_noise(z, noise, t), t, repeat_cond(self.cond, b).to(ctx.device),
-                            self.time_ids)
         target = training_target(sched, z, noise, t, bundle.prediction_type)
+        z, noise, t, target = (ctx.shard(v) for v in (z, noise, t, target))
+        pred = unet_forward(bundle, sched.add_noise(z, noise, t), t,
+                            repeat_cond(self.cond, z.shape[0]).to(ctx.device), self.time_ids)
         return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
                               snr_gamma=float(cfg.train_snr_gamma))
 

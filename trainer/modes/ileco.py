@@ -45,6 +45,8 @@ class IlecoTask:
         x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
         t = sample_timesteps(b, int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
                              fixed_in_batch=False, device=ctx.device)
+        x, t = ctx.shard(x), ctx.shard(t)
+        b = x.shape[0]
         with torch.no_grad():
             self.network.multiplier = 0.0
             target = unet_forward(bundle, x, t, repeat_cond(self.c_target, b), self.time_ids)

@@ -94,8 +94,9 @@ class LoraTask:
                 sdxl_time_ids(s.original_size, s.crop_top_left, (s.bucket[1], s.bucket[0]))
                 for s in (self.specs[i] for i in idx)
             ])
-        pred = unet_forward(bundle, noisy, t, cond.to(ctx.device), time_ids)
         target = training_target(sched, latents, noise, t, bundle.prediction_type)
+        noisy, t, target, cond, time_ids = (ctx.shard(v) for v in (noisy, t, target, cond, time_ids))
+        pred = unet_forward(bundle, noisy, t, cond.to(ctx.device), time_ids)
         return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
                               snr_gamma=float(cfg.train_snr_gamma))
 
