@@ -31,6 +31,11 @@ def sdxl():
     return tiny_bundle("sdxl")
 
 
+@pytest.fixture(scope="module")
+def sd2():
+    return tiny_bundle("sd2")
+
+
 def spec(**kw) -> NetworkSpec:
     base = dict(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, train_text_encoder=True)
     base.update(kw)
@@ -283,7 +288,8 @@ def _load_in_diffusers(kind: str, path, records: _Records):
     return pipe, encoders
 
 
-@pytest.mark.parametrize("kind, net_type", [("sd1", "lierla"), ("sdxl", "c3lier")])
+@pytest.mark.parametrize("kind, net_type", [("sd1", "lierla"), ("sd1", "c3lier"), ("sd2", "lierla"),
+                                            ("sdxl", "lierla"), ("sdxl", "c3lier")])
 def test_diffusers_loads_our_file_with_no_skipped_keys(request, tmp_path, kind, net_type):
     bundle = request.getfixturevalue(kind)
     net = create_network(bundle, spec(network_type=net_type))
