@@ -1,0 +1,228 @@
+"""The fake hosts' model objects, built from a checkpoint file's LDM state dict.
+
+Only the structure TrainTrain relies on is reproduced (HOSTS.md §2):
+
+- AUTOMATIC1111: one ``nn.Module`` with ``model.diffusion_model``, ``first_stage_model`` and
+  ``cond_stage_model`` (or ``conditioner``), module names as in the file, and the text encoder
+  hijacked the way A1111 does it: ``cond_stage_model.wrapped.transformer`` and a token
+  embedding wrapped in a module whose original sits at ``.wrapped``. Flags ``is_sd1/2/xl``,
+  ``parameterization``, ``lowvram``, ``sd_checkpoint_info``, and a ``.device``.
+- Forge: an engine (not a module) with ``forge_objects.{unet,clip,vae}``: a UNet patcher whose
+  ``model`` (KModel) holds ``diffusion_model`` (LDM names) and ``predictor.prediction_type``,
+  a CLIP whose ``cond_stage_model.clip_l`` (and ``clip_g`` for SDXL) are IntegratedCLIPs
+  (transformers-layout ``transformer.text_model.*`` + ``transformer.text_projection`` +
+  ``logit_scale``; OpenCLIP weights converted to that layout at load), a VAE whose
+  ``first_stage_model`` has LDM VAE names. Everything is built under ``torch.inference_mode()``.
+
+There is no GPU: ``.to(device)`` records ``placement`` and leaves the tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+
+class Placed(nn.Module):
+    """A module that records the device the host moves it to (dtype changes are real)."""
+
+    placement = "cpu"
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            for module in self.modules():
+                if isinstance(module, Placed):
+                    module.placement = device.type
+        return super().to(dtype=dtype) if dtype is not None else self
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.placement)
+
+
+def tree_module(state: dict, root: nn.Module | None = None) -> nn.Module:
+    """A module tree whose ``state_dict()`` has exactly the keys of ``state`` (floats as parameters)."""
+    root = root if root is not None else Placed()
+    for key, tensor in state.items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            child = node._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                node.add_module(part, child)
+            node = child
+        if tensor.is_floating_point():
+            node.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=False))
+        else:
+            node.register_buffer(leaf, tensor.clone())
+    return root
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class EmbeddingsWithFixes(nn.Module):
+    """A1111's token-embedding wrapper (the original at ``.wrapped``)."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+
+class CustomWordsWrapper(nn.Module):
+    """A1111's ``FrozenCLIPEmbedderWithCustomWords``: the ldm embedder at ``.wrapped``."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+
+def _hijack_text_encoder(embedder: nn.Module) -> nn.Module:
+    if "transformer" in embedder._modules:  # CLIP: transformer.text_model.embeddings.token_embedding
+        embeddings = embedder.transformer.text_model.embeddings
+    else:  # OpenCLIP: model.token_embedding
+        embeddings = embedder.model
+    embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding)
+    return CustomWordsWrapper(embedder)
+
+
+class FakeLatentDiffusion(Placed):
+    """AUTOMATIC1111's loaded model (LatentDiffusion / DiffusionEngine) after the hijack."""
+
+    def __init__(self, state: dict, info):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = tree_module(_strip(state, "model.diffusion_model."), nn.Module())
+        self.first_stage_model = tree_module(_strip(state, "first_stage_model."), nn.Module())
+        self.is_sdxl = any(k.startswith("conditioner.") for k in state)
+        self.is_sd2 = not self.is_sdxl and any(k.startswith("cond_stage_model.model.") for k in state)
+        self.is_sd1 = not self.is_sdxl and not self.is_sd2
+        self.is_ssd = False
+        if self.is_sdxl:
+            self.conditioner = tree_module(_strip(state, "conditioner."), nn.Module())
+            for name, embedder in list(self.conditioner.embedders._modules.items()):
+                self.conditioner.embedders._modules[name] = _hijack_text_encoder(embedder)
+        else:
+            self.cond_stage_model = _hijack_text_encoder(tree_module(_strip(state, "cond_stage_model."), nn.Module()))
+        self.parameterization = "eps"
+        self.lowvram = False
+        self.sd_checkpoint_info = info
+        self.sd_model_checkpoint = info.filename
+        self.sd_model_hash = info.shorthash
+
+
+def a1111_model(info) -> FakeLatentDiffusion:
+    """Load ``info.filename`` the way AUTOMATIC1111 does (fp32, as with --no-half)."""
+    return FakeLatentDiffusion(load_file(info.filename), info)
+
+
+class LoraLoader:
+    def __init__(self):
+        self.backup = {}
+        self.online_backup = []
+
+
+class ModelPatcher:
+    def __init__(self, model: nn.Module):
+        from modules import devices
+
+        self.model = model
+        self.load_device = devices.device
+        self.offload_device = torch.device("cpu")
+        self.lora_loader = LoraLoader()
+
+
+class JointTextEncoder(Placed):
+    """Forge's ModuleDict of text encoders (``clip_l``, ``clip_h``, ``clip_g``)."""
+
+
+class IntegratedCLIP(nn.Module):
+    """Forge's CLIP holder: a transformers CLIPTextModel at ``transformer`` plus an added projection."""
+
+    def __init__(self, transformer_state: dict):
+        super().__init__()
+        state = dict(transformer_state)
+        hidden = state["text_model.final_layer_norm.weight"].shape[0]
+        state.setdefault("text_projection.weight", torch.eye(hidden))  # Forge adds one to every CLIP
+        self.transformer = tree_module(state, nn.Module())
+        self.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
+
+
+def _hf_clip(ldm: dict) -> dict:
+    """A checkpoint's CLIP-L keys (already transformers layout) without the position ids buffer."""
+    return {k: v for k, v in ldm.items() if not k.endswith("position_ids")}
+
+
+def _open_clip_to_hf(ldm: dict) -> dict:
+    """OpenCLIP keys as Forge converts them at load: transformers layout, q/k/v split, projection transposed."""
+    out = {"text_model.embeddings.token_embedding.weight": ldm["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": ldm["positional_embedding"],
+           "text_model.final_layer_norm.weight": ldm["ln_final.weight"],
+           "text_model.final_layer_norm.bias": ldm["ln_final.bias"],
+           "text_projection.weight": ldm["text_projection"].T.contiguous()}
+    names = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    layers = sorted({int(k.split(".")[2]) for k in ldm if k.startswith("transformer.resblocks.")})
+    for i in layers:
+        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            for part, chunk in zip("qkv", ldm[src + f"attn.in_proj_{kind}"].chunk(3, dim=0)):
+                out[dst + f"self_attn.{part}_proj.{kind}"] = chunk.contiguous()
+            for old, new in names.items():
+                out[dst + f"{new}.{kind}"] = ldm[src + f"{old}.{kind}"]
+    return out
+
+
+class KModel(Placed):
+    def __init__(self, unet_state: dict, prediction_type: str):
+        super().__init__()
+        self.diffusion_model = tree_module(unet_state, nn.Module())
+        self.predictor = SimpleNamespace(prediction_type=prediction_type)
+
+
+class ForgeEngine:
+    """Forge's ``backend.diffusion_engine.sd15.StableDiffusion`` / ``sdxl.StableDiffusionXL`` (not a module)."""
+
+    def __init__(self, state: dict, info):
+        xl = any(k.startswith("conditioner.") for k in state)
+        clip_model = JointTextEncoder()
+        if xl:
+            clip_model.add_module("clip_l", IntegratedCLIP(_hf_clip(_strip(state, "conditioner.embedders.0.transformer."))))
+            clip_model.add_module("clip_g", IntegratedCLIP(_open_clip_to_hf(_strip(state, "conditioner.embedders.1.model."))))
+        else:
+            clip_model.add_module("clip_l", IntegratedCLIP(_hf_clip(_strip(state, "cond_stage_model.transformer."))))
+        unet = ModelPatcher(KModel(_strip(state, "model.diffusion_model."), "epsilon"))
+        vae_model = tree_module(_strip(state, "first_stage_model."))
+        clip = SimpleNamespace(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model))
+        vae = SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
+        self.forge_objects = SimpleNamespace(unet=unet, clip=clip, vae=vae, clipvision=None)
+        self.forge_objects_original = SimpleNamespace(**vars(self.forge_objects))
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = not xl, False, xl, False
+        self.first_stage_model = None
+        self.cond_stage_model = None
+        self.sd_checkpoint_info = info
+        self.filename = info.filename
+        self.sd_model_hash = info.shorthash
+
+
+def forge_model(info) -> ForgeEngine:
+    """Load ``info.filename`` the way Forge does: inside inference mode, so every tensor is an inference tensor."""
+    with torch.inference_mode():
+        return ForgeEngine(load_file(info.filename), info)
+
+
+def generate(sd_model) -> None:
+    """What a generation does to placement: Forge loads its patchers to the GPU on demand."""
+    from modules import shared
+
+    if shared.flavour == "forge":
+        from backend import memory_management
+
+        objects = sd_model.forge_objects
+        memory_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])

@@ -1,0 +1,83 @@
+"""Start a fake web UI in a folder: models on disk, lists scanned, a checkpoint loaded.
+
+Import only after ``FAKEHOST_FLAVOUR`` / ``FAKEHOST_ROOT`` are set and ``tests/fakehost`` is first
+on ``sys.path``. ``start()`` does what a web UI does at launch: scan the model folders, import
+the built-in Lora extension's ``networks`` module, load the selected checkpoint and (Forge) run
+it once so its parts sit on the GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm import write_config_dir, write_single_file, vae_to_ldm, save_state_dict
+
+
+@dataclass
+class Assets:
+    """Files a fake web UI starts with, written once and copied into each web-UI folder."""
+
+    folder: Path
+    parts: dict         # diffusers components: "base" (seed 0), "other" (seed 1), "vae" (seed 2), "xl" (SDXL)
+
+
+def make_assets(folder: Path) -> Assets:
+    """Two tiny SD1 checkpoints, a tiny SDXL one, a VAE file and the tiny architectures' configs."""
+    from tiny import tiny_components
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {"base": write_single_file("sd1", folder / "base.safetensors", seed=0),
+             "other": write_single_file("sd1", folder / "other.safetensors", seed=1),
+             "vae": tiny_components("sd1", 2), "xl": write_single_file("sdxl", folder / "xl.safetensors", seed=3)}
+    save_state_dict(vae_to_ldm(parts["vae"]["vae"], prefix=""), folder / "tiny.vae.safetensors")
+    write_config_dir("sd1", folder / "configs", parts["base"])
+    write_config_dir("sdxl", folder / "configs_xl", parts["xl"])
+    return Assets(folder, parts)
+
+
+@dataclass
+class FakeWebUI:
+    root: Path
+    flavour: str
+    base: Path          # the checkpoint loaded at start (tiny SD1, seed 0)
+    other: Path         # a second checkpoint (tiny SD1, seed 1)
+    vae: Path           # a VAE file (the VAE of seed 2)
+    config_dir: Path    # diffusers configs of the tiny SD1 architecture
+    xl: Path            # a tiny SDXL checkpoint (seed 3), configs in config_dir_xl
+    config_dir_xl: Path
+    parts: dict         # diffusers components per file stem
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / "models" / "Lora"
+
+
+def start(root: Path, assets: Assets) -> FakeWebUI:
+    """Lay out ``root`` like a web-UI folder with ``assets`` and start the fake host there."""
+    import networks  # noqa: F401  (imported by the built-in Lora extension at start-up)
+    from modules import sd_models, sd_vae, shared
+    from fakehost_models import generate
+
+    models = root / "models"
+    (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
+    (models / "VAE").mkdir(parents=True, exist_ok=True)
+    base = models / "Stable-diffusion" / "base.safetensors"
+    other = models / "Stable-diffusion" / "other.safetensors"
+    vae = models / "VAE" / "tiny.vae.safetensors"
+    xl = models / "Stable-diffusion" / "xl.safetensors"
+    for source, target in ((assets.folder / base.name, base), (assets.folder / other.name, other),
+                           (assets.folder / vae.name, vae), (assets.folder / xl.name, xl)):
+        shutil.copyfile(source, target)
+    sd_models.list_models()
+    sd_vae.refresh_vae_list()
+    info = sd_models.get_closet_checkpoint_match("base.safetensors")
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    if shared.flavour == "forge":
+        sd_models.model_data.forge_loading_parameters = dict(
+            checkpoint_info=info, additional_modules=shared.opts.forge_additional_modules, unet_storage_dtype=None)
+        sd_models.forge_model_reload()
+    generate(shared.sd_model)  # A1111 loads lazily here; Forge moves its parts to the GPU
+    return FakeWebUI(root, shared.flavour, base, other, vae, assets.folder / "configs", xl,
+                     assets.folder / "configs_xl", assets.parts)

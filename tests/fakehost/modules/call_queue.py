@@ -1,0 +1,13 @@
+"""Fake ``modules.call_queue``: the GPU queue lock generation holds."""
+
+from modules import fifo_lock
+
+queue_lock = fifo_lock.FIFOLock()
+
+
+def wrap_queued_call(func):
+    def f(*args, **kwargs):
+        with queue_lock:
+            return func(*args, **kwargs)
+
+    return f

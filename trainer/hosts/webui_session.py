@@ -1,0 +1,336 @@
+"""WebUIHost: the Host protocol inside AUTOMATIC1111 / Forge, one training session at a time.
+
+A session runs from ``load(config)`` to ``restore()`` (``run_job`` calls the latter in a
+``finally``, so also after an error or a stop). During a session the host's GPU lock is
+held, the host's job state shows the progress, the host's Interrupt stops the run, and the
+host's own model is offloaded; ``restore()`` puts that model back, refreshes the host's LoRA
+list and releases the lock. Every call into the host goes through the adapters of
+``webui.py`` (the only module importing the host's ``modules``).
+
+Typical use from the tab::
+
+    host = WebUIHost()
+    result = host.run(config, on_progress=..., log=...)   # run_job with stop/progress wired
+    host.request_stop()                                   # from the Stop button
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.hosts.base import ModelLoadError, config_value
+
+_NOT_CHOSEN = ("", "None")
+
+
+@dataclass
+class _Session:
+    adapter: Any
+    lock: Any
+    done: threading.Event = field(default_factory=threading.Event)
+    saved: dict | None = None
+    bundle: Any = None
+    interrupted_logged: bool = False
+
+
+class WebUIHost:
+    """The Host protocol for a web-UI tab (see the module docstring).
+
+    ``config_dir`` replaces the shipped diffusers configs (for non-standard architectures);
+    ``log`` receives messages for the user (default: the console, where the host logs too);
+    ``poll_s`` is how often the host's Interrupt flag is checked while a run holds the model;
+    ``hold_gpu_lock`` False skips the host's queue lock (only for callers that already hold it).
+    """
+
+    def __init__(self, *, config_dir: str | Path | None = None, log: Callable[[str], None] = print,
+                 poll_s: float = 0.2, hold_gpu_lock: bool = True) -> None:
+        self.config_dir = config_dir
+        self.log = log
+        self.poll_s = poll_s
+        self.hold_gpu_lock = hold_gpu_lock
+        self.stop_event = threading.Event()
+        self._targets: list[threading.Event] = [self.stop_event]
+        self._session: _Session | None = None
+        self._guard = threading.Lock()
+
+    # ------------------------------------------------------------------ host facts
+    @property
+    def adapter(self) -> Any:
+        """The adapter of the running host (A1111Adapter or ForgeAdapter), decided at call time."""
+        from trainer.hosts.webui import adapter
+
+        return adapter()
+
+    def lora_dir(self) -> Path:
+        """The host's LoRA folder (``--lora-dir``, default ``models/Lora``): where runs save."""
+        return self.adapter.lora_dir()
+
+    def list_models(self) -> list[str]:
+        """Checkpoint titles the host lists; "" (blank) in ``config.model`` means the loaded model."""
+        return self.adapter.checkpoint_titles()
+
+    def list_vaes(self) -> list[str]:
+        """VAE names the host lists (keys of ``sd_vae.vae_dict``)."""
+        return list(self.adapter.vae_files())
+
+    def refresh_lists(self) -> None:
+        """Rescan the host's checkpoint and VAE folders (what the host's refresh buttons do)."""
+        self.adapter.rescan()
+
+    def loaded_model_name(self) -> str:
+        """Title of the checkpoint the host has loaded now, "" if none."""
+        model = self.adapter.loaded_model(load=False)
+        info = getattr(model, "sd_checkpoint_info", None)
+        return str(getattr(info, "title", "") or "")
+
+    # ------------------------------------------------------------------ Host protocol
+    def load(self, config: Any) -> Any:
+        """Start a session and hand over the model ``config.model`` names (blank: the loaded one).
+
+        The host's model is offloaded before the bundle is built. On failure the session is
+        ended (model back, lock released) before the error propagates.
+        """
+        session = self._begin()
+        try:
+            session.bundle = self._load(session, config)
+            return session.bundle
+        except BaseException:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        """End the session: free the bundle, put the host's model back, refresh its LoRA list, unlock."""
+        session = self._session
+        if session is None:
+            return
+        try:
+            _release(session.bundle)
+            session.bundle = None
+            if session.saved is not None:
+                try:
+                    session.adapter.restore(session.saved)
+                except Exception as error:  # the run's own outcome must not be hidden by this
+                    self.log(f"Could not put the web UI's model back ({type(error).__name__}: {error}); "
+                             "select the checkpoint again in the web UI.")
+            try:
+                session.adapter.refresh_loras()
+            except Exception as error:
+                self.log(f"Could not refresh the web UI's LoRA list ({type(error).__name__}: {error}).")
+        finally:
+            session.done.set()
+            try:
+                session.adapter.state().end()
+            finally:
+                self._session = None
+                self._targets = [self.stop_event]
+                self.stop_event.clear()  # a finished run's stop must not count against the next one
+                if session.lock is not None:
+                    session.lock.release()
+
+    def progress(self, event: Any) -> None:
+        """Show a loop progress event in the host's job state; a host Interrupt requests a stop."""
+        session = self._session
+        if session is None:
+            return
+        state = session.adapter.state()
+        state.sampling_steps = int(getattr(event, "total", 0) or 0)
+        state.sampling_step = int(getattr(event, "step", 0) or 0)
+        loss = getattr(event, "loss_ema", float("nan"))
+        state.textinfo = (f"{getattr(event, 'pass_name', '')}: step {state.sampling_step}/{state.sampling_steps}"
+                          + (f", loss {loss:.4f}" if loss == loss else ""))
+        self._check_interrupt(session)
+
+    def should_stop(self) -> bool:
+        """True once Stop was requested here or the host's Interrupt was pressed during the run."""
+        session = self._session
+        if session is not None:
+            self._check_interrupt(session)
+        return any(event.is_set() for event in self._targets)
+
+    def request_stop(self) -> None:
+        """Ask the running loop to stop after the current step (the tab's Stop button)."""
+        for event in self._targets:
+            event.set()
+
+    def run(self, config: Any, *, on_progress: Callable[[Any], None] | None = None,
+            stop: threading.Event | None = None, **job_options: Any) -> Any:
+        """``run_job`` with this host: stop event and progress wired to the host's Interrupt and job state.
+
+        ``stop`` (optional) is the caller's own event; it is set on a host Interrupt as well.
+        Other keyword arguments go to ``trainer.jobs.run_job`` (``logs_dir``, ``resume``, ``log``...).
+        """
+        from trainer.jobs import run_job
+
+        if stop is not None:
+            self._targets = [self.stop_event, stop]
+
+        def progress(event: Any) -> None:
+            self.progress(event)
+            if on_progress is not None:
+                on_progress(event)
+                self.should_stop()  # an Interrupt pressed meanwhile ends the run after this very step
+
+        return run_job(config, host=self, stop=stop or self.stop_event, on_progress=progress, **job_options)
+
+    # ------------------------------------------------------------------ session internals
+    def _begin(self) -> _Session:
+        with self._guard:
+            if self._session is not None:
+                raise ModelLoadError("a training run is already using the web UI's model; wait for it to end "
+                                     "or stop it first")
+            adapter = self.adapter
+            lock = adapter.queue_lock() if self.hold_gpu_lock else None
+            if lock is not None and not lock.acquire(blocking=False):
+                self.log("Waiting for the web UI to finish its current job...")
+                lock.acquire()
+            session = _Session(adapter, lock)
+            self._session = session
+        self.stop_event.clear()
+        try:
+            state = adapter.state()
+            state.begin(job="TrainTrain")  # also clears an Interrupt left from an earlier generation
+            state.job_count = 1
+        except BaseException:
+            self.restore()
+            raise
+        threading.Thread(target=self._watch, args=(session,), name="traintrain-interrupt", daemon=True).start()
+        return session
+
+    def _watch(self, session: _Session) -> None:
+        """Turn the host's Interrupt into a stop request even when no progress event comes."""
+        while not session.done.wait(self.poll_s):
+            self._check_interrupt(session)
+
+    def _check_interrupt(self, session: _Session) -> None:
+        state = session.adapter.state()
+        if getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False):
+            if not session.interrupted_logged:
+                session.interrupted_logged = True
+                self.log("Interrupted from the web UI: stopping after this step.")
+            self.request_stop()
+
+    def _load(self, session: _Session, config: Any) -> Any:
+        adapter = session.adapter
+        name = str(config_value(config, "model") or "").strip()
+        ticked = bool(config_value(config, "model_v_pred", False))
+        vae_path = self._vae_path(adapter, config_value(config, "vae"))
+        use_loaded = name in _NOT_CHOSEN
+        model = adapter.loaded_model(load=use_loaded)
+        info, path = None, None
+        if use_loaded and model is None:
+            raise ModelLoadError("the web UI has no model loaded; load one there or choose a checkpoint as the model")
+        if not use_loaded:
+            info = adapter.find_checkpoint(name)
+            path = Path(info.filename) if info is not None else self._existing_file(adapter, name)
+            use_loaded = model is not None and _same_file(getattr(model, "sd_checkpoint_info", None), path)
+        session.saved = adapter.remember(model)
+        adapter.offload(session.saved)
+        self.log(f"The {adapter.name} model is offloaded for training; it is put back afterwards.")
+        if use_loaded:
+            return self._from_loaded(adapter, model, vae_path, ticked)
+        return self._from_file(path, vae_path, True if ticked else None, info)
+
+    def _from_loaded(self, adapter: Any, model: Any, vae_path: Path | None, ticked: bool) -> Any:
+        from trainer.hosts.webui_weights import bundle_from_host_state, unusable_tensors
+
+        family = adapter.family(model)
+        info = getattr(model, "sd_checkpoint_info", None)
+        host_prediction = adapter.prediction(model)
+        reason, state = None, None
+        if adapter.lora_merged(model):
+            reason = "its weights carry a LoRA merged in by the last generation"
+        else:
+            state, layouts, clone = adapter.weights(model, family, self.config_dir)
+            bad = unusable_tensors(state)
+            if bad:
+                reason = f"its weights are quantised (e.g. {bad[0]})"
+        if reason is not None:
+            filename = Path(getattr(info, "filename", "") or "")
+            if not filename.is_file():
+                raise ModelLoadError(f"the web UI's loaded model cannot be trained as held in memory ({reason}), "
+                                     "and its checkpoint file is not available; choose a checkpoint file")
+            self.log(f"Reading {filename.name} from disk: the loaded model cannot be used as it is ({reason}).")
+            v_pred = True if ticked or host_prediction == "v_prediction" else None
+            return self._from_file(filename, vae_path, v_pred, info)
+        vae = self._vae(vae_path, family) if vae_path is not None else None
+        return bundle_from_host_state(
+            state, family=family, host_prediction=host_prediction, v_pred_option=ticked or None,
+            config_dir=self.config_dir, te_layouts=layouts, vae=vae, clone=clone,
+            source=str(getattr(info, "title", "") or "the web UI's loaded model"), metadata=_checkpoint_meta(info))
+
+    def _from_file(self, path: Path, vae_path: Path | None, v_pred: bool | None, info: Any) -> Any:
+        from trainer.hosts.standalone import load_model
+
+        bundle = load_model(path, vae_path=vae_path, v_pred=v_pred, config_dir=self.config_dir)
+        bundle.metadata.update(_checkpoint_meta(info))
+        return bundle
+
+    def _vae(self, path: Path, family: str) -> Any:
+        from trainer.hosts.components import ConfigFolders
+        from trainer.hosts.standalone import load_vae
+
+        return load_vae(path, vae_config=ConfigFolders(family, self.config_dir).json("vae"))
+
+    @staticmethod
+    def _vae_path(adapter: Any, vae: Any) -> Path | None:
+        name = str(vae or "").strip()
+        if name in _NOT_CHOSEN or name.lower() in ("none", "automatic"):
+            return None
+        files = adapter.vae_files()
+        if name in files:
+            return Path(files[name])
+        if Path(name).is_file():
+            return Path(name)
+        known = ", ".join(list(files)[:8]) or "none found"
+        raise ModelLoadError(f"vae: {name!r} is not a VAE the web UI lists (known: {known}); choose one of them, "
+                             "None, or a VAE file path")
+
+    @staticmethod
+    def _existing_file(adapter: Any, name: str) -> Path:
+        if Path(name).is_file():
+            return Path(name)
+        known = ", ".join(adapter.checkpoint_titles()[:8]) or "none found"
+        raise ModelLoadError(f"model: {name!r} is not a checkpoint the web UI lists (known: {known}); choose one of "
+                             "them, leave it blank for the loaded model, or refresh the list")
+
+
+def _same_file(info: Any, path: Path) -> bool:
+    filename = getattr(info, "filename", None)
+    try:
+        return bool(filename) and Path(filename).resolve() == Path(path).resolve()
+    except OSError:
+        return False
+
+
+def _checkpoint_meta(info: Any) -> dict:
+    """Base-model facts for the saved file's header (``ss_sd_model_name`` / ``_hash``)."""
+    if info is None:
+        return {}
+    meta = {"name": getattr(info, "model_name", None) or getattr(info, "title", None),
+            "hash": getattr(info, "hash", None), "sha256": getattr(info, "sha256", None)}
+    filename = getattr(info, "filename", None)
+    if filename:
+        meta["model_name"] = Path(filename).stem
+    return {k: v for k, v in meta.items() if v}
+
+
+def _release(bundle: Any) -> None:
+    """Free the bundle's weights before the host's model goes back (the run is over by now).
+
+    Moving a module to the meta device replaces that module's own parameters only; tensors it
+    shared with the host stay with the host.
+    """
+    if bundle is None:
+        return
+    for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
+        if module is not None:
+            module.to("meta")
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
