@@ -1,0 +1,251 @@
+"""The Train/Queue/Plot page built from the schema, and its handlers called as plain functions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from helpers import TinyHost, image_folder, pattern_image
+from trainer import ui_form
+from trainer.config import PARAMS
+from trainer.ui import build_ui, webui_tabs
+from trainer.ui_actions import LOADED_FIELDS, UiPaths
+
+
+class ListingHost(TinyHost):
+    """TinyHost with model lists, as the standalone and web-UI hosts have."""
+
+    def list_models(self):
+        return ["tiny-sd1", "other.safetensors"]
+
+    def list_vaes(self):
+        return ["vae.pt"]
+
+
+class SlowHost(ListingHost):
+    """Slows each step a little, so progress can be seen between steps."""
+
+    def progress(self, event):
+        time.sleep(0.15)
+
+
+@pytest.fixture
+def page(tmp_path):
+    demo = build_ui(ListingHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+    return demo
+
+
+def _args(**changes):
+    values = ui_form.default_values()
+    values.update(model="tiny-sd1", original_image=None, target_image=None)
+    values.update(changes)
+    return [values[name] for name in ui_form.FIELD_NAMES]
+
+
+def _quick(data, **changes):
+    quick = {"image_size": "64", "image_min_length": "64", "image_buckets_step": "64", "train_iterations": "3",
+             "train_batch_size": "1", "network_rank": "4", "network_alpha": "4", "train_model_precision": "fp32",
+             "save_precision": "fp32", "train_seed": "1", "train_lr_scheduler": "constant",
+             "lora_data_directory": str(data), "save_lora_name": "ui_job"}
+    return _args(**{**quick, **changes})
+
+
+def test_page_has_a_widget_per_parameter_with_key_label_help_and_prefixed_ids(page):
+    widgets = page.traintrain_widgets
+    for p in PARAMS:
+        widget = widgets[p.name]
+        assert widget.label == p.key.replace("_", " ")
+        assert widget.info == p.help
+    assert widgets["image_size"].label == "image size(height, width)"
+    assert widgets["2nd:network_type"].elem_id == "traintrain_p2_network_type"
+    ids = [b.elem_id for b in page.blocks.values() if getattr(b, "elem_id", None)]
+    assert len(ids) > 150 and all(i.startswith("traintrain_") for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert widgets["model"].value == "tiny-sd1"
+
+
+def test_webui_tabs_returns_one_titled_tab(tmp_path, monkeypatch):
+    monkeypatch.setattr(UiPaths, "default", classmethod(lambda cls: UiPaths.under(tmp_path)))
+    [(blocks, title, elem_id)] = webui_tabs(ListingHost("sd1", tmp_path))
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("TrainTrain", "traintrain_tab")
+
+
+def test_mode_switch_only_toggles_visibility(page):
+    ui = page.traintrain
+    names = [p.name for p in ui_form.PASS1]
+
+    def visible(mode):
+        updates = ui.change_mode(mode)
+        assert all(set(u) <= {"__type__", "visible"} for u in updates)  # values are never touched
+        shown = dict(zip(names + ["ileco", "images", "pass2"], (u["visible"] for u in updates)))
+        return shown
+
+    lora, ileco, diff, addift = visible("LoRA"), visible("iLECO"), visible("Difference"), visible("ADDifT")
+    assert lora["lora_data_directory"] and not ileco["lora_data_directory"]
+    assert (lora["ileco"], ileco["ileco"], diff["ileco"]) == (False, True, False)
+    assert (lora["images"], diff["images"], addift["images"]) == (False, True, True)
+    assert (lora["pass2"], diff["pass2"], addift["pass2"]) == (False, True, False)
+    assert all(v["train_iterations"] for v in (lora, ileco, diff, addift))
+    assert ileco["network_train_text_encoder"] and not lora["network_train_text_encoder"]
+    assert addift["diff_alt_ratio"] and not lora["diff_alt_ratio"]
+
+
+def test_preset_round_trip_keeps_the_model(page, tmp_path):
+    ui = page.traintrain
+    message, dropdown = ui.save_preset(*_args(mode="iLECO", save_lora_name="round", network_rank="8",
+                                              original_prompt="a cat", model="tiny-sd1"))
+    assert message.startswith("Preset saved: ") and dropdown["value"] == "round"
+    saved = json.loads((tmp_path / "presets" / "round.json").read_text(encoding="utf-8"))
+    assert saved["mode"] == "iLECO" and saved["network_rank"] == "8" and saved["model"] == "tiny-sd1"
+    assert "original image" not in saved and "negative prompt" not in saved
+
+    out = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("round", "other.safetensors", "", "None")))
+    assert out["model"] == "tiny-sd1" and out["model_path"] == ""
+    assert (out["mode"], out["network_rank"], out["original_prompt"]) == ("iLECO", "8", "a cat")
+
+    # Shipped presets hold "model": "", which must not blank the current choice (the reference did).
+    saved["model"] = ""
+    (tmp_path / "presets" / "blank.json").write_text(json.dumps(saved), encoding="utf-8")
+    out = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("blank", "other.safetensors", "/my/path", "vae.pt")))
+    assert (out["model"], out["model_path"], out["vae"]) == ("other.safetensors", "/my/path", "vae.pt")
+
+    # A model that is not in the list goes into the path field.
+    saved["model"] = "/elsewhere/m.safetensors"
+    (tmp_path / "presets" / "path.json").write_text(json.dumps(saved), encoding="utf-8")
+    out = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("path", "tiny-sd1", "", "None")))
+    assert (out["model"], out["model_path"]) == ("tiny-sd1", "/elsewhere/m.safetensors")
+
+    out = ui.load_preset("missing", "tiny-sd1", "", "None")
+    assert "missing.json: file not found" in out[-1] and all(u == gr.update() for u in out[:-1])
+
+
+def test_load_json_searches_jsons_and_reports_bad_values(page, tmp_path):
+    ui = page.traintrain
+    (tmp_path / "jsons" / "20260101").mkdir(parents=True)
+    mine = tmp_path / "jsons" / "20260101" / "mine.json"
+    mine.write_text(json.dumps({"train_iterations": "77"}), encoding="utf-8")
+    (tmp_path / "jsons" / "bad.json").write_text(json.dumps({"train_iterations": "many"}), encoding="utf-8")
+    out = dict(zip(LOADED_FIELDS + ("message",), ui.load_json("mine", "tiny-sd1", "", "None")))
+    assert out["train_iterations"] == "77" and out["model"] == "tiny-sd1"
+    assert 'train_iterations: "many" is not allowed' in ui.load_json("bad", "tiny-sd1", "", "None")[-1]
+    assert "nothing.json not found" in ui.load_json("nothing", "tiny-sd1", "", "None")[-1]
+
+
+def test_copy_from_first_pass_copies_everything_and_keeps_the_switch(page):
+    ui = page.traintrain
+    names = [p.name for p in ui_form.PASS2]
+    assert "network_type" in names and "use_2nd_pass_settings" not in names
+    first = {p.name: ui_form.ui_value(p, p.default) for p in ui_form.PASS2}
+    first.update(network_type="loha", network_rank="32", train_learning_rate="3e-4")
+    copied = dict(zip(names, ui.copy_first_pass(*[first[n] for n in names])))
+    assert copied == first
+
+
+def test_difference_form_carries_the_second_pass_and_kept_image_copies(page, tmp_path):
+    ui = page.traintrain
+    a, b = pattern_image(tmp_path / "a.png", 1), pattern_image(tmp_path / "b.png", 2)
+    args = _args(mode="Difference", original_image=str(a), target_image=str(b), use_2nd_pass_settings=True,
+                 **{"2nd:network_rank": "4", "2nd:network_type": "c3lier"})
+    config = ui._config(tuple(args))
+    assert config.use_2nd_pass_settings and config.pass2().network_rank == 4
+    assert config.pass2().network_type == "c3lier" and config.network_type == "lierla"
+    kept = tmp_path / "logs" / "inputs"
+    assert config.original_image.startswith(str(kept)) and config.target_image.startswith(str(kept))
+    assert Path(config.original_image).read_bytes() == a.read_bytes()
+
+
+def test_start_runs_in_the_background_and_shows_progress(tmp_path):
+    data = image_folder(tmp_path / "data", n=2)
+    demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+    ui = demo.traintrain
+    assert list(ui.follow()) == [("Nothing is training.", gr.update())]
+    seen = list(ui.start(False, *_quick(data, logging_save_csv=True)))
+    progress, message = seen[-1]
+    assert message.startswith("Successfully created to ") and message.endswith("ui_job.safetensors")
+    assert (tmp_path / "out" / "ui_job.safetensors").is_file()
+    assert any("step 2/3" in p and "loss" in p for p, _ in seen), seen
+    assert len(seen) > 3  # the handler reported while training ran
+    # "Show progress" (e.g. after a page reload) shows the last run's state.
+    assert list(ui.follow()) == [seen[-1]] and "step 3/3" in seen[-1][0]
+
+    fig, note = ui.draw_plot("(newest)", 0.5)
+    assert note.startswith("Showing ") and "ui_job" in note and fig.axes[0].get_lines()
+
+
+def test_stop_ends_a_running_job_saves_it_and_resume_finishes_it(tmp_path):
+    data = image_folder(tmp_path / "data", n=2)
+    demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+    ui = demo.traintrain
+    assert ui.stop() == "Nothing is training."
+    form = _quick(data, train_iterations="8", save_lora_name="long")
+    follow = ui.start(False, *form)
+    for progress, _ in follow:
+        if "step 2/8" in progress:
+            break
+    assert ui.start(False, *_quick(data)).__next__()[1].startswith("A training run is going already")
+    assert ui.stop() == "Stopping..."
+    *_, (progress, message) = follow
+    assert message.startswith("Stopped at step ") and "long_" in message and "tick 'resume" in message
+    assert progress.startswith("long (LoRA) — main: step ") and progress.endswith("(stopped)")
+    assert list((tmp_path / "out").glob("long_*steps.safetensors"))
+
+    *_, (progress, message) = ui.start(True, *form)
+    assert message.startswith("Successfully created to ") and message.endswith("long.safetensors")
+    assert "step 8/8" in progress
+
+
+def test_start_reports_bad_settings_at_once(page):
+    [(progress, message)] = list(page.traintrain.start(False, *_args(train_iterations="many")))
+    assert message.startswith("Error: train_iterations: \"many\" is not allowed")
+
+
+def test_queue_handlers(page, tmp_path):
+    ui = page.traintrain
+    data = image_folder(tmp_path / "data", n=2)
+    message, table, items = ui.add_to_queue(*_quick(data, save_lora_name="q1"))
+    assert message == "Added to Queue: item 1 ('q1', LoRA)"
+    message, table, items = ui.add_to_queue(*_quick(data, save_lora_name="q1", network_rank="8"))
+    assert message.startswith("Duplicated LoRA name! Could not add to queue")
+    ui.add_to_queue(*_quick(data, save_lora_name="q2"))
+    message, table, items = ui.delete_item("1: q1 (pending)")
+    assert message == "Deleted: item 1 ('q1')"
+    assert [row[1] for row in table] == ["q2"] and items["choices"] == ["2: q2 (pending)"]
+    *_, (progress, message, table, items) = ui.run_queue()
+    assert message == "[2] q2: Successfully created to " + str(tmp_path / "out" / "q2.safetensors")
+    assert table[0][4] == "done"
+    assert ui.run_queue().__next__()[1] == "Nothing to run: the queue has no pending items."
+
+
+def test_plot_without_logs_says_so(page):
+    fig, message = page.traintrain.draw_plot("(newest)", 0.6)
+    assert fig is None and message.startswith("Error: no CSV logs in")
+
+
+def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_path, monkeypatch):
+    """``python -m trainer ui --models-dir D`` lists D's models and a run trains the chosen one."""
+    from tiny import save_tiny_diffusers
+    from trainer import ui_compat
+    from trainer.cli import main
+
+    save_tiny_diffusers("sd1", tmp_path / "models" / "StableDiffusion" / "tiny")
+    monkeypatch.setattr(UiPaths, "default", classmethod(lambda cls: UiPaths.under(tmp_path)))
+    served = {}
+    monkeypatch.setattr(ui_compat, "launch", lambda demo, **kwargs: served.update(demo=demo, **kwargs))
+    out = tmp_path / "out"
+    assert main(["ui", "--models-dir", str(tmp_path / "models"), "--output-dir", str(out), "--port", "7999"]) == 0
+    assert (served["server_name"], served["server_port"]) == ("127.0.0.1", 7999)
+    assert "#traintrain_tab" in served["css"]
+    demo = served["demo"]
+    model = demo.traintrain_widgets["model"]
+    assert [c[0] if isinstance(c, tuple) else c for c in model.choices] == ["tiny"] and model.value == "tiny"
+
+    data = image_folder(tmp_path / "data", n=2)
+    *_, (progress, message) = demo.traintrain.start(False, *_quick(data, model="tiny", save_lora_name="folder"))
+    assert message == f"Successfully created to {out / 'folder.safetensors'}"

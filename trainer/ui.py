@@ -1,0 +1,236 @@
+"""The TrainTrain page: Train, Queue and Plot tabs, built from the parameter schema.
+
+``build_ui(host, standalone=...)`` returns a ``gr.Blocks``; the web-UI adapter calls
+``webui_tabs(host)`` from its ``on_ui_tabs`` callback, and ``python -m trainer ui`` serves the
+same page on its own with a :class:`~trainer.hosts.standalone.StandaloneHost`.
+
+Works on gradio 3.41 (AUTOMATIC1111), 4.x (Forge) and 5/6: only ``gr.update``, plain layout
+blocks and components with arguments all of them accept, events as ``.click(fn, inputs,
+outputs)``; the rest is in ``ui_compat``. Every elem_id starts with ``traintrain_`` and the
+whole page sits in ``#traintrain_tab``, so style.css touches nothing else of a host's page.
+Long runs go to a background thread (``ui_runner``); Start and Run queue are generators
+that show its progress, so the page stays responsive and Stop works meanwhile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from trainer import choices as C
+from trainer import ui_compat, ui_form
+from trainer.paths import ROOT
+from trainer.queue import TABLE_HEADERS
+from trainer.ui_actions import LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
+
+__all__ = ["build_ui", "webui_tabs", "serve", "TrainTrainUI", "UiPaths"]
+
+_ROW = 3       # text and dropdown widgets per row
+_CH_ROW = 4    # checkboxes per row
+QUEUE_HELP = ("**Add to Queue** on the Train tab reserves a run; runs wait here until **Run queue** "
+              "(Start Training trains only the Train tab's settings). They train one after another, and a "
+              "failing run does not stop the rest. **Stop** ends the current run (what it learned is saved) "
+              "and the queue run; the items left stay *pending*, press **Run queue** to continue. "
+              "The queue is kept in a file, so it survives a restart.")
+
+
+def _rows(params, values: dict, prefix: str, key_prefix: str = "", mode: str | None = None) -> dict:
+    """Widgets for ``params`` in rows (text/dropdowns, then checkboxes, then block lists);
+    with ``mode``, those without effect there start hidden."""
+    widgets = {}
+    texts = [p for p in params if p.ui in ("DD", "TX")]
+    checks = [p for p in params if p.ui == "CH"]
+    blocks = [p for p in params if p.ui == "CB"]
+    for group, size in ((texts, _ROW), (checks, _CH_ROW), (blocks, 1)):
+        for start in range(0, len(group), size):
+            with gr.Row():
+                for p in group[start:start + size]:
+                    visible = mode is None or ui_form.shown(p, mode)
+                    widgets[key_prefix + p.name] = ui_form.make_widget(p, values[key_prefix + p.name], prefix,
+                                                                       visible)
+    return widgets
+
+
+def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
+    """The Train tab's widgets; fills ``w`` (field name -> component) and returns the buttons."""
+    values = ui_form.default_values()
+    b = {}
+    with gr.Row():
+        w["message"] = gr.Textbox(label="Message", lines=2, max_lines=12, interactive=False,
+                                  elem_id="traintrain_message")
+        w["progress"] = gr.Textbox(label="Progress", lines=2, interactive=False, elem_id="traintrain_progress")
+    with gr.Row(elem_id="traintrain_buttons"):
+        b["start"] = gr.Button("Start Training", variant="primary", elem_id="traintrain_start")
+        b["stop"] = gr.Button("Stop and Save", variant="stop", elem_id="traintrain_stop")
+        b["queue"] = gr.Button("Add to Queue", elem_id="traintrain_add_queue")
+        b["follow"] = gr.Button("Show progress", elem_id="traintrain_show_progress")
+    w["resume"] = gr.Checkbox(value=False, label="resume the stopped run",
+                              info="Start continues the last stopped run of this save lora name from where "
+                                   "Stop left it, instead of starting over.", elem_id="traintrain_resume")
+    with gr.Row(elem_id="traintrain_presets"):
+        w["preset"] = gr.Dropdown(choices=ui.preset_names(), value=None, label="Preset", scale=3,
+                                  elem_id="traintrain_preset")
+        b["load"] = gr.Button("Load preset", scale=1, elem_id="traintrain_load_preset")
+        b["save"] = gr.Button("Save preset", scale=1, elem_id="traintrain_save_preset")
+        b["refresh_presets"] = gr.Button("Refresh list", scale=1, elem_id="traintrain_refresh_presets")
+        w["json_name"] = gr.Textbox(label="Settings JSON: a name under jsons/, or a path", lines=1, scale=3,
+                                    elem_id="traintrain_json_name")
+        b["load_json"] = gr.Button("Load JSON", scale=1, elem_id="traintrain_load_json")
+    w["mode"] = gr.Radio(choices=list(C.MODES), value=values["mode"], label="Mode", elem_id="traintrain_mode")
+    with gr.Row(elem_id="traintrain_models"):
+        models = ui.model_choices()
+        w["model"] = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model", scale=3,
+                                 elem_id="traintrain_model")
+        w["model_path"] = gr.Textbox(label="or model path (used instead of the list when set)", lines=1, scale=3,
+                                     elem_id="traintrain_model_path")
+        w["vae"] = gr.Dropdown(choices=ui.vae_choices(), value=ui_form.NO_VAE, label="VAE", allow_custom_value=True,
+                               scale=2, elem_id="traintrain_vae")
+        b["refresh_models"] = gr.Button("Refresh models", scale=1, elem_id="traintrain_refresh_models")
+    with gr.Group(visible=False, elem_id="traintrain_ileco") as w["ileco_group"]:
+        w["original_prompt"] = gr.Textbox(label="Original Prompt", lines=2, elem_id="traintrain_original_prompt",
+                                          info="The concept to move (iLECO).")
+        w["target_prompt"] = gr.Textbox(label="Target Prompt", lines=2, elem_id="traintrain_target_prompt",
+                                        info="What the original prompt should produce; blank erases the concept.")
+        w["negative_prompt"] = gr.Textbox(label="Negative Prompt", lines=1, elem_id="traintrain_negative_prompt",
+                                          info="Not used in training; kept with the run's settings.")
+    with gr.Row(visible=False, elem_id="traintrain_images") as w["images_group"]:
+        w["original_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Original Image",
+                                       elem_id="traintrain_original_image")
+        w["target_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Target Image",
+                                     elem_id="traintrain_target_image")
+    required = [p for p in ui_form.PASS1 if p.group == "required"]
+    optional = [p for p in ui_form.PASS1 if p.group == "optional"]
+    with gr.Accordion("Required Parameters", open=True, elem_id="traintrain_required"):
+        w.update(_rows(required, values, "", mode=values["mode"]))
+    with gr.Accordion("Option Parameters", open=True, elem_id="traintrain_optional"):
+        w.update(_rows(optional, values, "", mode=values["mode"]))
+    with gr.Accordion("2nd pass", open=False, visible=False, elem_id="traintrain_second_pass") as w["pass2_group"]:
+        with gr.Row():
+            w["use_2nd_pass_settings"] = gr.Checkbox(value=False, label="use 2nd pass settings",
+                                                     info=ui_form.PARAMS_BY_NAME["use_2nd_pass_settings"].help,
+                                                     elem_id="traintrain_use_2nd_pass_settings")
+            b["copy"] = gr.Button("Copy settings from 1st pass", elem_id="traintrain_copy_1st_pass")
+        w.update(_rows(ui_form.PASS2, values, "p2_", ui_form.P2))
+    return b
+
+
+def _queue_tab(ui: TrainTrainUI, w: dict) -> dict:
+    b = {}
+    gr.Markdown(QUEUE_HELP)
+    with gr.Row():
+        w["queue_message"] = gr.Textbox(label="Message", lines=2, max_lines=12, interactive=False,
+                                        elem_id="traintrain_queue_message")
+        w["queue_progress"] = gr.Textbox(label="Progress", lines=2, interactive=False,
+                                         elem_id="traintrain_queue_progress")
+    with gr.Row():
+        b["run"] = gr.Button("Run queue", variant="primary", elem_id="traintrain_run_queue")
+        b["stop"] = gr.Button("Stop and Save", variant="stop", elem_id="traintrain_queue_stop")
+        b["refresh"] = gr.Button("Reload Queue", elem_id="traintrain_refresh_queue")
+    table, items = ui.queue_view()
+    w["queue_table"] = gr.Dataframe(value=table, headers=TABLE_HEADERS, interactive=False, wrap=True,
+                                    label="Queue", elem_id="traintrain_queue_table")
+    with gr.Row():
+        w["queue_item"] = gr.Dropdown(choices=items["choices"], value=None, label="Queue item",
+                                      elem_id="traintrain_queue_item")
+        b["delete"] = gr.Button("Delete item", elem_id="traintrain_delete_item")
+        b["requeue"] = gr.Button("Run again (set pending)", elem_id="traintrain_requeue_item")
+        b["clear"] = gr.Button("Delete finished items", elem_id="traintrain_clear_finished")
+    return b
+
+
+def _plot_tab(ui: TrainTrainUI, w: dict) -> dict:
+    b = {}
+    with gr.Row():
+        w["log"] = gr.Dropdown(choices=ui.log_choices(), value=NEWEST_LOG, label="Log file (under logs/)",
+                               elem_id="traintrain_log")
+        w["smoothing"] = gr.Slider(minimum=0, maximum=0.99, value=0.6, step=0.01, label="Smoothing",
+                                   info="Exponential moving average of the loss; 0 = raw values.",
+                                   elem_id="traintrain_smoothing")
+    with gr.Row():
+        b["refresh"] = gr.Button("Refresh list", elem_id="traintrain_refresh_logs")
+        b["draw"] = gr.Button("Reload Plot", variant="primary", elem_id="traintrain_draw_plot")
+    w["plot_message"] = gr.Textbox(label="Message", lines=1, interactive=False, elem_id="traintrain_plot_message")
+    w["plot"] = gr.Plot(label="Training Result", elem_id="traintrain_plot")
+    return b
+
+
+def _wire(ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict) -> None:
+    form = [w[name] for name in ui_form.FIELD_NAMES]
+    loaded = [w[name] for name in LOADED_FIELDS] + [w["message"]]
+    current_model = [w["model"], w["model_path"], w["vae"]]
+    view = [w["queue_table"], w["queue_item"]]
+    visibility = [w[p.name] for p in ui_form.PASS1] + [w["ileco_group"], w["images_group"], w["pass2_group"]]
+
+    w["mode"].change(ui.change_mode, [w["mode"]], visibility)
+    train["start"].click(ui.start, [w["resume"], *form], [w["progress"], w["message"]], api_name="traintrain_start",
+                         show_progress="hidden")
+    train["stop"].click(ui.stop, [], [w["progress"]], api_name="traintrain_stop")
+    train["follow"].click(ui.follow, [], [w["progress"], w["message"]], show_progress="hidden")
+    train["queue"].click(ui.add_to_queue, form, [w["message"], *view], api_name="traintrain_add_queue")
+    train["save"].click(ui.save_preset, form, [w["message"], w["preset"]], api_name="traintrain_save_preset")
+    train["load"].click(ui.load_preset, [w["preset"], *current_model], loaded, api_name="traintrain_load_preset")
+    train["load_json"].click(ui.load_json, [w["json_name"], *current_model], loaded, api_name="traintrain_load_json")
+    train["refresh_presets"].click(ui.refresh_presets, [], [w["preset"]])
+    train["refresh_models"].click(ui.refresh_models, [], [w["model"], w["vae"]])
+    train["copy"].click(ui.copy_first_pass, [w[p.name] for p in ui_form.PASS2],
+                        [w[ui_form.P2 + p.name] for p in ui_form.PASS2])
+
+    queue["run"].click(ui.run_queue, [], [w["queue_progress"], w["queue_message"], *view],
+                       api_name="traintrain_run_queue", show_progress="hidden")
+    queue["stop"].click(ui.stop, [], [w["queue_progress"]])
+    queue["refresh"].click(ui.queue_view, [], view)
+    queue["delete"].click(ui.delete_item, [w["queue_item"]], [w["queue_message"], *view])
+    queue["requeue"].click(ui.requeue_item, [w["queue_item"]], [w["queue_message"], *view])
+    queue["clear"].click(ui.clear_finished, [], [w["queue_message"], *view])
+
+    plots["refresh"].click(ui.refresh_logs, [], [w["log"]])
+    plots["draw"].click(ui.draw_plot, [w["log"], w["smoothing"]], [w["plot"], w["plot_message"]],
+                        api_name="traintrain_plot")
+
+
+def page_css() -> str:
+    """style.css of the extension ('' when missing); web-UIs load it themselves."""
+    css = ROOT / "style.css"
+    return css.read_text(encoding="utf-8") if css.is_file() else ""
+
+
+def build_ui(host, *, standalone: bool, paths: UiPaths | None = None, output_dir: Path | None = None,
+             poll_s: float = 0.5) -> gr.Blocks:
+    """The whole page for ``host``. The handlers' object is ``blocks.traintrain`` (a TrainTrainUI)."""
+    ui = TrainTrainUI(host, standalone=standalone, paths=paths, output_dir=output_dir, poll_s=poll_s)
+    w: dict = {}
+    with ui_compat.blocks(css=page_css() if standalone else None) as demo:
+        with gr.Column(elem_id="traintrain_tab"):
+            if standalone:
+                gr.Markdown("# TrainTrain", elem_id="traintrain_title")
+            with gr.Tabs(elem_id="traintrain_tabs"):
+                with gr.Tab("Train", elem_id="traintrain_train_tab"):
+                    train = _train_tab(ui, w)
+                with gr.Tab("Queue", elem_id="traintrain_queue_tab"):
+                    queue = _queue_tab(ui, w)
+                with gr.Tab("Plot", elem_id="traintrain_plot_tab"):
+                    plots = _plot_tab(ui, w)
+        _wire(ui, w, train, queue, plots)
+    demo.traintrain = ui
+    demo.traintrain_widgets = w
+    return demo
+
+
+def webui_tabs(host) -> list[tuple[gr.Blocks, str, str]]:
+    """What a web-UI's ``on_ui_tabs`` callback returns: one tab titled TrainTrain."""
+    return [(build_ui(host, standalone=False), "TrainTrain", "traintrain_tab")]
+
+
+def serve(args) -> int:
+    """``python -m trainer ui [--port P] [--host H] [--models-dir DIR] [--output-dir DIR]``."""
+    from trainer.hosts.standalone import StandaloneHost
+
+    output_dir = Path(args.output_dir or "output")
+    host = StandaloneHost(args.models_dir, output_dir=output_dir)
+    demo = build_ui(host, standalone=True, output_dir=output_dir)
+    ui_compat.enable_queue(demo)
+    print(f"TrainTrain: models from {args.models_dir or '(paths typed into the page)'}, output to {output_dir}")
+    ui_compat.launch(demo, css=page_css(), server_name=args.host, server_port=args.port,
+                     inbrowser=getattr(args, "browser", False))
+    return 0

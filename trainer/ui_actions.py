@@ -1,0 +1,257 @@
+"""What the TrainTrain page's buttons do, as plain Python (the layout is in ``ui.py``).
+
+Every handler takes and returns plain values and ``gr.update`` dicts, so tests call them
+directly and the page wires them with ``.click(fn, inputs, outputs)``. Handlers that take
+the whole form receive its values in ``ui_form.FIELD_NAMES`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from trainer import paths as default_paths
+from trainer import plot, ui_form
+from trainer.config import ConfigError, TrainConfig
+from trainer.queue import TABLE_HEADERS, JobQueue, QueueError, format_table
+from trainer.ui_runner import Runner
+
+NEWEST_LOG = "(newest)"
+# The fields a loaded preset sets: all but the image uploads (settings files hold no images).
+LOADED_FIELDS = tuple(f for f in ui_form.FIELD_NAMES if f not in ("original_image", "target_image"))
+
+
+@dataclass
+class UiPaths:
+    """Folders the page reads and writes; defaults are the extension's (trainer/paths.py)."""
+
+    presets: Path
+    jsons: Path
+    logs: Path
+    queue_file: Path
+    inputs: Path  # copies of uploaded images, so queued runs still find them
+
+    @classmethod
+    def default(cls) -> UiPaths:
+        logs = default_paths.logs_dir()
+        return cls(presets=default_paths.presets_dir(), jsons=default_paths.jsons_dir(), logs=logs,
+                   queue_file=default_paths.jsons_dir() / "queue.json", inputs=logs / "inputs")
+
+    @classmethod
+    def under(cls, root: Path) -> UiPaths:
+        """All folders under one root (tests, portable setups)."""
+        root = Path(root)
+        return cls(presets=root / "presets", jsons=root / "jsons", logs=root / "logs",
+                   queue_file=root / "jsons" / "queue.json", inputs=root / "logs" / "inputs")
+
+
+def _errors(error: ConfigError) -> str:
+    return "Error: " + "\n".join(error.problems)
+
+
+class TrainTrainUI:
+    """The page's state (host, queue, background runner) and its event handlers."""
+
+    def __init__(self, host, *, standalone: bool, paths: UiPaths | None = None,
+                 output_dir: Path | None = None, poll_s: float = 0.5):
+        self.host, self.standalone = host, standalone
+        self.paths = paths or UiPaths.default()
+        self.queue = JobQueue(self.paths.queue_file, recover=True)
+        self.runner = Runner(host, self.queue, output_dir=output_dir, logs_dir=self.paths.logs, poll_s=poll_s)
+
+    # --- lists ---------------------------------------------------------------------------
+
+    def model_choices(self) -> list[str]:
+        lister = getattr(self.host, "list_models", None)
+        return list(lister()) if callable(lister) else []
+
+    def vae_choices(self) -> list[str]:
+        lister = getattr(self.host, "list_vaes", None)
+        return [ui_form.NO_VAE] + (list(lister()) if callable(lister) else [])
+
+    def preset_names(self) -> list[str]:
+        folder = self.paths.presets
+        return sorted((p.stem for p in folder.glob("*.json")), key=str.lower) if folder.is_dir() else []
+
+    def refresh_models(self):
+        return gr.update(choices=self.model_choices()), gr.update(choices=self.vae_choices())
+
+    def refresh_presets(self):
+        return gr.update(choices=self.preset_names())
+
+    # --- form ----------------------------------------------------------------------------
+
+    def change_mode(self, mode: str) -> list[dict]:
+        """Visibility of every 1st-pass widget, then of the iLECO prompts, the images and the 2nd pass.
+
+        Only visibility changes: hidden widgets keep their values, which still reach the trainer.
+        """
+        mode = mode or "LoRA"
+        updates = [gr.update(visible=ui_form.shown(p, mode)) for p in ui_form.PASS1]
+        updates.append(gr.update(visible=mode == "iLECO"))
+        updates.append(gr.update(visible=mode in ("Difference", "ADDifT")))
+        updates.append(gr.update(visible=mode == "Difference"))
+        return updates
+
+    def copy_first_pass(self, *pass1_values) -> list[object]:
+        """Copy every 1st-pass value of the 2nd-pass settings into the 2nd-pass panel (network_type
+        too); the "use 2nd pass settings" box is not touched."""
+        values = dict(zip((p.name for p in ui_form.PASS2), pass1_values))
+        return ui_form.copy_first_pass(values)
+
+    def _config(self, args: tuple, *, with_inputs: bool = True) -> TrainConfig:
+        return ui_form.config_from_values(ui_form.values_of(args), image_dir=self.paths.inputs,
+                                          with_inputs=with_inputs)
+
+    # --- presets -------------------------------------------------------------------------
+
+    def save_preset(self, *args):
+        """Save the form as ``presets/<save_lora_name>.json`` (reference format, no images)."""
+        try:
+            config = self._config(args, with_inputs=False)
+        except ConfigError as error:
+            return _errors(error), gr.update()
+        name = config.save_lora_name or "untitled"
+        path = self.paths.presets / f"{name}.json"
+        existed = path.exists()
+        config.to_json(path)
+        note = " (replaced the earlier file)" if existed else ""
+        return f"Preset saved: {path}{note}", gr.update(choices=self.preset_names(), value=name)
+
+    def load_preset(self, name: str, model: str, model_path: str, vae: str) -> list:
+        """Fill the form from ``presets/<name>.json``; the current model stays if the preset has none."""
+        if not name:
+            return self._no_load("Choose a preset first.")
+        return self._load(self.paths.presets / f"{name}.json", model, model_path, vae)
+
+    def load_json(self, name: str, model: str, model_path: str, vae: str) -> list:
+        """Fill the form from a saved settings JSON: a path, or a name searched under jsons/."""
+        text = (name or "").strip()
+        if not text:
+            return self._no_load("Type the name of a settings JSON (searched under jsons/) or its path.")
+        wanted = text if text.lower().endswith(".json") else text + ".json"
+        found = Path(text) if Path(text).is_file() else None
+        if found is None and self.paths.jsons.is_dir():
+            matches = sorted(self.paths.jsons.rglob(Path(wanted).name))
+            found = next((p for p in matches if p != self.paths.queue_file), None)
+        if found is None:
+            return self._no_load(f"Error: {wanted} not found under {self.paths.jsons}")
+        return self._load(found, model, model_path, vae)
+
+    def _load(self, path: Path, model: str, model_path: str, vae: str) -> list:
+        try:
+            config = TrainConfig.from_json(path)
+        except ConfigError as error:
+            return self._no_load(f"Error: {path}:\n" + "\n".join(error.problems))
+        values = ui_form.values_from_config(config, keep_model=(model or "", model_path or ""), keep_vae=vae,
+                                            model_choices=self.model_choices())
+        message = "\n".join([f"Loaded {path}", *(f"warning: {w}" for w in config.warnings)])
+        return [values[f] for f in LOADED_FIELDS] + [message]
+
+    def _no_load(self, message: str) -> list:
+        return [gr.update() for _ in LOADED_FIELDS] + [message]
+
+    # --- training ------------------------------------------------------------------------
+
+    def start(self, resume: bool, *args) -> Iterator[tuple[str, str]]:
+        """Start training the form's settings in the background (``resume``: continue the stopped
+        run of this name); yields (progress, message) until the run ends."""
+        try:
+            config = self._config(args)
+        except ConfigError as error:
+            yield "", _errors(error)
+            return
+        refusal = self.runner.start_job(config, resume=bool(resume))
+        if refusal:
+            yield self.runner.snapshot().progress, refusal
+            return
+        warnings = "\n".join(f"warning: {w}" for w in config.warnings)
+        for snap in self.runner.follow():
+            yield snap.progress, snap.message or warnings
+
+    def stop(self) -> str:
+        return self.runner.stop()
+
+    def follow(self) -> Iterator[tuple[str, str]]:
+        """Progress of the current run (e.g. after the page was reloaded) until it ends."""
+        if not self.runner.running and not self.runner.snapshot().progress:
+            yield "Nothing is training.", gr.update()
+            return
+        for snap in self.runner.follow():
+            yield snap.progress, snap.message or gr.update()
+
+    # --- queue ---------------------------------------------------------------------------
+
+    def queue_view(self):
+        """(table, item-dropdown update) of the queue as it is now."""
+        items = self.queue.items()
+        table = format_table(items) or [[""] * len(TABLE_HEADERS)]
+        choices = [f"{i.id}: {i.name} ({i.status})" for i in items]
+        return table, gr.update(choices=choices, value=None)
+
+    def add_to_queue(self, *args):
+        try:
+            config = self._config(args)
+            busy = (self.runner.current_name,) if self.runner.current_name else ()
+            item = self.queue.add(config, busy_names=busy)
+            message = f"Added to Queue: item {item.id} ('{item.name}', {item.mode})"
+        except ConfigError as error:
+            message = _errors(error)
+        except QueueError as error:
+            message = str(error)
+        return (message, *self.queue_view())
+
+    def delete_item(self, choice: str):
+        return self._item_action(choice, self.queue.remove, "Deleted")
+
+    def requeue_item(self, choice: str):
+        return self._item_action(choice, self.queue.requeue, "Pending again")
+
+    def clear_finished(self):
+        count = self.queue.clear_finished()
+        return (f"Deleted {count} finished item(s).", *self.queue_view())
+
+    def _item_action(self, choice: str, action, verb: str):
+        if not choice:
+            return ("Choose a queue item first.", *self.queue_view())
+        try:
+            item = action(str(choice).split(":")[0])
+            message = f"{verb}: item {item.id} ('{item.name}')"
+        except QueueError as error:
+            message = str(error)
+        return (message, *self.queue_view())
+
+    def run_queue(self):
+        """Train every pending item in the background; yields (progress, message, table, items)."""
+        refusal = self.runner.start_queue()
+        if refusal:
+            yield (self.runner.snapshot().progress, refusal, *self.queue_view())
+            return
+        shown = None
+        for snap in self.runner.follow():
+            items = self.queue.items()
+            state = [(i.id, i.status) for i in items]
+            # Redraw the table only when it changed, so it does not flicker while training.
+            view = self.queue_view() if state != shown or not snap.running else (gr.update(), gr.update())
+            shown = state
+            yield (snap.progress, snap.message, *view)
+
+    # --- plot ----------------------------------------------------------------------------
+
+    def log_choices(self) -> list[str]:
+        logs = self.paths.logs
+        return [NEWEST_LOG] + [p.relative_to(logs).as_posix() for p in plot.find_logs(logs)]
+
+    def refresh_logs(self):
+        return gr.update(choices=self.log_choices(), value=NEWEST_LOG)
+
+    def draw_plot(self, name: str, smoothing: float):
+        """(figure or None, message) for the chosen log; blank or '(newest)' means the newest."""
+        try:
+            path = plot.resolve_log("" if name in (None, NEWEST_LOG) else name, self.paths.logs)
+            return plot.plot_log(path, float(smoothing or 0)), f"Showing {path}"
+        except (plot.LogError, ValueError) as error:
+            return None, f"Error: {error}"

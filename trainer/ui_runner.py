@@ -1,0 +1,210 @@
+"""Training in the background for the UI: one run at a time (a single job or the queue), with
+progress the page polls.
+
+Gradio handlers must not block for a whole run, or the page shows nothing until the end
+(the reference's behaviour, SPEC.md §9). So Start and Run queue hand the work to a thread and
+return a generator that reports the progress every ``poll_s`` seconds; Stop sets the event
+``run_job`` watches, the job saves what it learned, and a queue run ends after that job.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from trainer.queue import JobQueue, QueueError, QueueItem
+
+
+RESUME_HINT = "To continue it on this page, tick 'resume the stopped run' and press Start Training."
+
+
+@dataclass
+class Snapshot:
+    """What the page shows: the progress line, the result message, and whether a run is going."""
+
+    progress: str
+    message: str
+    running: bool
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def describe_event(event) -> str:
+    """One line for a loop ProgressEvent: pass, step/total, loss, speed, ETA."""
+    if event.message:
+        return f"{event.pass_name}: {event.message}"
+    parts = [f"{event.pass_name}: step {event.step}/{event.total}"]
+    if event.loss_ema == event.loss_ema:  # not NaN
+        parts.append(f"loss {event.loss_ema:.4f}")
+    if event.lrs:
+        parts.append(f"lr {event.lrs[-1]:.2e}")
+    if event.epoch is not None:
+        parts.append(f"epoch {event.epoch}")
+    if event.it_per_s:
+        parts.append(f"{event.it_per_s:.2f} it/s")
+    if event.step < event.total:
+        parts.append(f"ETA {format_seconds(event.eta_s)}")
+    return " · ".join(parts)
+
+
+class Runner:
+    """Runs jobs for the UI in a worker thread; thread-safe.
+
+    ``host`` provides the models (its ``progress(event)`` is fed too, when it has one, and a
+    ``should_stop()`` that turns true during a run stops it, e.g. a web-UI's Interrupt).
+    """
+
+    def __init__(self, host, queue: JobQueue, *, output_dir: Path | None = None, logs_dir: Path | None = None,
+                 device=None, poll_s: float = 0.5, echo: Callable[[str], None] = print):
+        self.host, self.queue = host, queue
+        self.output_dir, self.logs_dir, self.device = output_dir, logs_dir, device
+        self.poll_s, self.echo = poll_s, echo
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._label = ""
+        self._line = ""
+        self._step_line = ""  # the last progress event's line, kept when the run ends
+        self._message = ""
+        self._current_name: str | None = None
+        self._host_stop_at_start = False
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def current_name(self) -> str | None:
+        """save_lora_name of the single job now running (None when idle or running the queue)."""
+        return self._current_name if self.running else None
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            line = f"{self._label} — {self._line}" if self._label and self._line else self._label or self._line
+            return Snapshot(line, self._message, self.running)
+
+    def _on_log(self, text: str) -> None:
+        self.echo(text)
+        with self._lock:
+            self._line = text.splitlines()[0] if text else self._line
+
+    def _on_progress(self, event) -> None:
+        with self._lock:
+            self._line = describe_event(event)
+            if not event.message:
+                self._step_line = self._line
+        report = getattr(self.host, "progress", None)
+        if callable(report):
+            report(event)
+        asks = getattr(self.host, "should_stop", None)
+        if callable(asks) and asks() and not self._host_stop_at_start:
+            self.stop_event.set()
+
+    # --- starting and stopping -----------------------------------------------------------
+
+    def _begin(self, label: str, target: Callable[[], str], name: str | None = None) -> str | None:
+        with self._lock:
+            if self.running:
+                return "A training run is going already; wait for it or press Stop."
+            self.stop_event.clear()
+            self._label, self._line, self._message, self._current_name = label, "starting...", "", name
+            self._step_line = ""
+            asks = getattr(self.host, "should_stop", None)
+            self._host_stop_at_start = bool(asks()) if callable(asks) else False
+
+            def work() -> None:
+                try:
+                    message = target()
+                except Exception as error:  # the page must get a message, the console the details
+                    self.echo(traceback.format_exc())
+                    message = "Error: " + _error_text(error)
+                with self._lock:
+                    ending = "stopped" if self.stop_event.is_set() else "finished"
+                    self._message = message
+                    self._line = f"{self._step_line} ({ending})" if self._step_line else ending
+
+            self._thread = threading.Thread(target=work, name="traintrain-run", daemon=True)
+            self._thread.start()
+        return None
+
+    def start_job(self, config, *, resume: bool = False) -> str | None:
+        """Train ``config`` in the background (``resume``: continue the stopped run of its name);
+        returns a refusal message when busy, else None."""
+        from trainer.jobs import run_job
+
+        name = config.save_lora_name or "untitled"
+
+        def target() -> str:
+            result = run_job(config, host=self.host, output_dir=self.output_dir, logs_dir=self.logs_dir,
+                             resume=resume, device=self.device, stop=self.stop_event, on_progress=self._on_progress,
+                             log=self._on_log)
+            lines = [result.message, *(f"note: {n}" for n in result.notes)]
+            if result.stopped:
+                lines.append(RESUME_HINT)
+            return "\n".join(lines)
+
+        return self._begin(f"{name} ({config.mode})", target, name)
+
+    def start_queue(self) -> str | None:
+        """Train every pending queue item in the background; a refusal message or None."""
+        pending = [i for i in self.queue.items() if i.status == "pending"]
+        if not pending and not self.running:
+            return "Nothing to run: the queue has no pending items."
+
+        def on_item(item: QueueItem) -> None:
+            if item.status == "running":
+                with self._lock:
+                    self._label, self._line = f"queue item {item.id}: {item.name} ({item.mode})", "starting..."
+                    self._step_line = ""
+
+        def target() -> str:
+            done = self.queue.run_pending(host=self.host, output_dir=self.output_dir, logs_dir=self.logs_dir,
+                                          device=self.device, stop=self.stop_event, on_progress=self._on_progress,
+                                          log=self._on_log, on_item=on_item)
+            lines = [f"[{i.id}] {i.name}: {i.message or i.status}" for i in done]
+            left = sum(1 for i in self.queue.items() if i.status == "pending")
+            if left and self.stop_event.is_set():
+                lines.append(f"Stopped: {left} item(s) still pending; press Run queue to continue.")
+            return "\n".join(lines) or "Nothing ran."
+
+        return self._begin("queue", target)
+
+    def stop(self) -> str:
+        """Ask the current run (and a queue run) to stop after this step; it saves what it learned."""
+        if not self.running:
+            return "Nothing is training."
+        self.stop_event.set()
+        with self._lock:
+            self._line = "stopping after this step (what was learned is saved)..."
+        return "Stopping..."
+
+    def wait(self, timeout: float | None = None) -> Snapshot:
+        """Block until the run ends (or ``timeout``); returns the last snapshot."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.snapshot()
+
+    def follow(self) -> Iterator[Snapshot]:
+        """Snapshots every ``poll_s`` seconds while the run goes, then the final one."""
+        while self.running:
+            yield self.snapshot()
+            time.sleep(self.poll_s)
+        yield self.snapshot()
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, QueueError):
+        return str(error)
+    problems = getattr(error, "problems", None)
+    return "\n".join(problems) if problems else (str(error) or type(error).__name__)
