@@ -130,10 +130,12 @@ def test_sdxl_and_v_prediction_train(tmp_path):
         assert res.saved[-1].is_file()
 
 
-def test_cli_train_end_to_end(tmp_path, capsys):
+def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
     from tiny import save_tiny_diffusers
+    from trainer import paths
     from trainer.cli import main
 
+    monkeypatch.setattr(paths, "jsons_dir", lambda: tmp_path / "jsons")
     model = save_tiny_diffusers("sd1", tmp_path / "model")
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", logging_save_csv=True,
@@ -156,3 +158,5 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert main(args + ["--set", "save_as_json=true", "--set", "save_lora_name=with_json"]) == 0
     saved = json.loads((tmp_path / "out" / "with_json.json").read_text(encoding="utf-8"))
     assert saved["save_lora_name"] == "with_json"
+    # ... and under jsons/<date>/ where load-by-name finds it
+    assert len(list((tmp_path / "jsons").glob("*/with_json-*.json"))) == 1

@@ -155,7 +155,10 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
         started = time.time()
         output_dir.mkdir(parents=True, exist_ok=True)
         if config.save_as_json and not resume and dist.is_main:
+            # beside the network, and where the reference's "load by name" looks for it
             config.to_json(output_dir / f"{name}.json")
+            stamp = time.strftime("%Y%m%d_%H%M%S")
+            config.to_json(paths.jsons_dir() / time.strftime("%Y%m%d") / f"{name}-{stamp}.json")
         for index, task in enumerate(_mode_module(config.mode).build_tasks(config, ctx)):
             if state and index < state["pass"]:
                 continue
