@@ -153,3 +153,31 @@ def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
         out = bundle.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 768)).sample
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
     assert time.monotonic() - started < 90
+
+
+def test_full_size_sdxl_single_file_loads_offline(tmp_path, no_network):
+    """A full-architecture SDXL file (random fp16 weights, ~6.9 GB) loads offline in fp16."""
+    from safetensors.torch import save_file
+
+    meta = _meta_parts("sdxl")
+    names = ldm.ldm_state_dict("sdxl", meta)
+    generator = torch.Generator().manual_seed(0)
+    pool = torch.randn(80_000_000, generator=generator).mul_(0.02).half()
+    path = tmp_path / "sdxl-full.safetensors"
+    state = {}
+    for i, (key, like) in enumerate(names.items()):
+        if not like.dtype.is_floating_point:
+            state[key] = torch.arange(77)[None]
+            continue
+        start = (i * 7_919_999) % (pool.numel() - like.numel())
+        state[key] = pool[start:start + like.numel()].view(like.shape).clone()
+    probe = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    expected = state[probe].clone()
+    save_file(state, str(path))
+    del pool, state
+
+    bundle = load_model(path, dtype=torch.float16)
+    assert bundle.family.name == "sdxl" and len(bundle.text_encoders) == 2
+    assert sum(p.numel() for p in bundle.unet.parameters()) == FULL_SIZE["sdxl"]["unet"]
+    got = bundle.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight
+    assert torch.equal(got, expected)
