@@ -104,16 +104,11 @@ def test_detect_family_of_full_size_key_sets(tmp_path, width, te_key, family):
     assert detect_family(CheckpointFile(path)) == family
 
 
-def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
-    """A full-architecture SD1.5 file (random fp16 weights, 2.1 GB) through the shipped configs."""
-    from safetensors.torch import save_file
-
-    started = time.monotonic()
-    meta = _meta_parts("sd1")
-    names = ldm.ldm_state_dict("sd1", meta)
-    # Distinct random values per tensor, cut from one shared random pool (fast to make).
-    generator = torch.Generator().manual_seed(0)
-    pool = torch.randn(40_000_000, generator=generator).mul_(0.02).half()
+def _random_ldm_state(kind: str, pool_size: int) -> dict:
+    """A full-size LDM state dict of random fp16 values: distinct slices of one shared random
+    pool per tensor (far faster to make than one randn per tensor)."""
+    names = ldm.ldm_state_dict(kind, _meta_parts(kind))
+    pool = torch.randn(pool_size, generator=torch.Generator().manual_seed(0)).mul_(0.02).half()
     state = {}
     for i, (key, like) in enumerate(names.items()):
         if not like.dtype.is_floating_point:
@@ -121,6 +116,15 @@ def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
             continue
         start = (i * 7_919_999) % (pool.numel() - like.numel())
         state[key] = pool[start:start + like.numel()].view(like.shape).clone()
+    return state
+
+
+def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
+    """A full-architecture SD1.5 file (random fp16 weights, 2.1 GB) through the shipped configs."""
+    from safetensors.torch import save_file
+
+    started = time.monotonic()
+    state = _random_ldm_state("sd1", 40_000_000)
     path = tmp_path / "sd15-full.safetensors"
     save_file(state, str(path))
     u, v, t = ldm.UNET, ldm.VAE, "cond_stage_model.transformer.text_model."
@@ -128,7 +132,7 @@ def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
                                      u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
                                      v + "decoder.up.3.block.0.conv1.weight", v + "encoder.mid.attn_1.q.weight",
                                      t + "encoder.layers.11.mlp.fc2.weight")}
-    del pool, state  # keep the peak memory to the loader's own
+    del state  # keep the peak memory to the loader's own
 
     bundle = load_model(path)
     assert bundle.family.name == "sd1" and bundle.metadata["config_dir"] == "the shipped sd1 configs"
@@ -159,22 +163,12 @@ def test_full_size_sdxl_single_file_loads_offline(tmp_path, no_network):
     """A full-architecture SDXL file (random fp16 weights, ~6.9 GB) loads offline in fp16."""
     from safetensors.torch import save_file
 
-    meta = _meta_parts("sdxl")
-    names = ldm.ldm_state_dict("sdxl", meta)
-    generator = torch.Generator().manual_seed(0)
-    pool = torch.randn(80_000_000, generator=generator).mul_(0.02).half()
+    state = _random_ldm_state("sdxl", 80_000_000)
     path = tmp_path / "sdxl-full.safetensors"
-    state = {}
-    for i, (key, like) in enumerate(names.items()):
-        if not like.dtype.is_floating_point:
-            state[key] = torch.arange(77)[None]
-            continue
-        start = (i * 7_919_999) % (pool.numel() - like.numel())
-        state[key] = pool[start:start + like.numel()].view(like.shape).clone()
     probe = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
     expected = state[probe].clone()
     save_file(state, str(path))
-    del pool, state
+    del state
 
     bundle = load_model(path, dtype=torch.float16)
     assert bundle.family.name == "sdxl" and len(bundle.text_encoders) == 2

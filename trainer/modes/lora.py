@@ -39,7 +39,8 @@ def prepare_images(cfg, ctx: ModeContext):
     cache = LatentCache(ctx.bundle.vae, scale=fam.latent_scale, shift=fam.latent_shift,
                         disk_dir=ctx.cache_dir if getattr(cfg, "cache_latents_to_disk", False) else None,
                         vae_id=str(ctx.bundle.source))
-    cache.build(specs, progress=lambda i, n: ctx.log(f"caching latents {i}/{n}") if i == n else None)
+    step = max(1, len(specs) // 10)
+    cache.build(specs, progress=lambda i, n: ctx.log(f"caching latents {i}/{n}") if i == n or i % step == 0 else None)
     return items, specs, cache
 
 
