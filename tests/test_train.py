@@ -160,3 +160,27 @@ def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
     assert saved["save_lora_name"] == "with_json"
     # ... and under jsons/<date>/ where load-by-name finds it
     assert len(list((tmp_path / "jsons").glob("*/with_json-*.json"))) == 1
+
+
+def test_out_of_memory_saves_what_was_learned_and_says_what_to_do(tmp_path, monkeypatch):
+    from trainer.loop import TrainingOutOfMemory
+    from trainer.modes import lora
+
+    real = lora.LoraTask.compute_loss
+
+    def failing(self, step):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, step)
+
+    monkeypatch.setattr(lora.LoraTask, "compute_loss", failing)
+    data = image_folder(tmp_path / "data", n=2)
+    host = TinyHost("sd1", tmp_path / "out")
+    cfg = quick_config(lora_data_directory=str(data), train_iterations="6", save_lora_name="oom")
+    with pytest.raises(TrainingOutOfMemory) as caught:
+        run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=lambda m: None)
+    assert caught.value.saved == tmp_path / "out" / "oom_3steps.safetensors"
+    assert caught.value.saved.is_file()
+    text = str(caught.value)
+    assert "out of memory at step 4" in text and "gradient_checkpointing" in text
+    assert host.restored == 1  # the host's model is back even after the error

@@ -177,13 +177,15 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                 extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
                              "csv": {task.name: str(csv.path)} if csv else {}},
             )
-            if not getattr(task, "skip_training", False):
-                out = loop.run(task, opts)
-            else:
-                keep = task.save_final and dist.is_main
-                out = loop.LoopResult(0, False, [saver(stem, True)] if keep else [], 0.0, [])
-            if csv:
-                csv.close()
+            try:
+                if not getattr(task, "skip_training", False):
+                    out = loop.run(task, opts)
+                else:
+                    keep = task.save_final and dist.is_main
+                    out = loop.LoopResult(0, False, [saver(stem, True)] if keep else [], 0.0, [])
+            finally:
+                if csv:
+                    csv.close()
             result.saved += out.saved
             result.notes += out.notes
             result.steps = out.steps_done

@@ -72,6 +72,17 @@ class LoopOptions:
     dist: object = None                        # trainer.distributed.Dist; None = one process
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """The device ran out of memory mid-run; what was learned so far is saved (``saved``)."""
+
+    def __init__(self, message: str, saved: Path | None):
+        super().__init__(message)
+        self.saved = saved
+
+
 @dataclass
 class LoopResult:
     steps_done: int
@@ -147,32 +158,20 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
     t0, window = time.perf_counter(), []
     for step in range(start, total):
         tic = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(accum):
-            with _autocast(opts.device, opts.model_dtype):
-                loss = dist.run(task.network, lambda: task.compute_loss(step))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss.item()} at step {step + 1}; lower train_learning_rate, "
-                    "or use bf16/fp32 model precision instead of fp16")
-            scaled = loss / accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.detach().float().item()
-        last = dist.mean(loss_sum / accum)
-        if max_norm > 0:
-            if scaler:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        try:
+            last = _one_step(task, opts, dist, step, accum, scaler, optimizer, params, max_norm)
+        except _OOM as exc:
+            optimizer.zero_grad(set_to_none=True)
+            if opts.device.type == "cuda":
+                torch.cuda.empty_cache()
+            kept = _save(opts, opt_info, f"{opts.stem}_{step}steps", final=False) if step > 0 and dist.is_main else None
+            raise TrainingOutOfMemory(_oom_text(exc, opts, step, kept), kept) from exc
         lrs = sched_info.lr_values()  # after the step: schedule-free optimizers update it there
         sched_info.step(last)
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
+
         ema = last if ema is None else 0.9 * ema + 0.1 * last
         window.append(time.perf_counter() - tic)
         window = window[-20:]
@@ -202,6 +201,44 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
         saved.append(_save(opts, opt_info, opts.stem, final=True))
     dist.barrier()
     return LoopResult(total, False, saved, last, notes)
+
+
+def _one_step(task, opts: LoopOptions, dist, step: int, accum: int, scaler, optimizer, params,
+              max_norm: float) -> float:
+    """Forward/backward over ``accum`` micro-batches, clip, optimizer step; the mean loss."""
+    loss_sum = 0.0
+    for _ in range(accum):
+        with _autocast(opts.device, opts.model_dtype):
+            loss = dist.run(task.network, lambda: task.compute_loss(step))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {loss.item()} at step {step + 1}; lower train_learning_rate, "
+                "or use bf16/fp32 model precision instead of fp16")
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += loss.detach().float().item()
+    if max_norm > 0:
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return dist.mean(loss_sum / accum)
+
+
+def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
+    where = f"; what was learned in {step} steps is saved as {kept}" if kept else ""
+    try:
+        from trainer.memory import oom_message
+
+        advice = oom_message(exc, getattr(opts, "estimate", None))
+    except Exception:  # the advice is a courtesy; the error itself must not be lost
+        advice = ("the device ran out of memory; turn on use_gradient_checkpointing, use fp16/bf16 "
+                  "model precision, a smaller batch or image size, or an 8-bit optimizer")
+    return f"out of memory at step {step + 1}{where}. {advice}"
 
 
 def _save(opts: LoopOptions, opt_info, stem: str, *, final: bool) -> Path:
