@@ -34,7 +34,9 @@ def prepare_images(cfg, ctx: ModeContext):
     )
     if not specs:
         raise ValueError(f"no usable images in {cfg.lora_data_directory} (all were skipped; see the warnings above)")
-    ctx.log(f"{len(items)} images -> {len(specs)} training samples in {len({s.bucket for s in specs})} buckets")
+    used = len({s.item.path for s in specs})
+    skipped = f" ({len(items) - used} skipped)" if used < len(items) else ""
+    ctx.log(f"{used} images{skipped} -> {len(specs)} training samples in {len({s.bucket for s in specs})} buckets")
     fam = ctx.bundle.family
     cache = LatentCache(ctx.bundle.vae, scale=fam.latent_scale, shift=fam.latent_shift,
                         disk_dir=ctx.cache_dir if getattr(cfg, "cache_latents_to_disk", False) else None,
