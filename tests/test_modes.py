@@ -247,3 +247,49 @@ def test_modes_record_mode_and_prompts_in_metadata(tmp_path):
         meta = f.metadata()
     assert meta["traintrain_mode"] == "iLECO"
     assert meta["traintrain_original_prompt"] == "red apple"
+
+
+def _mode_config(mode, tmp_path, name):
+    extra = {}
+    if mode == "iLECO":
+        extra = dict(original_prompt="a cat", target_prompt="a dog")
+    elif mode in ("ADDifT", "Difference"):
+        orig, target = _pair(tmp_path)
+        extra = dict(original_image=orig, target_image=target)
+    elif mode == "Multi-ADDifT":
+        data = tmp_path / "pairs"
+        data.mkdir(exist_ok=True)
+        for i in range(2):
+            pattern_image(data / f"p{i}.png", i)
+            pattern_image(data / f"p{i}_t.png", i + 5)
+        extra = dict(lora_data_directory=str(data), diff_target_name="_t")
+    return quick_config(mode=mode, train_iterations="6", save_lora_name=name, train_lr_scheduler="cosine",
+                        save_overwrite=True, **extra)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["iLECO", "ADDifT", "Difference", "Multi-ADDifT"])
+def test_stop_and_resume_in_every_mode_equals_an_uninterrupted_run(tmp_path, mode):
+    import threading
+
+    full = run_job(_mode_config(mode, tmp_path, "full"), host=TinyHost("sd1", tmp_path / "a"),
+                   logs_dir=tmp_path / "logs", log=_quiet)
+    stop = threading.Event()
+
+    def stop_in_last_pass(event):  # Difference: stop inside pass 2, so resume must restore pass 1
+        if event.pass_name == "main" and event.step == 3 and not event.message:
+            stop.set()
+
+    cfg = _mode_config(mode, tmp_path, "part")
+    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", stop=stop,
+                    on_progress=stop_in_last_pass, log=_quiet)
+    assert first.stopped and first.steps == 3
+    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True,
+                     log=_quiet)
+    assert not second.stopped
+    a, b = load_file(str(full.saved[-1])), load_file(str(second.saved[-1]))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
