@@ -133,6 +133,7 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
     bundle = host.load(config)
     result = JobResult("")
     try:
+        estimate, free = _memory_plan(config, bundle, device, log)
         seed = state["seed"] if state else seed_everything(config.train_seed)
         if state:
             seed_everything(seed)
@@ -174,6 +175,7 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                 save=saver, stem=stem, device=device, model_dtype=model_dtype, stop=stop,
                 on_progress=on_progress, csv=csv, state_path=state_file,
                 resume=state if state and index == state["pass"] else None, dist=dist,
+                estimate=estimate, free_memory=free,
                 extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
                              "csv": {task.name: str(csv.path)} if csv else {}},
             )
@@ -205,6 +207,21 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
         return result
     finally:
         host.restore()
+
+
+def _memory_plan(config, bundle, device, log):
+    """Estimate the run's peak memory, say it, and warn (with what to switch on) when it will
+    not fit in the device's free memory."""
+    from trainer.memory import estimate_peak, format_estimate, free_device_memory
+
+    try:
+        estimate = estimate_peak(config, bundle, device)
+    except (ValueError, KeyError) as exc:  # an unusual model: train anyway, without the estimate
+        log(f"note: no memory estimate for this model ({exc})")
+        return None, None
+    free = free_device_memory(device)
+    log(format_estimate(estimate, free))
+    return estimate, free
 
 
 def _place(module, device, dtype) -> None:

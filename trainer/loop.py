@@ -70,6 +70,8 @@ class LoopOptions:
     resume: dict | None = None                 # a state written by an earlier stop of this pass
     extra_state: dict = field(default_factory=dict)  # saved with the state (e.g. pass index)
     dist: object = None                        # trainer.distributed.Dist; None = one process
+    estimate: object = None                    # trainer.memory.MemoryEstimate, for OOM advice
+    free_memory: int | None = None             # free device memory when the run started
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -160,7 +162,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
         tic = time.perf_counter()
         try:
             last = _one_step(task, opts, dist, step, accum, scaler, optimizer, params, max_norm)
-        except _OOM as exc:
+        except (_OOM, MemoryError) as exc:
             optimizer.zero_grad(set_to_none=True)
             if opts.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -230,15 +232,9 @@ def _one_step(task, opts: LoopOptions, dist, step: int, accum: int, scaler, opti
 
 
 def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
-    where = f"; what was learned in {step} steps is saved as {kept}" if kept else ""
-    try:
-        from trainer.memory import oom_message
+    from trainer.memory import oom_message
 
-        advice = oom_message(exc, getattr(opts, "estimate", None))
-    except Exception:  # the advice is a courtesy; the error itself must not be lost
-        advice = ("the device ran out of memory; turn on use_gradient_checkpointing, use fp16/bf16 "
-                  "model precision, a smaller batch or image size, or an 8-bit optimizer")
-    return f"out of memory at step {step + 1}{where}. {advice}"
+    return f"at step {step + 1}: " + oom_message(exc, opts.estimate, saved=kept, free=opts.free_memory)
 
 
 def _save(opts: LoopOptions, opt_info, stem: str, *, final: bool) -> Path:

@@ -22,6 +22,9 @@ from typing import Any
 from trainer.hosts.base import ModelLoadError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 
@@ -133,15 +136,16 @@ class CheckpointFile:
             f"version of this model. ({str(error).splitlines()[0]})"
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """All tensors of the file, keyed as stored (a ``state_dict`` nesting is removed)."""
+    def state_dict(self, dtype: Any = None) -> dict[str, Any]:
+        """All tensors of the file, keyed as stored (a ``state_dict`` nesting is removed).
+
+        With ``dtype``, floating tensors of a safetensors file are cast as they are read.
+        """
         if self._state is None and not self.is_safetensors:
             self._state = _unwrap(self._torch_load())
         if self._state is None:
-            from safetensors.torch import load_file
-
             try:
-                self._state = load_file(str(self.path), device="cpu")
+                self._state = read_safetensors(self.path, dtype)
             except Exception as error:
                 raise self._unreadable(error) from error
         return self._state
@@ -275,3 +279,41 @@ def detect_family(ckpt: CheckpointFile) -> str:
             f"{name} is inconsistent: its text encoder keys say {by_keys} but its cross-attention width "
             f"{width} says {by_width}; pass family= (and config_dir= for a non-standard architecture)")
     return by_keys
+
+
+def read_safetensors(path: Path, dtype: Any = None) -> dict[str, Any]:
+    """Read a safetensors file tensor by tensor with plain reads, casting floating tensors to
+    ``dtype`` on the way.
+
+    safetensors' own ``load_file`` memory-maps the file, and the mapped pages stay resident
+    for as long as any tensor from it lives; reading each tensor into its own buffer and
+    casting it at once keeps the peak at the cast weights plus one tensor (about 2 GB less
+    for SD1.5 and 6.5 GB less for SDXL). The format (8-byte header length, JSON header, raw
+    little-endian data) is the library's public specification.
+    """
+    import json
+    import struct
+
+    import torch
+
+    out: dict[str, Any] = {}
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        base = 8 + length
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        for key, info in entries:
+            start, end = info["data_offsets"]
+            fh.seek(base + start)
+            buf = bytearray(end - start)
+            if fh.readinto(buf) != len(buf):
+                raise OSError(f"tensor {key} is cut short (the file ends early)")
+            src = getattr(torch, _ST_DTYPES[info["dtype"]])
+            shape = info["shape"]
+            t = torch.frombuffer(buf, dtype=src) if buf else torch.empty(0, dtype=src)
+            t = t.reshape(shape)
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)  # the read buffer is dropped with this loop's references
+            out[key] = t  # otherwise the tensor keeps its own buffer alive
+    return out

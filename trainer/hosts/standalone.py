@@ -90,7 +90,7 @@ def _load_single_file(path: Path, *, v_pred: bool | None, family: str | None, co
     source = path.name
     if own_vae and not any(k.startswith("first_stage_model.") for k in ckpt.shapes):
         raise ModelLoadError(f"{source} contains no VAE weights (first_stage_model.*); choose a VAE file as well")
-    state = ckpt.state_dict()
+    state = ckpt.state_dict(dtype)  # cast while reading: the file's copy never sits beside the cast one
     unet = build_unet(state, folders.json("unet"), dtype=dtype, source=source)
     _drop(state, UNET_PREFIX)  # the UNet holds its own (cast) tensors now; free the file's copy early
     # With a separate VAE the checkpoint's own VAE is not built at all; load_model sets it.

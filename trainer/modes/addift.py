@@ -25,7 +25,7 @@ from PIL import Image
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import encode_latents_mean, mask_to_latent
 from trainer.losses import diffusion_loss
-from trainer.modes.base import ModeContext, build_network, repeat_cond, unet_forward
+from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
 
 TRAIN_MULTIPLIER = 0.25
 
@@ -203,10 +203,12 @@ def build_tasks(cfg, ctx: ModeContext):
         from trainer.modes.multi_addift import prepare_pairs
 
         pairs = prepare_pairs(cfg, ctx)
+        release_unused(ctx, vae=True, text_encoders=True)  # latents and captions are cached
         net = build_network(cfg, ctx, train_text_encoder=False)
         yield AddiftTask(cfg, ctx, net, pairs=pairs)
         return
     single = prepare_single(cfg, ctx)
+    release_unused(ctx, vae=True, text_encoders=True)
     net = build_network(cfg, ctx, train_text_encoder=False)
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules")
     yield AddiftTask(cfg, ctx, net, single=single)

@@ -76,6 +76,23 @@ def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool, from_file:
     return net
 
 
+def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = False) -> None:
+    """Free frozen parts a run no longer needs once its latents / prompts are cached.
+
+    The modules' tensors are swapped for meta tensors: memory the trainer owns is freed, while
+    weights shared with a web-UI's own model stay untouched (the host still holds them).
+    """
+    import gc
+
+    parts = ([ctx.bundle.vae] if vae else []) + (list(ctx.bundle.text_encoders) if text_encoders else [])
+    for module in parts:
+        if module is not None:
+            module.to("meta")
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def unet_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                  time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run the UNet; SDXL gets its pooled embedding and size/crop time ids."""

@@ -22,7 +22,7 @@ from trainer.conditioning import sdxl_time_ids
 from trainer.losses import diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.addift import _source_size, load_pixels
 from trainer.data.cache import encode_latents_mean
-from trainer.modes.base import ModeContext, build_network, repeat_cond, unet_forward
+from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
 
 
 class ImageTask:
@@ -101,6 +101,7 @@ def build_tasks(cfg, ctx: ModeContext):
     z_a, z_b, time_ids = _encode_pair(cfg, ctx)
     with torch.no_grad():
         cond = ctx.encoder.encode([cfg.original_prompt or ""])
+    release_unused(ctx, vae=True, text_encoders=True)
     resume_pass = int(ctx.extras.get("resume_pass", 0))
 
     save_copy = bool(cfg.diff_save_1st_pass or cfg.diff_1st_pass_only)

@@ -16,7 +16,7 @@ import torch
 
 from trainer.conditioning import sdxl_time_ids
 from trainer.losses import diffusion_loss, sample_timesteps
-from trainer.modes.base import ModeContext, build_network, repeat_cond, unet_forward
+from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
 
 
 class IlecoTask:
@@ -69,4 +69,6 @@ class IlecoTask:
 def build_tasks(cfg, ctx: ModeContext):
     net = build_network(cfg, ctx, train_text_encoder=False)
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules")
-    yield IlecoTask(cfg, ctx, net)
+    task = IlecoTask(cfg, ctx, net)
+    release_unused(ctx, vae=True, text_encoders=True)  # both prompts are encoded
+    yield task

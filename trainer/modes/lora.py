@@ -13,7 +13,7 @@ import torch
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import LatentCache, TextCache
 from trainer.losses import diffusion_loss, make_noise, sample_timesteps, training_target
-from trainer.modes.base import ModeContext, build_network, unet_forward
+from trainer.modes.base import ModeContext, build_network, release_unused, unet_forward
 
 
 def trains_text_encoder(cfg) -> bool:
@@ -114,6 +114,10 @@ class LoraTask:
 def build_tasks(cfg, ctx: ModeContext):
     """LoRA mode has one pass."""
     _, specs, cache = prepare_images(cfg, ctx)
+    release_unused(ctx, vae=True)
     net = build_network(cfg, ctx, train_text_encoder=trains_text_encoder(cfg))
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules, {len(net.te_modules)} text-encoder modules")
-    yield LoraTask(cfg, ctx, specs=specs, cache=cache, network=net)
+    task = LoraTask(cfg, ctx, specs=specs, cache=cache, network=net)
+    if not task.train_te:
+        release_unused(ctx, vae=False, text_encoders=True)  # captions are cached
+    yield task

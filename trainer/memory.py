@@ -1,0 +1,327 @@
+"""Peak-memory planning: what a run will need on its device, before it starts.
+
+``estimate_peak(config, model, device)`` adds up, for each phase of a run, the bytes that are
+alive together and returns the largest phase as a :class:`MemoryEstimate`:
+
+- loading (CPU only, and only when ``checkpoint_bytes`` is given): the single-file loader holds
+  the file's tensors while it builds the fp32 modules;
+- caching latents: every frozen module, plus one VAE encode at the largest bucket;
+- training: the frozen modules that stay (the VAE and an untrained text encoder leave only when
+  the trainer frees them: ``free_after_caching``), the network's parameters, gradients and
+  optimizer state, and the working memory of one forward + backward at the largest bucket.
+
+Working memory is ``intercept + slope x latent cells x batch`` for the U-Net and an amount per
+prompt for trained text encoders. The coefficients were measured with
+``bench/calibrate_memory.py`` on the full-size architectures (CPU, one forward + backward with a
+lierla Full network: peak resident memory minus the memory before the step). The ``half`` rows
+come from bf16 CPU-autocast runs; they are the best figure available for fp16/bf16 GPU runs
+until a GPU calibration replaces them. They were measured up to 256 px (SD1.5) and 192 px
+(SDXL), where they are close to linear in the cell count; larger buckets are extrapolated.
+
+Hand-written because no library covers it: accelerate's ``estimate-memory`` counts a model's
+weights only (from a hub repository), not the frozen/trainable split, optimizer state or the
+activations of a training step. No weights are needed here: a family name is enough (parameter counts of the shipped configs; the
+network's modules are found on a meta-device copy of the architecture). Suggestions, the
+printed summary and the out-of-memory message live in ``trainer/memory_advice.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+MiB = 2**20
+GiB = 2**30
+
+# Parameters of the shipped full-size configs (tests/test_standalone_full_size.py checks them).
+PARAMS = {
+    "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoders": (123_060_480,)},
+    "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": (340_387_840,)},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoders": (123_060_480, 694_659_840)},
+}
+# U-Net step working memory, (family, half precision, gradient checkpointing) -> (MiB, MiB per latent
+# cell and sample). SD2 shares SD1's layout. SDXL fp32 rows are its bf16 rows scaled as SD1.5's scale.
+UNET_STEP = {
+    ("sd1", False, False): (180.0, 0.72), ("sd1", False, True): (160.0, 0.43),
+    ("sd1", True, False): (190.0, 0.353), ("sd1", True, True): (235.0, 0.104),
+    ("sdxl", True, False): (410.0, 0.434), ("sdxl", True, True): (335.0, 0.0625),
+    ("sdxl", False, False): (820.0, 0.885), ("sdxl", False, True): (670.0, 0.26),
+}
+# Trained text encoder(s), working memory per prompt (77 tokens) in MiB: (family, half) -> MiB.
+TE_STEP = {("sd1", False): 115.0, ("sd1", True): 86.0, ("sd2", False): 259.0, ("sd2", True): 149.0,
+           ("sdxl", False): 532.0, ("sdxl", True): 297.0}
+# One VAE encode (no gradients, one image): (MiB, MiB per latent cell) in fp32 (measured 128-384 px);
+# half-precision VAEs measured at 0.62 of that.
+VAE_ENCODE = (40.0, 0.16)
+VAE_HALF_FACTOR = 0.62
+# CPU: the Python + torch + diffusers stack itself (resident after imports); CUDA: workspaces, allocator slack.
+RUNTIME = {"cpu": 450 * MiB, "cuda": 300 * MiB}
+# Optimizer state per trainable parameter: ("floats", n) = n tensors like the parameter; ("bytes", n).
+OPTIMIZER_STATE = {
+    "AdamW": ("floats", 2), "Adam": ("floats", 2), "PagedAdamW": ("floats", 2), "PagedAdamW32bit": ("floats", 2),
+    "AdamWScheduleFree": ("floats", 2), "RAdamScheduleFree": ("floats", 2), "SGDScheduleFree": ("floats", 1),
+    "AdamW8bit": ("bytes", 2), "Adam8bit": ("bytes", 2), "PagedAdamW8bit": ("bytes", 2),
+    "Lion8bit": ("bytes", 1), "PagedLion8bit": ("bytes", 1), "SGDNesterov8bit": ("bytes", 1),
+    "Lion": ("floats", 1), "Tiger": ("floats", 1), "SGDNesterov": ("floats", 1),
+    "AdaFactor": ("floats", 0.1), "CAME": ("floats", 1.2), "AdamMini": ("floats", 1.1),
+    "Prodigy": ("floats", 4), "DadaptAdam": ("floats", 3), "DadaptLion": ("floats", 2),
+    "DAdaptAdaGrad": ("floats", 3), "DAdaptAdan": ("floats", 5), "DAdaptSGD": ("floats", 3),
+}
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "model": 2, "int8": 1}
+TEXT_ENCODER_MODES = ("LoRA",)  # the only mode whose network can include the text encoder (BASE)
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak bytes of one run on one device (see the module docstring).
+
+    ``breakdown`` holds the items of the peak phase; ``phases`` the total of every phase;
+    ``facts`` the settings the estimate used and ``parts`` the counts it was built from, so that
+    a changed setting can be priced without rebuilding anything.
+    """
+
+    device: str
+    phase: str
+    breakdown: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Peak bytes (the largest phase)."""
+        return int(sum(self.breakdown.values()))
+
+    def suggestions(self, free: int | None = None) -> list[str]:
+        """Setting changes that would lower the peak, largest saving first; with ``free``, whether each fits."""
+        from trainer.memory_advice import suggestions
+
+        return [text for _, text in suggestions(self, free)]
+
+    def with_facts(self, **changes: Any) -> "MemoryEstimate":
+        """The estimate of the same run with some facts changed (``checkpointing=True``, ``batch=1``...)."""
+        return compute(dict(self.facts, **changes), self.parts)
+
+
+def estimate_peak(config: Any, model: Any, device: Any = "cpu", *, free_after_caching: bool = True,
+                  checkpoint_bytes: int = 0) -> MemoryEstimate:
+    """Peak memory of training ``config`` on ``device``.
+
+    ``model`` is a loaded ModelBundle, a Family or a family name ("sd1", "sd2", "sdxl").
+    ``free_after_caching``: the trainer drops the VAE (and a text encoder that does not train)
+    once latents and captions are cached. ``checkpoint_bytes``: what the loader holds besides the
+    built modules (today's single-file loader keeps the whole file until every module is built;
+    pass 0 when the host already holds the model). It counts on a CPU only, where loading and
+    training share one memory.
+    """
+    family = family_name(model)
+    facts = config_facts(config, family, device_kind(device))
+    facts["free_after_caching"] = bool(free_after_caching)
+    facts["checkpoint_bytes"] = int(checkpoint_bytes or 0)
+    source = model if getattr(model, "unet", None) is not None else family
+    unet_params, te_params = network_parameters(config, source)
+    parts = {"params": param_counts(model, family), "net_unet": unet_params, "net_te": te_params}
+    return compute(facts, parts)
+
+
+def compute(facts: dict, parts: dict) -> MemoryEstimate:
+    """The estimate from settings (``facts``) and counts (``parts``); see the module docstring."""
+    kind = facts["device"]
+    runtime = RUNTIME.get(kind, RUNTIME["cuda"])
+    weights = _weights(parts["params"], facts["model_bytes"], facts["vae_bytes"])
+    phases: dict[str, dict] = {}
+    if facts["checkpoint_bytes"] and kind == "cpu":
+        phases["loading the model"] = {"runtime": runtime, "checkpoint file held by the loader": facts["checkpoint_bytes"],
+                                       **_weights(parts["params"], 4, 4)}
+    encode = (VAE_ENCODE[0] + VAE_ENCODE[1] * facts["cells"]) * MiB * (VAE_HALF_FACTOR if facts["vae_bytes"] == 2 else 1)
+    phases["caching latents"] = {"runtime": runtime, **weights, "VAE encode (largest bucket)": encode}
+    phases["training"] = {"runtime": runtime, **_kept(weights, facts), **_network(facts, parts), **_work(facts)}
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    notes = []
+    if facts["free_after_caching"]:
+        notes.append("the VAE" + ("" if facts["train_te"] else " and the text encoder(s)") + " leave after caching")
+    return MemoryEstimate(device=kind, phase=phase, breakdown={k: int(v) for k, v in phases[phase].items() if v},
+                          phases={p: int(sum(v.values())) for p, v in phases.items()}, facts=facts, parts=parts,
+                          notes=notes)
+
+
+def device_kind(device: Any) -> str:
+    """"cpu", "cuda", "mps"... of a torch.device or a string such as "cuda:1"."""
+    return str(getattr(device, "type", device) or "cpu").split(":")[0]
+
+
+def family_name(model: Any) -> str:
+    """The family name of a bundle, a Family or a name; a clear error for anything else."""
+    name = model if isinstance(model, str) else getattr(getattr(model, "family", model), "name", None)
+    if name not in PARAMS:
+        raise ValueError(f"memory estimate: the model must be a loaded model, a Family or one of "
+                         f"{', '.join(PARAMS)}; got {model!r}")
+    return name
+
+
+def config_facts(config: Any, family: str, kind: str) -> dict:
+    """The settings of ``config`` that decide its memory."""
+    height, width = (int(v) for v in tuple(config.image_size))
+    mode = str(getattr(config, "mode", "LoRA"))
+    precision = str(config.train_model_precision)
+    return {
+        "family": family, "device": kind, "mode": mode, "height": height, "width": width,
+        "cells": (height // 8) * (width // 8), "batch": int(config.train_batch_size),
+        "checkpointing": bool(getattr(config, "use_gradient_checkpointing", False)),
+        "model_precision": precision, "model_bytes": PRECISION_BYTES.get(precision, 4),
+        "lora_bytes": PRECISION_BYTES.get(str(config.train_lora_precision), 4),
+        "vae_bytes": PRECISION_BYTES.get(str(getattr(config, "train_VAE_precision", "fp32")), 4),
+        "optimizer": str(config.train_optimizer),
+        "train_te": mode in TEXT_ENCODER_MODES and "BASE" in list(config.network_blocks or []),
+        "networks": 2 if mode == "Difference" else 1,  # the copy network stays applied during pass 2
+    }
+
+
+def param_counts(model: Any, family: str) -> dict:
+    """Parameters of the U-Net, VAE and text encoders: counted on a bundle, else the family's."""
+    if getattr(model, "unet", None) is None:
+        return PARAMS[family]
+
+    def count(module):
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+    vae = count(getattr(model, "vae", None)) or PARAMS[family]["vae"]
+    return {"unet": count(model.unet), "vae": vae, "text_encoders": tuple(count(te) for te in model.text_encoders)}
+
+
+def _weights(params: dict, model_bytes: int, vae_bytes: int) -> dict:
+    return {"U-Net weights": params["unet"] * model_bytes,
+            "text encoder weights": sum(params["text_encoders"]) * model_bytes,
+            "VAE weights": params["vae"] * vae_bytes}
+
+
+def _kept(weights: dict, facts: dict) -> dict:
+    out = dict(weights)
+    if facts["free_after_caching"]:
+        out.pop("VAE weights")
+        if not facts["train_te"]:
+            out.pop("text encoder weights")
+    return out
+
+
+def _network(facts: dict, parts: dict) -> dict:
+    params = parts["net_unet"] + (parts["net_te"] if facts["train_te"] else 0)
+    size = facts["lora_bytes"]
+    how, amount = OPTIMIZER_STATE.get(facts["optimizer"], ("floats", 2))
+    state = params * (amount * size if how == "floats" else amount)
+    return {"network weights": params * size * facts["networks"], "network gradients": params * size,
+            f"optimizer state ({facts['optimizer']})": int(state)}
+
+
+def _work(facts: dict) -> dict:
+    half = facts["model_bytes"] == 2
+    table = "sd1" if facts["family"] == "sd2" else facts["family"]
+    intercept, slope = UNET_STEP[(table, half, facts["checkpointing"])]
+    label = f"U-Net forward + backward ({facts['height']}x{facts['width']}, batch {facts['batch']}" + \
+            (", checkpointing)" if facts["checkpointing"] else ")")
+    out = {label: (intercept + slope * facts["cells"] * facts["batch"]) * MiB}
+    if facts["train_te"]:
+        out["text encoder forward + backward"] = TE_STEP[(facts["family"], half)] * facts["batch"] * MiB
+    return out
+
+
+def network_parameters(config: Any, model: Any) -> tuple[int, int]:
+    """(U-Net, text-encoder) trainable parameters of the network ``config`` builds.
+
+    ``model`` is a bundle or a family name; the text-encoder count assumes BASE trains.
+    """
+    from trainer.network.network import NetworkSpec, find_targets, select_targets
+
+    bundle = model if getattr(model, "unet", None) is not None else _meta_bundle(family_name(model))
+    spec = NetworkSpec(network_type=config.network_type, rank=int(config.network_rank),
+                       alpha=float(config.network_alpha), conv_rank=int(config.network_conv_rank),
+                       conv_alpha=float(config.network_conv_alpha), element=config.network_element,
+                       blocks=tuple(dict.fromkeys(["BASE", *config.network_blocks])), train_text_encoder=True)
+    targets = find_targets(bundle.family, bundle.unet, list(bundle.text_encoders), spec.network_type)
+    totals = [0, 0]
+    for target in select_targets(targets, spec):
+        shape = tuple(target.layer.weight.shape)
+        rank, _ = spec.rank_alpha(target.layer)
+        out_f, in_f = shape[0], shape[1]
+        taps = shape[2] * shape[3] if len(shape) == 4 else 1
+        if spec.network_type == "loha":
+            size = 2 * (rank * out_f + rank * in_f + (rank * rank * taps if taps > 1 else 0))
+        else:
+            size = rank * in_f * taps + rank * out_f
+        totals[1 if target.is_te else 0] += size
+    return totals[0], totals[1]
+
+
+@functools.lru_cache(maxsize=3)
+def _meta_bundle(family: str):
+    from trainer.layout import meta_bundle
+
+    return meta_bundle(family)
+
+
+def free_device_memory(device: Any) -> int | None:
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``); None on a CPU and other devices."""
+    if device_kind(device) != "cuda":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = getattr(device, "index", None)
+    if index is None and ":" in str(device):
+        index = int(str(device).split(":", 1)[1])
+    free, _ = torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())
+    return int(free)
+
+
+def estimate_for_model_file(config: Any, path: Any, device: Any = "cpu", *, free_after_caching: bool = True,
+                            loader_holds_file: bool = True) -> MemoryEstimate:
+    """The estimate before loading: the family comes from the file's keys (or a folder's U-Net config).
+
+    ``loader_holds_file``: the single-file loader keeps the file's tensors while building (see
+    ``estimate_peak``'s ``checkpoint_bytes``); a diffusers folder loads module by module.
+    """
+    import json
+    from pathlib import Path
+
+    from trainer.hosts.checkpoint_file import CheckpointFile, detect_family
+
+    source = Path(path)
+    if source.is_dir():
+        config_file = source / "unet" / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"memory estimate: {source} has no unet/config.json; give a checkpoint file "
+                             "or a diffusers model folder")
+        width = json.loads(config_file.read_text(encoding="utf-8")).get("cross_attention_dim")
+        family = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width)
+        if family is None:
+            raise ValueError(f"memory estimate: {config_file} has cross_attention_dim {width!r}; "
+                             "expected 768 (SD1), 1024 (SD2) or 2048 (SDXL)")
+        held = 0
+    else:
+        family = detect_family(CheckpointFile(source, "model"))
+        held = source.stat().st_size if loader_holds_file else 0
+    return estimate_peak(config, family, device, free_after_caching=free_after_caching, checkpoint_bytes=held)
+
+
+def format_estimate(est: MemoryEstimate, free: int | None = None) -> str:
+    """Lines for the CLI / UI, with a warning and suggestions when ``est`` exceeds ``free``."""
+    from trainer.memory_advice import format_estimate as fmt
+
+    return fmt(est, free)
+
+
+def oom_message(exc: BaseException, estimate: MemoryEstimate | None, *, saved: Any = None,
+                free: int | None = None) -> str:
+    """The user's message for an out-of-memory error (see ``trainer.memory_advice.oom_message``)."""
+    from trainer.memory_advice import oom_message as message
+
+    return message(exc, estimate, saved=saved, free=free)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch / CUDA / MPS / host allocation failures."""
+    from trainer.memory_advice import is_out_of_memory as check
+
+    return check(exc)
