@@ -3,8 +3,8 @@
 ``estimate_peak(config, model, device)`` adds up, for each phase of a run, the bytes that are
 alive together and returns the largest phase as a :class:`MemoryEstimate`:
 
-- loading (CPU only, and only when ``checkpoint_bytes`` is given): the single-file loader holds
-  the file's tensors while it builds the fp32 modules;
+- loading (CPU only, and only when ``checkpoint_bytes`` is given): a loader that maps the whole
+  file (``.ckpt``) holds the file's tensors while it builds the fp32 modules;
 - caching latents: every frozen module, plus one VAE encode at the largest bucket;
 - training: the frozen modules that stay (the VAE and an untrained text encoder leave only when
   the trainer frees them: ``free_after_caching``), the network's parameters, gradients and
@@ -276,11 +276,13 @@ def free_device_memory(device: Any) -> int | None:
 
 
 def estimate_for_model_file(config: Any, path: Any, device: Any = "cpu", *, free_after_caching: bool = True,
-                            loader_holds_file: bool = True) -> MemoryEstimate:
+                            loader_holds_file: bool | None = None) -> MemoryEstimate:
     """The estimate before loading: the family comes from the file's keys (or a folder's U-Net config).
 
-    ``loader_holds_file``: the single-file loader keeps the file's tensors while building (see
-    ``estimate_peak``'s ``checkpoint_bytes``); a diffusers folder loads module by module.
+    ``loader_holds_file``: whether the loader keeps the file's tensors while building (see
+    ``estimate_peak``'s ``checkpoint_bytes``). None decides by the file: safetensors files are
+    read tensor by tensor and cast on the way (nothing held); ``.ckpt``-style files are mapped
+    whole by ``torch.load``. A diffusers folder loads module by module.
     """
     import json
     from pathlib import Path
@@ -301,6 +303,8 @@ def estimate_for_model_file(config: Any, path: Any, device: Any = "cpu", *, free
         held = 0
     else:
         family = detect_family(CheckpointFile(source, "model"))
+        if loader_holds_file is None:
+            loader_holds_file = source.suffix.lower() not in (".safetensors", ".sft")
         held = source.stat().st_size if loader_holds_file else 0
     return estimate_peak(config, family, device, free_after_caching=free_after_caching, checkpoint_bytes=held)
 
