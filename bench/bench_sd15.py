@@ -229,11 +229,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_readme(text: str, readme: Path = ROOT / "README.md") -> None:
+def write_readme(text: str, readme: Path = ROOT / "README.md", heading: str = "## Speed and memory") -> None:
     """Replace what lies between the bench markers (adding a section with them when absent)."""
     content = readme.read_text(encoding="utf-8")
     if START not in content or END not in content:
-        content = content.rstrip("\n") + f"\n\n## Speed and memory\n\n{START}\n{END}\n"
+        content = content.rstrip("\n") + f"\n\n{heading}\n\n{START}\n{END}\n"
     before, rest = content.split(START, 1)
     _, after = rest.split(END, 1)
     readme.write_text(f"{before}{START}\n{text}\n{END}{after}", encoding="utf-8")
@@ -272,8 +272,10 @@ def main(argv=None) -> int:
         print(f"note: {note}")
     if args.write_readme:
         command = "python bench/bench_sd15.py " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--write-readme")
-        write_readme(f"{describe(spec, args.repeat)}\n\n{text}\n\nRegenerate with `{command.strip()} --write-readme`.")
-        print(f"README.md updated between {START} and {END}")
+        block = f"{describe(spec, args.repeat)}\n\n{text}\n\nRegenerate with `{command.strip()} --write-readme`."
+        write_readme(block)
+        write_readme(block, ROOT / "README_ja.md", "## 速度とメモリ")  # the two READMEs stay in step
+        print(f"README.md and README_ja.md updated between {START} and {END}")
     return 0
 
 
