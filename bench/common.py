@@ -224,7 +224,10 @@ def write_checkpoint(family: str, folder: Path) -> Path:
     import ldm  # the LDM key layout (test helper)
 
     names = ldm.ldm_state_dict(family, _meta_parts(family))
-    pool = torch.randn(60_000_000, generator=torch.Generator().manual_seed(0))
+    # one shared random pool, sliced per tensor; it must hold the largest tensor (SDXL's CLIP-G
+    # token embedding, 49408 x 1280 = 63.2M values)
+    largest = max(like.numel() for like in names.values())
+    pool = torch.randn(max(60_000_000, largest + 1_000_000), generator=torch.Generator().manual_seed(0))
     state = {k: _random_like(k, like, pool, i * 7_919_999) for i, (k, like) in enumerate(names.items())}
     del pool
     tmp = path.with_suffix(".partial")
