@@ -416,3 +416,11 @@ def test_shipped_preset_passes_check_config(name, capsys):
     if name == "Difference_Use2ndPass":
         assert cfg.use_2nd_pass_settings and cfg.pass2().network_rank < cfg.network_rank
     assert cfg.mode in C.MODES
+
+
+def test_saved_json_has_the_usual_file_mode_and_no_temp_file(tmp_path):
+    from trainer import atomic
+
+    path = TrainConfig(save_lora_name="mode_check").to_json(tmp_path / "deep" / "s.json")
+    assert path.stat().st_mode & 0o777 == atomic.new_file_mode()  # not mkstemp's 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["s.json"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from network_helpers import SD15_UNET, SDXL_UNET, SD21_UNET, meta_unet
 from tiny import tiny_unet

@@ -18,6 +18,7 @@ from trainer.network import (
     NetworkSpec, build_metadata, create_network, load_network_weights, network_state_dict, read_network_file,
     resume_network, save_network,
 )
+from trainer import atomic
 from trainer.network import io as network_io
 
 
@@ -113,7 +114,7 @@ def test_existing_file_is_refused_and_untouched(sd1, tmp_path):
     save_network(net, path, metadata={}, dtype=torch.float16, overwrite=True)
     assert read_network_file(path)[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["name.safetensors"]
-    assert path.stat().st_mode & 0o777 == network_io._new_file_mode()
+    assert path.stat().st_mode & 0o777 == atomic.new_file_mode()
 
 
 def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(sd1, tmp_path, monkeypatch):
@@ -124,7 +125,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(sd1, tmp_path, 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(network_io.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         save_network(net, path, metadata={}, dtype=torch.float16, overwrite=True)
     assert path.read_bytes() == b"old"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from trainer import choices as C
@@ -134,18 +133,9 @@ class TrainConfig:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write ``to_dict()`` as UTF-8 JSON with indent 4; the file is replaced atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=4, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from trainer.atomic import write_text
+
+        return write_text(path, json.dumps(self.to_dict(), indent=4, ensure_ascii=False) + "\n")
 
     # --- derived configs -----------------------------------------------------------------
 

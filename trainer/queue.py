@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
 import traceback
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer import paths
+from trainer.atomic import write_text
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 ACTIVE = ("pending", "running")
@@ -109,17 +109,9 @@ class JobQueue:
                              "an empty queue") from None
 
     def _write(self, items: list[QueueItem]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"version": _FILE_VERSION, "items": [asdict(i) for i in items]},
                           indent=2, ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(self.path, text + "\n")
 
     def _update(self, item_id: int, **changes: object) -> QueueItem | None:
         with self._lock:

@@ -10,12 +10,12 @@ the start). Rows are flushed as they are written, so a plot of a running job is 
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from trainer.atomic import atomic_path
 
 
 def timestamp() -> str:
@@ -59,16 +59,8 @@ def state_path(logs_dir: Path, name: str) -> Path:
 
 def save_state(path: Path, state: dict) -> None:
     """Write a resumable state atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_state(path: Path) -> dict:

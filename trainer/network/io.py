@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from trainer.atomic import write_bytes
 from trainer.network.layers import LoHaModule
 from trainer.network.metadata import build_metadata  # noqa: F401  (part of this module's API)
 
@@ -66,6 +66,7 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
     """(sshs_model_hash, sshs_legacy_hash) of ``tensors`` as sd-scripts computes them."""
     from safetensors.torch import save
 
+
     blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
     model_hash = hashlib.sha256(memoryview(blob)[_data_offset(blob):]).hexdigest()
     legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
@@ -100,41 +101,8 @@ def save_network(net: Any, path: str | os.PathLike, *, metadata: Mapping[str, st
     tensors = network_state_dict(net, dtype, strength)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
     blob = save(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, blob)
+    write_bytes(path, blob)
     return path
-
-
-def _new_file_mode() -> int:
-    """The mode a plain ``open()`` gives a new file (0o666 less the umask); mkstemp would give 0o600."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def read_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
