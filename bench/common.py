@@ -176,26 +176,6 @@ def limit_threads(threads: int) -> None:
 
 
 # ---------------------------------------------------------------------------- model file
-def _meta_parts(family: str) -> dict:
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
-    from trainer.hosts.components import read_json, shipped_config_dir
-    from trainer.hosts.ldm_convert import text_encoder_class
-
-    folder = shipped_config_dir(family)
-    with torch.device("meta"):
-        parts = {"unet": UNet2DConditionModel.from_config(read_json(folder / "unet" / "config.json")),
-                 "vae": AutoencoderKL.from_config(read_json(folder / "vae" / "config.json")),
-                 "text_encoders": []}
-        for name in ("text_encoder", "text_encoder_2"):
-            if (folder / name).is_dir():
-                config = CLIPTextConfig.from_json_file(str(folder / name / "config.json"))
-                parts["text_encoders"].append(text_encoder_class(config)(config))
-    return parts
-
-
 def _random_like(key: str, like, pool, offset: int):
     """A tensor shaped like ``like``: weights ~ N(0, 1/fan_in), norm weights 1, biases 0."""
     import torch
@@ -223,7 +203,9 @@ def write_checkpoint(family: str, folder: Path) -> Path:
     sys.path.insert(0, str(TESTS))
     import ldm  # the LDM key layout (test helper)
 
-    names = ldm.ldm_state_dict(family, _meta_parts(family))
+    from trainer.layout import meta_parts
+
+    names = ldm.ldm_state_dict(family, meta_parts(family))
     # one shared random pool, sliced per tensor; it must hold the largest tensor (SDXL's CLIP-G
     # token embedding, 49408 x 1280 = 63.2M values)
     largest = max(like.numel() for like in names.values())

@@ -19,7 +19,6 @@ from trainer.network import (
     resume_network, save_network,
 )
 from trainer import atomic
-from trainer.network import io as network_io
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ weights is written and loaded end to end, offline (about 15 s, 7 GB peak memory)
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 import torch
 
 import ldm
-from trainer.hosts.components import ASSETS
 from trainer.hosts.standalone import load_model
+from trainer.layout import meta_parts
 
 KINDS = ("sd1", "sd2", "sdxl")
 
@@ -37,25 +36,6 @@ FULL_SIZE = {
 }
 
 
-def _meta_parts(family):
-    """Full-size modules of the shipped configs, on the meta device (no memory, instant)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
-    from trainer.hosts.ldm_convert import text_encoder_class
-
-    folder = ASSETS / family
-    with torch.device("meta"):
-        parts = {"unet": UNet2DConditionModel.from_config(json.loads((folder / "unet/config.json").read_text())),
-                 "vae": AutoencoderKL.from_config(json.loads((folder / "vae/config.json").read_text())),
-                 "text_encoders": []}
-        for name in ("text_encoder", "text_encoder_2"):
-            if (folder / name).is_dir():
-                config = CLIPTextConfig.from_json_file(str(folder / name / "config.json"))
-                parts["text_encoders"].append(text_encoder_class(config)(config))
-    return parts
-
-
 def _count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -66,7 +46,7 @@ def test_shipped_configs_take_full_size_checkpoint_keys(family):
     from trainer.hosts.components import TEXT_ENCODERS, ConfigFolders
     from trainer.hosts.ldm_convert import build_text_encoder, build_unet, build_vae
 
-    parts = _meta_parts(family)
+    parts = meta_parts(family)
     names = ["text_encoder", "text_encoder_2"]
     counts = {"unet": _count(parts["unet"]), "vae": _count(parts["vae"]),
               **{n: _count(te) for n, te in zip(names, parts["text_encoders"])}}
@@ -107,7 +87,7 @@ def test_detect_family_of_full_size_key_sets(tmp_path, width, te_key, family):
 def _random_ldm_state(kind: str, pool_size: int) -> dict:
     """A full-size LDM state dict of random fp16 values: distinct slices of one shared random
     pool per tensor (far faster to make than one randn per tensor)."""
-    names = ldm.ldm_state_dict(kind, _meta_parts(kind))
+    names = ldm.ldm_state_dict(kind, meta_parts(kind))
     pool = torch.randn(pool_size, generator=torch.Generator().manual_seed(0)).mul_(0.02).half()
     state = {}
     for i, (key, like) in enumerate(names.items()):

@@ -11,25 +11,36 @@ from __future__ import annotations
 import sys
 
 
-def meta_bundle(family_name: str):
-    """A ModelBundle of the full-size ``family_name`` architecture with meta tensors."""
+def meta_parts(family_name: str) -> dict:
+    """The full-size ``family_name`` architecture (unet, vae, text_encoders) with meta tensors,
+    from the configs shipped in trainer/assets: no weights, built in seconds."""
     import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
 
-    from trainer.bundle import ModelBundle
-    from trainer.families import get_family
     from trainer.hosts.components import read_json, shipped_config_dir
+    from trainer.hosts.ldm_convert import text_encoder_class
 
     folder = shipped_config_dir(family_name)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(read_json(folder / "unet" / "config.json"))
-        tes = [CLIPTextModel(CLIPTextConfig(**read_json(folder / "text_encoder" / "config.json")))]
-        if family_name == "sdxl":
-            cfg2 = CLIPTextConfig(**read_json(folder / "text_encoder_2" / "config.json"))
-            tes.append(CLIPTextModelWithProjection(cfg2))
-    return ModelBundle(family=get_family(family_name), unet=unet, vae=None, text_encoders=tes,
-                       tokenizers=[], noise_scheduler=None)
+        parts = {"unet": UNet2DConditionModel.from_config(read_json(folder / "unet" / "config.json")),
+                 "vae": AutoencoderKL.from_config(read_json(folder / "vae" / "config.json")),
+                 "text_encoders": []}
+        for name in ("text_encoder", "text_encoder_2"):
+            if (folder / name).is_dir():
+                config = CLIPTextConfig.from_json_file(str(folder / name / "config.json"))
+                parts["text_encoders"].append(text_encoder_class(config)(config))
+    return parts
+
+
+def meta_bundle(family_name: str):
+    """A ModelBundle of the full-size ``family_name`` architecture with meta tensors."""
+    from trainer.bundle import ModelBundle
+    from trainer.families import get_family
+
+    parts = meta_parts(family_name)
+    return ModelBundle(family=get_family(family_name), unet=parts["unet"], vae=parts["vae"],
+                       text_encoders=parts["text_encoders"], tokenizers=[], noise_scheduler=None)
 
 
 def _shape(module) -> tuple:
