@@ -156,7 +156,7 @@ def test_train_queue_and_plot_in_the_browser(served):
         deadline = time.time() + 60
         while time.time() < deadline:
             progress_seen.add(_text(page, "traintrain_queue_progress"))
-            if _text(page, "traintrain_queue_message").count("Successfully created to") == 2:
+            if _text(page, "traintrain_queue_message").count("Finished: saved") == 2:
                 break
             page.wait_for_timeout(100)
         table = page.inner_text("#traintrain_queue_table")

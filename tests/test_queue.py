@@ -105,7 +105,7 @@ def test_failing_job_is_marked_and_the_rest_still_run(tmp_path, data):
     assert [(i.name, i.status) for i in done] == [("good1", "done"), ("bad", "failed"), ("good2", "done")]
     items = {i.name: i for i in queue.items()}
     assert "missing_folder" in items["bad"].message and items["bad"].message.startswith("Error: ")
-    assert items["good1"].message.startswith("Successfully created to ")
+    assert items["good1"].message.startswith("Finished: saved ")
     assert (tmp_path / "out" / "good1.safetensors").is_file()
     assert (tmp_path / "out" / "good2.safetensors").is_file()
     assert all(i.started and i.finished and i.finished >= i.started for i in items.values())

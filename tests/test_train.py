@@ -146,7 +146,7 @@ def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
             "--logs-dir", str(tmp_path / "logs"), "--device", "cpu"]
     assert main(args) == 0
     assert (tmp_path / "out" / "cli_run.safetensors").is_file()
-    assert "Successfully created" in capsys.readouterr().out
+    assert "Finished: saved " in capsys.readouterr().out
     # a second run refuses to overwrite, with a one-line reason and a non-zero exit
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -167,7 +167,7 @@ def test_start_runs_in_the_background_and_shows_progress(tmp_path):
     assert list(ui.follow()) == [("Nothing is training.", gr.update())]
     seen = list(ui.start(False, *_quick(data, logging_save_csv=True)))
     progress, message = seen[-1]
-    assert message.startswith("Successfully created to ") and message.endswith("ui_job.safetensors")
+    assert message.startswith("Finished: saved ") and message.endswith("ui_job.safetensors")
     assert (tmp_path / "out" / "ui_job.safetensors").is_file()
     assert any("step 2/3" in p and "loss" in p for p, _ in seen), seen
     assert len(seen) > 3  # the handler reported while training ran
@@ -197,7 +197,7 @@ def test_stop_ends_a_running_job_saves_it_and_resume_finishes_it(tmp_path):
     assert list((tmp_path / "out").glob("long_*steps.safetensors"))
 
     *_, (progress, message) = ui.start(True, *form)
-    assert message.startswith("Successfully created to ") and message.endswith("long.safetensors")
+    assert message.startswith("Finished: saved ") and message.endswith("long.safetensors")
     assert "step 8/8" in progress
 
 
@@ -218,7 +218,7 @@ def test_queue_handlers(page, tmp_path):
     assert message == "Deleted: item 1 ('q1')"
     assert [row[1] for row in table] == ["q2"] and items["choices"] == ["2: q2 (pending)"]
     *_, (progress, message, table, items) = ui.run_queue()
-    assert message == "[2] q2: Successfully created to " + str(tmp_path / "out" / "q2.safetensors")
+    assert message == "[2] q2: Finished: saved " + str(tmp_path / "out" / "q2.safetensors")
     assert table[0][4] == "done"
     assert ui.run_queue().__next__()[1] == "Nothing to run: the queue has no pending items."
 
@@ -248,4 +248,4 @@ def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_pat
 
     data = image_folder(tmp_path / "data", n=2)
     *_, (progress, message) = demo.traintrain.start(False, *_quick(data, model="tiny", save_lora_name="folder"))
-    assert message == f"Successfully created to {out / 'folder.safetensors'}"
+    assert message == f"Finished: saved {out / 'folder.safetensors'}"

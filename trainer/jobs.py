@@ -202,7 +202,7 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
         if not result.saved:
             result.message = "Finished; this process saved nothing (the main process saves)"
             return result
-        result.message = "Successfully created to " + ", ".join(str(p) for p in result.saved[-1:])
+        result.message = "Finished: saved " + ", ".join(str(p) for p in result.saved[-1:])
         log("Done.")
         return result
     finally:
