@@ -178,7 +178,8 @@ def test_lists_folders_and_flavour(webui):
     host = _host(webui)
     assert is_forge() == (webui.flavour == "forge")
     names = host.list_models()
-    assert [n.split(" ")[0] for n in names] == ["base.safetensors", "other.safetensors", "xl.safetensors"]
+    assert [n.split(" ")[0] for n in names] == ["base.safetensors", "other.safetensors", "sd2.safetensors",
+                                                "xl.safetensors"]
     assert host.list_vaes() == ["tiny.vae.safetensors"]
     assert host.lora_dir() == webui.lora_dir
     assert host.loaded_model_name().startswith("base.safetensors [")
@@ -233,25 +234,28 @@ def test_loaded_model_is_handed_over_and_put_back(webui):
     assert networks.refresh_calls == refreshes + 1
 
 
-def test_loaded_sdxl_weights_are_handed_over(webui):
-    """SDXL: A1111's conditioner.embedders with hijack wrappers; Forge's clip_l/clip_g in transformers layout."""
+@pytest.mark.parametrize("stem", ["xl", "sd2"])
+def test_loaded_sdxl_and_sd2_weights_are_handed_over(webui, stem):
+    """SDXL and SD2 as each host holds them: A1111's conditioner.embedders / cond_stage_model with hijack
+    wrappers; Forge's clip_l/clip_g/clip_h in transformers layout, token embeddings wrapped for TI."""
     from modules import sd_models, shared
     from trainer.hosts.webui import WebUIHost
 
-    info = sd_models.get_closet_checkpoint_match("xl.safetensors")
+    info = sd_models.get_closet_checkpoint_match(f"{stem}.safetensors")
     if webui.flavour == "forge":
         sd_models.model_data.forge_loading_parameters = dict(checkpoint_info=info, additional_modules=[])
         sd_models.forge_model_reload()
     else:
         sd_models.reload_model_weights(info=info)
-    assert shared.sd_model.is_sdxl
+    assert shared.sd_model.is_sdxl if stem == "xl" else shared.sd_model.is_sd2
     placed = _placement(shared.sd_model)  # Forge moves a freshly loaded engine to the GPU only when it runs
-    host = WebUIHost(config_dir=webui.config_dir_xl, log=lambda m: None)
+    config_dir = webui.config_dir_xl if stem == "xl" else webui.config_dir_sd2
+    host = WebUIHost(config_dir=config_dir, log=lambda m: None)
     bundle = host.load(quick_config(lora_data_directory="x", model_v_pred=True))
     try:
-        assert bundle.family.name == "sdxl"
+        assert bundle.family.name == ("sdxl" if stem == "xl" else "sd2")
         assert bundle.prediction_type == "v_prediction" and bundle.metadata["v_pred_source"] == "option"
-        parts = webui.parts["xl"]
+        parts = webui.parts[stem]
         for mine, theirs in zip([bundle.unet, *bundle.text_encoders], [parts["unet"], *parts["text_encoders"]]):
             expected = theirs.state_dict()
             got = mine.state_dict()
@@ -260,6 +264,18 @@ def test_loaded_sdxl_weights_are_handed_over(webui):
     finally:
         host.restore()
     assert shared.sd_model.sd_checkpoint_info is info and _placement(shared.sd_model) == placed
+
+
+def test_unknown_wrapper_holding_another_tensor_is_named():
+    """Two keys that unwrap to one name must be one tensor (Forge's TI wrapper); otherwise say so."""
+    from trainer.hosts.base import ModelLoadError
+    from trainer.hosts.webui_weights import normalise_keys
+
+    weight = torch.ones(3, 2)
+    same = normalise_keys({"e.token_embedding.weight": weight, "e.token_embedding.wrapped.weight": weight[:]})
+    assert list(same) == ["e.token_embedding.weight"]
+    with pytest.raises(ModelLoadError, match="two different tensors for e.token_embedding.weight"):
+        normalise_keys({"e.token_embedding.weight": weight, "e.token_embedding.wrapped.weight": weight.clone()})
 
 
 def test_chosen_checkpoint_and_vae_are_read_from_files(webui):

@@ -9,9 +9,11 @@ Only the structure TrainTrain relies on is reproduced (HOSTS.md §2):
   ``parameterization``, ``lowvram``, ``sd_checkpoint_info``, and a ``.device``.
 - Forge: an engine (not a module) with ``forge_objects.{unet,clip,vae}``: a UNet patcher whose
   ``model`` (KModel) holds ``diffusion_model`` (LDM names) and ``predictor.prediction_type``,
-  a CLIP whose ``cond_stage_model.clip_l`` (and ``clip_g`` for SDXL) are IntegratedCLIPs
-  (transformers-layout ``transformer.text_model.*`` + ``transformer.text_projection`` +
-  ``logit_scale``; OpenCLIP weights converted to that layout at load), a VAE whose
+  a CLIP whose ``cond_stage_model.clip_l`` (``clip_h`` for SD2, ``clip_l`` + ``clip_g`` for SDXL)
+  are IntegratedCLIPs (transformers-layout ``transformer.text_model.*`` +
+  ``transformer.text_projection`` + ``logit_scale``; OpenCLIP weights converted to that layout
+  at load) whose token embedding the text-processing engine wraps for textual inversion
+  (``token_embedding.wrapped``, weight registered twice), a VAE whose
   ``first_stage_model`` has LDM VAE names. Everything is built under ``torch.inference_mode()``.
 
 There is no GPU: ``.to(device)`` records ``placement`` and leaves the tensors on the CPU.
@@ -154,6 +156,25 @@ class IntegratedCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
 
 
+class CLIPEmbeddingForTextualInversion(nn.Module):
+    """Forge's textual-inversion wrapper (``backend/text_processing/classic_engine.py``): it keeps
+    the original token embedding at ``.wrapped`` and registers the same weight as its own
+    ``.weight``, so the state dict holds the embedding twice (``token_embedding.weight`` and
+    ``token_embedding.wrapped.weight``, one tensor)."""
+
+    def __init__(self, wrapped: nn.Module, textual_inversion_key: str):
+        super().__init__()
+        self.wrapped = wrapped
+        self.textual_inversion_key = textual_inversion_key
+        self.weight = self.wrapped.weight
+
+
+def _text_processing_engine(clip: IntegratedCLIP, key: str) -> None:
+    """What Forge's ClassicTextProcessingEngine does to each CLIP it drives, when the engine is built."""
+    embeddings = clip.transformer.text_model.embeddings
+    embeddings.token_embedding = CLIPEmbeddingForTextualInversion(embeddings.token_embedding, key)
+
+
 def _hf_clip(ldm: dict) -> dict:
     """A checkpoint's CLIP-L keys (already transformers layout) without the position ids buffer."""
     return {k: v for k, v in ldm.items() if not k.endswith("position_ids")}
@@ -191,19 +212,24 @@ class ForgeEngine:
 
     def __init__(self, state: dict, info):
         xl = any(k.startswith("conditioner.") for k in state)
+        sd2 = not xl and any(k.startswith("cond_stage_model.model.") for k in state)
         clip_model = JointTextEncoder()
         if xl:
             clip_model.add_module("clip_l", IntegratedCLIP(_hf_clip(_strip(state, "conditioner.embedders.0.transformer."))))
             clip_model.add_module("clip_g", IntegratedCLIP(_open_clip_to_hf(_strip(state, "conditioner.embedders.1.model."))))
+        elif sd2:
+            clip_model.add_module("clip_h", IntegratedCLIP(_open_clip_to_hf(_strip(state, "cond_stage_model.model."))))
         else:
             clip_model.add_module("clip_l", IntegratedCLIP(_hf_clip(_strip(state, "cond_stage_model.transformer."))))
+        for key, clip_module in clip_model.named_children():  # one text-processing engine per CLIP
+            _text_processing_engine(clip_module, key)
         unet = ModelPatcher(KModel(_strip(state, "model.diffusion_model."), "epsilon"))
         vae_model = tree_module(_strip(state, "first_stage_model."))
         clip = SimpleNamespace(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model))
         vae = SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
         self.forge_objects = SimpleNamespace(unet=unet, clip=clip, vae=vae, clipvision=None)
         self.forge_objects_original = SimpleNamespace(**vars(self.forge_objects))
-        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = not xl, False, xl, False
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = not xl and not sd2, sd2, xl, False
         self.first_stage_model = None
         self.cond_stage_model = None
         self.sd_checkpoint_info = info

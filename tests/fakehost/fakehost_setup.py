@@ -20,20 +20,23 @@ class Assets:
     """Files a fake web UI starts with, written once and copied into each web-UI folder."""
 
     folder: Path
-    parts: dict         # diffusers components: "base" (seed 0), "other" (seed 1), "vae" (seed 2), "xl" (SDXL)
+    parts: dict         # diffusers components: "base" (seed 0), "other" (seed 1), "vae" (seed 2), "xl" (SDXL),
+                        # "sd2" (SD2, OpenCLIP text encoder)
 
 
 def make_assets(folder: Path) -> Assets:
-    """Two tiny SD1 checkpoints, a tiny SDXL one, a VAE file and the tiny architectures' configs."""
+    """Two tiny SD1 checkpoints, a tiny SD2 and a tiny SDXL one, a VAE file and the tiny architectures' configs."""
     from tiny import tiny_components
 
     folder.mkdir(parents=True, exist_ok=True)
     parts = {"base": write_single_file("sd1", folder / "base.safetensors", seed=0),
              "other": write_single_file("sd1", folder / "other.safetensors", seed=1),
-             "vae": tiny_components("sd1", 2), "xl": write_single_file("sdxl", folder / "xl.safetensors", seed=3)}
+             "vae": tiny_components("sd1", 2), "xl": write_single_file("sdxl", folder / "xl.safetensors", seed=3),
+             "sd2": write_single_file("sd2", folder / "sd2.safetensors", seed=4)}
     save_state_dict(vae_to_ldm(parts["vae"]["vae"], prefix=""), folder / "tiny.vae.safetensors")
     write_config_dir("sd1", folder / "configs", parts["base"])
     write_config_dir("sdxl", folder / "configs_xl", parts["xl"])
+    write_config_dir("sd2", folder / "configs_sd2", parts["sd2"])
     return Assets(folder, parts)
 
 
@@ -47,6 +50,8 @@ class FakeWebUI:
     config_dir: Path    # diffusers configs of the tiny SD1 architecture
     xl: Path            # a tiny SDXL checkpoint (seed 3), configs in config_dir_xl
     config_dir_xl: Path
+    sd2: Path           # a tiny SD2 checkpoint (seed 4), configs in config_dir_sd2
+    config_dir_sd2: Path
     parts: dict         # diffusers components per file stem
 
     @property
@@ -67,8 +72,10 @@ def start(root: Path, assets: Assets) -> FakeWebUI:
     other = models / "Stable-diffusion" / "other.safetensors"
     vae = models / "VAE" / "tiny.vae.safetensors"
     xl = models / "Stable-diffusion" / "xl.safetensors"
+    sd2 = models / "Stable-diffusion" / "sd2.safetensors"
     for source, target in ((assets.folder / base.name, base), (assets.folder / other.name, other),
-                           (assets.folder / vae.name, vae), (assets.folder / xl.name, xl)):
+                           (assets.folder / vae.name, vae), (assets.folder / xl.name, xl),
+                           (assets.folder / sd2.name, sd2)):
         shutil.copyfile(source, target)
     sd_models.list_models()
     sd_vae.refresh_vae_list()
@@ -80,4 +87,4 @@ def start(root: Path, assets: Assets) -> FakeWebUI:
         sd_models.forge_model_reload()
     generate(shared.sd_model)  # A1111 loads lazily here; Forge moves its parts to the GPU
     return FakeWebUI(root, shared.flavour, base, other, vae, assets.folder / "configs", xl,
-                     assets.folder / "configs_xl", assets.parts)
+                     assets.folder / "configs_xl", sd2, assets.folder / "configs_sd2", assets.parts)

@@ -159,11 +159,12 @@ class A1111Adapter(_HostCalls):
         return any(getattr(m, "network_current_names", ()) for m in model.modules())
 
     def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict, bool]:
-        """(LDM state dict, text-encoder layouts, clone?) of the loaded model; tensors are shared."""
-        from trainer.hosts.webui_weights import normalise_keys
+        """(state dict, text-encoder layouts, clone?) of the loaded model; tensors are shared.
 
+        Keys still carry the hijack's wrapper segments; the session removes them for every host.
+        """
         state = {k: v for k, v in model.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
-        return normalise_keys(state), {}, False
+        return state, {}, False
 
     def remember(self, model: Any) -> dict:
         return {"model": model, "device": _device_of(model) if model is not None else None,

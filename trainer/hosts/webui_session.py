@@ -236,7 +236,7 @@ class WebUIHost:
         return self._from_file(path, vae_path, True if ticked else None, info)
 
     def _from_loaded(self, adapter: Any, model: Any, vae_path: Path | None, ticked: bool) -> Any:
-        from trainer.hosts.webui_weights import bundle_from_host_state, unusable_tensors
+        from trainer.hosts.webui_weights import bundle_from_host_state, normalise_keys, unusable_tensors
 
         family = adapter.family(model)
         info = getattr(model, "sd_checkpoint_info", None)
@@ -246,6 +246,7 @@ class WebUIHost:
             reason = "its weights carry a LoRA merged in by the last generation"
         else:
             state, layouts, clone = adapter.weights(model, family, self.config_dir)
+            state = normalise_keys(state)  # the hosts' wrappers (A1111 hijack, Forge TI) out of the key paths
             bad = unusable_tensors(state)
             if bad:
                 reason = f"its weights are quantised (e.g. {bad[0]})"

@@ -28,20 +28,46 @@ from trainer.hosts.base import ModelLoadError
 _PLAIN_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 
 
-def normalise_keys(state: Mapping[str, Any], drop: tuple[str, ...] = (".wrapped",)) -> dict[str, Any]:
-    """Remove wrapper segments from key paths.
+# Wrapper segments the hosts put into module paths of a loaded model (HOSTS.md §2 and §4):
+# - AUTOMATIC1111's hijack: ``cond_stage_model.wrapped.transformer`` (FrozenCLIPEmbedderWithCustomWords
+#   and its OpenCLIP / SDXL siblings) and ``token_embedding.wrapped`` (EmbeddingsWithFixes);
+# - Forge's text-processing engine: ``token_embedding.wrapped`` (CLIPEmbeddingForTextualInversion),
+#   which also registers the same weight as its own ``token_embedding.weight``.
+# tests/data/hosts holds the key sets recorded from the real hosts that these rules are checked against.
+WRAPPER_SEGMENTS = (".wrapped",)
 
-    AUTOMATIC1111 wraps the text encoder (``cond_stage_model.wrapped.transformer``) and its token
-    embedding (``token_embedding.wrapped.weight``) when it hijacks a loaded model; without those
-    segments the keys are the checkpoint's own.
+
+def normalise_keys(state: Mapping[str, Any], drop: tuple[str, ...] = WRAPPER_SEGMENTS) -> dict[str, Any]:
+    """The checkpoint's own key names for a loaded model's state dict: wrapper segments removed.
+
+    Two keys that name the same place once unwrapped must hold the same tensor (Forge's
+    textual-inversion wrapper registers the embedding twice); anything else is a wrapper this
+    trainer does not know, reported instead of guessed at.
     """
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in state.items():
         name = key
         for segment in drop:
             name = name.replace(segment + ".", ".")
+        if name in out and not _same_tensor(out[name], value):
+            raise ModelLoadError(
+                f"the web UI's model holds two different tensors for {name} ({key} and another); this host "
+                "wraps its modules in a way TrainTrain does not know yet; choose the checkpoint file as the model")
         out[name] = value
     return out
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.device.type == "meta":
+            return True  # no storage to compare; shapes and dtypes agree
+        return a.data_ptr() == b.data_ptr()
+    except AttributeError:
+        return False
 
 
 def prefixed(prefix: str, state: Mapping[str, Any]) -> dict[str, Any]:
