@@ -184,7 +184,7 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                     out = loop.run(task, opts)
                 else:
                     keep = task.save_final and dist.is_main
-                    out = loop.LoopResult(0, False, [saver(stem, True)] if keep else [], 0.0, [])
+                    out = loop.LoopResult(0, False, [saver(stem, True, 0)] if keep else [], 0.0, [])
             finally:
                 if csv:
                     csv.close()
@@ -243,12 +243,13 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
 
     cfg = task.config
 
-    def save(stem: str, final: bool) -> Path:
+    def save(stem: str, final: bool, steps: int) -> Path:
         training = {"ss_output_name": stem, "ss_seed": str(seed), "ss_training_started_at": str(started),
-                    "ss_steps": str(getattr(task, "steps_done", "")), "traintrain_mode": job_config.mode,
+                    "ss_steps": str(int(steps)), "traintrain_mode": job_config.mode,
                     "traintrain_pass": task.name}
         training.update(getattr(task, "metadata", lambda: {})())
-        meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network_spec=task.network.spec,
+        # rank, alpha and module count come from the live network (a resumed file's ranks win over the config's)
+        meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network=task.network,
                               base_model_hash_info=bundle.metadata, training_info=training)
         path = output_dir / f"{stem}.safetensors"
         overwrite = job_config.save_overwrite or not final

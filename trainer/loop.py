@@ -59,7 +59,7 @@ class ProgressEvent:
 class LoopOptions:
     """How one pass runs: where it writes, how it reports, how it is stopped."""
 
-    save: Callable[[str, bool], Path]          # (file stem, is_final) -> saved path
+    save: Callable[[str, bool, int], Path]     # (file stem, is_final, optimizer steps done) -> saved path
     stem: str                                  # output name of this pass, e.g. "name" / "name_copy"
     device: torch.device
     model_dtype: torch.dtype = torch.float32   # autocast dtype (fp32 = no autocast)
@@ -166,7 +166,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             optimizer.zero_grad(set_to_none=True)
             if opts.device.type == "cuda":
                 torch.cuda.empty_cache()
-            kept = _save(opts, opt_info, f"{opts.stem}_{step}steps", final=False) if step > 0 and dist.is_main else None
+            kept = _save(opts, opt_info, f"{opts.stem}_{step}steps", step, final=False) if step > 0 and dist.is_main else None
             raise TrainingOutOfMemory(_oom_text(exc, opts, step, kept), kept) from exc
         lrs = sched_info.lr_values()  # after the step: schedule-free optimizers update it there
         sched_info.step(last)
@@ -185,11 +185,11 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
                                       (total - done) / rate if rate else 0.0, task.epoch))
 
         if every > 0 and done % every == 0 and done < total and dist.is_main:
-            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", final=False))
+            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", done, final=False))
         if dist.any(opts.stop.is_set()) and done < total:
             if not dist.is_main:
                 return LoopResult(done, True, saved, last, notes)
-            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", final=False))
+            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", done, final=False))
             if opts.state_path is not None:
                 save_state(opts.state_path, {
                     "step": done, "network": task.network.state_dict(), "optimizer": opt_info.state_dict(),
@@ -200,7 +200,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             return LoopResult(done, True, saved, last, notes)
 
     if getattr(task, "save_final", True) and dist.is_main:
-        saved.append(_save(opts, opt_info, opts.stem, final=True))
+        saved.append(_save(opts, opt_info, opts.stem, total, final=True))
     dist.barrier()
     return LoopResult(total, False, saved, last, notes)
 
@@ -237,11 +237,12 @@ def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
     return f"at step {step + 1}: " + oom_message(exc, opts.estimate, saved=kept, free=opts.free_memory)
 
 
-def _save(opts: LoopOptions, opt_info, stem: str, *, final: bool) -> Path:
-    """Save the network; schedule-free optimizers hold their best weights in eval mode."""
+def _save(opts: LoopOptions, opt_info, stem: str, steps: int, *, final: bool) -> Path:
+    """Save the network after ``steps`` optimizer steps; schedule-free optimizers hold their best
+    weights in eval mode."""
     optim.optimizer_eval_mode(opt_info)
     try:
-        return opts.save(stem, final)
+        return opts.save(stem, final, steps)
     finally:
         if not final:
             optim.optimizer_train_mode(opt_info)

@@ -165,15 +165,17 @@ def discover_images(
     return items
 
 
-def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
-    """Tag counts over the images, in the ``ss_tag_frequency`` shape ``{"1": {tag: count}}``.
+def tag_frequency(items: list[ImageItem], folder: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Tag counts of the images of the dataset folder ``folder``, in the ``ss_tag_frequency`` shape
+    sd-scripts writes: ``{"<folder name>": {tag: count}}``, tags lower-cased, each image once.
 
-    Each image counts once (the reference counted every mirrored and sub-image copy too).
+    The reference wrote ``{"1": {...}}`` and counted every mirrored and sub-image copy too; the
+    folder name is what metadata readers (e.g. A1111's additional-networks) show.
     """
     counts: Counter[str] = Counter()
-    for item in items:
-        counts.update(item.tags)
-    return {"1": dict(counts)}
+    for item in dict.fromkeys(items):  # an image planned several times (sub-images, mirroring) counts once
+        counts.update(tag.lower() for tag in item.tags)
+    return {Path(folder).expanduser().resolve().name or str(folder): dict(counts)}
 
 
 def _orientation(im: Image.Image) -> int:

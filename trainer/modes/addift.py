@@ -155,10 +155,16 @@ class AddiftTask:
         return loss
 
     def metadata(self) -> dict:
-        return {"traintrain_original_prompt": self.config.original_prompt,
+        meta = {"traintrain_original_prompt": self.config.original_prompt,
                 "traintrain_target_prompt": self.config.target_prompt,
                 "traintrain_addift_timestep_schedule": self.schedule,
                 "traintrain_training_multiplier": str(TRAIN_MULTIPLIER)}
+        if self.pairs is not None:  # Multi-ADDifT: both images of every pair, each with its caption
+            from trainer.data.images import tag_frequency
+
+            items = [item for s in self.pairs["specs"] for item in (s.orig, s.target)]
+            meta["ss_tag_frequency"] = tag_frequency(items, self.config.lora_data_directory)
+        return meta
 
     def state_dict(self) -> dict:
         state = {"t": self._t}

@@ -103,6 +103,12 @@ class LoraTask:
         return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
                               snr_gamma=float(cfg.train_snr_gamma))
 
+    def metadata(self) -> dict:
+        """``ss_tag_frequency`` of the images this pass trains on (sd-scripts' per-folder shape)."""
+        from trainer.data.images import tag_frequency
+
+        return {"ss_tag_frequency": tag_frequency([s.item for s in self.specs], self.config.lora_data_directory)}
+
     def state_dict(self) -> dict:
         return {"batcher": self.batcher.state_dict()}
 

@@ -6,6 +6,12 @@ Changes from the reference, on purpose:
   ``lycoris.kohya`` (with ``"algo": "loha"`` in ``ss_network_args``) for LoHa, as sd-scripts and
   LyCORIS write it, instead of the reference's ``network.lora`` for everything.
 - ``ss_training_started_at`` is the real start of training, passed in by the caller.
+- ``ss_network_dim``/``ss_network_alpha`` (and ``conv_dim``/``conv_alpha``) describe the tensors
+  saved, read from the live network: a run started from a file (``network_resume``) keeps the
+  file's ranks whatever ``network_rank`` says (``Dynamic`` when modules differ, as sd-scripts'
+  resize writes it); ``traintrain_network_modules`` (+ ``_unet_``/``_te_``) count the modules.
+- ``ss_steps`` is the optimizer-step count of this save; ``ss_tag_frequency`` is sd-scripts'
+  ``{"<dataset folder name>": {tag: count}}`` (the reference wrote ``{"1": ...}``).
 - ``modelspec.*`` keys (Stability AI model spec, as sd-scripts writes them) and
   ``traintrain_config`` (the settings as JSON) are added; the ``sshs_*`` hashes are added by
   ``io.save_network`` from the final tensors.
@@ -60,6 +66,45 @@ def _network_fields(spec: Any) -> dict[str, str]:
     return fields
 
 
+def _one_or_dynamic(values: list) -> str:
+    """The common value of ``values``, or ``Dynamic`` (as sd-scripts' resize_lora writes it) when
+    the modules differ."""
+    distinct = sorted(set(values))
+    return str(distinct[0]) if len(distinct) == 1 else "Dynamic"
+
+
+def _live_network_fields(network: Any) -> dict[str, str]:
+    """The network fields read from the modules that are saved, not from the requested settings:
+    a network started from a file (``network_resume``) keeps the file's ranks and alphas."""
+    from trainer.network.layers import is_kxk_conv
+
+    modules = list(network.all_modules)
+    if not modules:
+        raise ValueError("the network has no modules; there is nothing to describe")
+    plain = [m for m in modules if not is_kxk_conv(m.org_module)]
+    conv = [m for m in modules if is_kxk_conv(m.org_module)]
+    base = plain or conv
+    fields = {"ss_network_module": "networks.lora",
+              "ss_network_dim": _one_or_dynamic([m.rank for m in base]),
+              "ss_network_alpha": _one_or_dynamic([float(m.alpha.float().item()) for m in base]),
+              "ss_network_train_unet_only": str(not network.te_modules),
+              "traintrain_network_modules": str(len(modules)),
+              "traintrain_network_unet_modules": str(len(network.unet_modules)),
+              "traintrain_network_te_modules": str(len(network.te_modules))}
+    args = {}
+    if conv:
+        args = {"conv_dim": _one_or_dynamic([m.rank for m in conv]),
+                "conv_alpha": _one_or_dynamic([float(m.alpha.float().item()) for m in conv])}
+    if network.spec.network_type == "loha":
+        fields["ss_network_module"] = "lycoris.kohya"
+        fields["ss_network_args"] = json.dumps({"algo": "loha", **args, "use_tucker": "True"})
+    elif args:
+        fields["ss_network_args"] = json.dumps(args)
+    params = list(network.parameters())
+    fields["ss_mixed_precision"] = str(params[0].dtype if params else network.spec.dtype)
+    return fields
+
+
 def _image_size(config: Mapping[str, Any], default: int) -> tuple[int, int]:
     """(height, width) from the config's ``image_size(height, width)`` ("512" or "512,768")."""
     raw = config.get("image_size(height, width)", default)
@@ -98,14 +143,18 @@ def _tag_frequency(value: Any) -> str:
     return _text(value if value is not None else {})
 
 
-def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec: Any,
-                   base_model_hash_info: Mapping[str, Any] | None, training_info: Mapping[str, Any]) -> dict[str, str]:
+def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec: Any = None,
+                   base_model_hash_info: Mapping[str, Any] | None, training_info: Mapping[str, Any],
+                   network: Any = None) -> dict[str, str]:
     """The header of a saved network (all values strings), without the ``sshs_*`` hashes.
 
     Args:
         config_dict: the run's settings under the reference's JSON keys (``TrainConfig.to_dict()``).
         family: the model ``Family``.
-        network_spec: the ``NetworkSpec`` the network was built with.
+        network_spec: the ``NetworkSpec`` the network was built with (when no ``network`` is given).
+        network: the live ``Network`` being saved; when given, rank, alpha, conv rank/alpha, module
+            counts and dtype are read from its modules (what the file really holds), and
+            ``network_spec`` is not needed.
         base_model_hash_info: about the base checkpoint: ``name``, ``hash`` (A1111's short hash) and
             ``sha256`` (or the same under ``ss_sd_model_name``, ``ss_sd_model_hash``,
             ``ss_new_sd_model_hash``); every other key is ignored.
@@ -126,8 +175,13 @@ def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec:
         meta[key] = _text(config_dict.get(config_key, ""))
     meta["ss_text_encoder_lr"] = _text(config_dict.get("train_textencoder_learning_rate") or meta["ss_learning_rate"])
     meta["ss_optimizer"] = _text(config_dict.get("train_optimizer", "")).lower()
-    meta.update(_network_fields(network_spec))
-    meta["ss_mixed_precision"] = str(network_spec.dtype)
+    if network is not None:
+        meta.update(_live_network_fields(network))
+    elif network_spec is not None:
+        meta.update(_network_fields(network_spec))
+        meta["ss_mixed_precision"] = str(network_spec.dtype)
+    else:
+        raise ValueError("build_metadata needs the network (or its NetworkSpec)")
     meta["ss_v2"] = str(bool(family.is_v2))
     meta["ss_base_model_version"] = family.base_model_version
     meta["ss_resolution"] = str(_image_size(config_dict, family.default_resolution))
