@@ -1,12 +1,15 @@
 """What real runs on tiny models write into their files: the header describes the run and the
-tensors it holds."""
+tensors it holds, and every mode reads its images the same way."""
 
 from __future__ import annotations
 
 import json
 import threading
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -96,3 +99,45 @@ def test_metadata_describes_the_resumed_file_not_the_requested_rank(tmp_path, ne
     assert meta["traintrain_network_unet_modules"] == str(len(file_modules))
     assert meta["traintrain_network_te_modules"] == "0" and meta["ss_network_train_unet_only"] == "True"
     assert json.loads(meta["traintrain_config"])["network_rank"] == "16"  # what was asked stays on record
+
+
+def _upright_pair(tmp_path):
+    """An RGB original (64x48) and an 8-bit grayscale target, stored plainly."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    orig = pattern_image(folder / "orig.png", 3, size=(64, 48))
+    gray = (np.asarray(Image.open(pattern_image(folder / "t.png", 8, size=(64, 48))).convert("L")))
+    Image.fromarray(gray, "L").save(folder / "target.png")
+    return orig, folder / "target.png", gray
+
+
+def _stored_differently(tmp_path, orig, gray):
+    """The same pair as a phone and a scanner store it: the original rotated on disk with an EXIF
+    orientation that turns it upright, the target as a 16-bit grayscale PNG."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.open(orig).transpose(Image.Transpose.ROTATE_90).save(folder / "orig.png", exif=exif.tobytes())
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert sixteen.mode == "I;16"
+    sixteen.save(folder / "target.png")
+    assert Image.open(folder / "orig.png").size == (48, 64)
+    return folder / "orig.png", folder / "target.png"
+
+
+@pytest.mark.parametrize("mode", ["ADDifT", "Difference"])
+def test_pair_modes_read_images_upright_and_16_bit_like_every_mode(tmp_path, mode):
+    orig, target, gray = _upright_pair(tmp_path)
+    odd_orig, odd_target = _stored_differently(tmp_path, orig, gray)
+    files = []
+    for name, (a, b) in (("plain", (orig, target)), ("odd", (odd_orig, odd_target))):
+        cfg = quick_config(mode=mode, original_image=str(a), target_image=str(b), train_iterations="2",
+                           train_batch_size="1", save_lora_name=name)
+        files.append(run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs",
+                             log=_quiet).saved[-1])
+    plain, odd = load_file(str(files[0])), load_file(str(files[1]))
+    assert plain.keys() == odd.keys()
+    assert any(v.abs().sum() > 0 for k, v in plain.items() if k.endswith("lora_up.weight"))  # it trained
+    for k in plain:
+        torch.testing.assert_close(odd[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)

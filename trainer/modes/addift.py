@@ -14,11 +14,13 @@ step; ``"random"`` draws t uniformly in [min, max) for each forward step and reu
 the following reverse step. The log says which one runs.
 
 Multi-ADDifT draws bucketed batches of pairs from a folder, each image with its own caption.
+
+Change from the reference: pair images are read with the loader of every other mode
+(``data.images``: EXIF orientation, 16-bit images), so a photo trains upright.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -40,30 +42,23 @@ def fixed_timestep(step: int, lo: int, hi: int) -> int:
 def load_pixels(path: str, size: tuple[int, int] | None = None, factor: int = 8):
     """An image as RGB pixels in [-1, 1] (1, 3, H, W), cropped to a multiple of ``factor``.
 
-    ``size`` (w, h) resizes first (Lanczos), for a target image whose size differs from the
-    original's. Returns (pixels, alpha mask or None, (w, h)).
+    Read by the loader every mode uses (``data.images.open_image``: EXIF orientation applied,
+    16-bit and float images scaled to 8 bits, transparency kept as a mask). ``size`` (w, h)
+    resizes first (Lanczos), for a target image whose size differs from the original's.
+    Returns (pixels, alpha mask or None, (w, h)).
     """
-    try:
-        img = Image.open(path)
-        img.load()
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {path}") from None
-    except OSError as exc:
-        raise ValueError(f"image {path} could not be read ({exc}); re-save it as PNG or JPEG") from None
-    if size is not None and img.size != size:
-        img = img.resize(size, Image.LANCZOS)
+    from trainer.data.images import open_image, to_arrays
+
+    img = open_image(path)  # ImageLoadError (a ValueError) names the file
+    if size is not None and img.size != tuple(size):
+        img = img.resize(tuple(size), Image.Resampling.LANCZOS)
     w, h = img.size
     cw, ch = w - w % factor, h - h % factor
     if cw < factor or ch < factor:
         raise ValueError(f"image {path} is too small ({w}x{h})")
     left, top = (w - cw) // 2, (h - ch) // 2
-    img = img.crop((left, top, left + cw, top + ch))
-    mask = None
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        alpha = np.asarray(img.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
-        mask = (alpha > 0.1).astype(np.float32)
-    rgb = np.asarray(img.convert("RGB")).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous(), mask, (cw, ch)
+    pixels, mask = to_arrays(img.crop((left, top, left + cw, top + ch)))
+    return torch.from_numpy(pixels)[None].contiguous(), mask, (cw, ch)
 
 
 class AddiftTask:
@@ -200,8 +195,11 @@ def prepare_single(cfg, ctx: ModeContext) -> dict:
 
 
 def _source_size(path: str):
-    with Image.open(path) as img:
-        return img.size
+    """The (w, h) an image is seen at: upright, after its EXIF orientation."""
+    from trainer.data.images import probe_image
+
+    info = probe_image(path)
+    return info.width, info.height
 
 
 def build_tasks(cfg, ctx: ModeContext):
