@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.atomic import atomic_path
 from trainer.conditioning import Conditioning
 
 
@@ -52,8 +53,9 @@ class LatentCache:
     """Latents (and latent-resolution masks) of every planned sample, computed once."""
 
     def __init__(self, vae, *, scale: float, shift: float = 0.0, disk_dir: Path | None = None,
-                 vae_id: str = "vae"):
+                 vae_id: str = "vae", warn: Callable[[str], None] | None = None):
         self.vae, self.scale, self.shift = vae, scale, shift
+        self.warn = warn or (lambda message: None)
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self.vae_id = vae_id
         self.latents: list[torch.Tensor] = []
@@ -80,17 +82,32 @@ class LatentCache:
         if self.disk_dir is not None:
             path = self.disk_dir / f"{_spec_key(spec, self.vae_id)}.pt"
             if path.is_file():
-                data = torch.load(path, map_location="cpu", weights_only=True)
-                return data["latent"], data.get("mask")
+                loaded = self._read(path)
+                if loaded is not None:
+                    return loaded
         pixels, mask = spec.load()
         x = torch.from_numpy(np.ascontiguousarray(pixels))[None]
         latent = encode_latents(self.vae, x, self.scale, self.shift)[0].float().cpu()
         self.vae_calls += 1
         lmask = mask_to_latent(mask, tuple(latent.shape[-2:]))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"latent": latent, "mask": lmask}, path)
+            with atomic_path(path) as tmp:  # a killed run leaves no torn cache file
+                torch.save({"latent": latent, "mask": lmask}, tmp)
         return latent, lmask
+
+    def _read(self, path: Path):
+        """(latent, mask) of a disk cache entry, or None (with a warning naming it) when unusable."""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            latent, mask = data["latent"], data.get("mask")
+            if not isinstance(latent, torch.Tensor) or latent.dim() != 3 or not (
+                    mask is None or isinstance(mask, torch.Tensor)):
+                raise ValueError("not a cached latent")
+        except Exception as error:  # torn (RuntimeError), empty (EOFError), foreign (KeyError...)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self.warn(f"latent cache file {path} could not be read ({reason}); encoding the image again")
+            return None
+        return latent, mask
 
 
 class TextCache:

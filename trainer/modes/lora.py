@@ -25,13 +25,17 @@ def prepare_images(cfg, ctx: ModeContext):
     from trainer.data.images import discover_images
     from trainer.data.buckets import plan_samples
 
-    items = discover_images(cfg.lora_data_directory, trigger_word=cfg.lora_trigger_word,
-                            use_filename_as_tag=cfg.image_use_filename_as_tag)
-    specs = plan_samples(
-        items, cfg.image_size, cfg.image_buckets_step, cfg.image_min_length, cfg.image_max_ratio,
-        sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring,
-        disable_upscale=cfg.image_disable_upscale,
-    )
+    planned = ctx.extras.get("data_plan", {}).get("lora")  # found and probed before the model loaded
+    if planned is not None:
+        items, specs = planned
+    else:
+        items = discover_images(cfg.lora_data_directory, trigger_word=cfg.lora_trigger_word,
+                                use_filename_as_tag=cfg.image_use_filename_as_tag)
+        specs = plan_samples(
+            items, cfg.image_size, cfg.image_buckets_step, cfg.image_min_length, cfg.image_max_ratio,
+            sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring,
+            disable_upscale=cfg.image_disable_upscale,
+        )
     if not specs:
         raise ValueError(f"no usable images in {cfg.lora_data_directory} (all were skipped; see the warnings above)")
     used = len({s.item.path for s in specs})
@@ -40,7 +44,7 @@ def prepare_images(cfg, ctx: ModeContext):
     fam = ctx.bundle.family
     cache = LatentCache(ctx.bundle.vae, scale=fam.latent_scale, shift=fam.latent_shift,
                         disk_dir=ctx.cache_dir if getattr(cfg, "cache_latents_to_disk", False) else None,
-                        vae_id=str(ctx.bundle.source))
+                        vae_id=str(ctx.bundle.source), warn=lambda m: ctx.log(f"warning: {m}"))
     step = max(1, len(specs) // 10)
     cache.build(specs, progress=lambda i, n: ctx.log(f"caching latents {i}/{n}") if i == n or i % step == 0 else None)
     return items, specs, cache
