@@ -72,9 +72,19 @@ class LoopOptions:
     dist: object = None                        # trainer.distributed.Dist; None = one process
     estimate: object = None                    # trainer.memory.MemoryEstimate, for OOM advice
     free_memory: int | None = None             # free device memory when the run started
+    keep_other_state: bool = False             # a state already at state_path is another run's: keep it
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class SaveFailed(RuntimeError):
+    """A network file could not be written; what was learned is kept in a resumable state
+    (``state_path``) when that could be written."""
+
+    def __init__(self, message: str, state_path: Path | None):
+        super().__init__(message)
+        self.state_path = state_path
 
 
 class TrainingOutOfMemory(RuntimeError):
@@ -145,8 +155,10 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
     start, ema = 0, None
     if opts.resume:
         task.network.load_state_dict(opts.resume["network"])
+        fresh = _fresh_schedule(optimizer, sched_info)
         opt_info.load_state_dict(opts.resume["optimizer"])
         sched_info.load_state_dict(opts.resume["scheduler"])
+        _apply_fresh_schedule(optimizer, sched_info, fresh)
         task.load_state_dict(opts.resume["task"])
         _set_rng_state(opts.resume["rng"])
         start, ema = int(opts.resume["step"]), opts.resume.get("loss_ema")
@@ -157,6 +169,42 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
 
     saved: list[Path] = []
     last = float("nan")
+
+    state_written = []
+
+    def write_state(done: int) -> Path | None:
+        if opts.state_path is None:
+            return None
+        keep = opts.keep_other_state and not state_written  # never put this run's own state aside
+        state_written.append(done)
+        aside = save_state(opts.state_path, {
+            "step": done, "network": task.network.state_dict(), "optimizer": opt_info.state_dict(),
+            "scheduler": sched_info.state_dict(), "task": task.state_dict(), "rng": _rng_state(),
+            "loss_ema": ema, "scaler": scaler.state_dict() if scaler else None, **opts.extra_state,
+        }, keep_previous=keep)
+        if aside is not None:
+            notes.append(f"the earlier stopped run's state was kept as {aside}; rename it to "
+                         f"{Path(opts.state_path).name} to resume that run instead")
+        return Path(opts.state_path)
+
+    def save_or_keep(stem: str, done: int, final: bool) -> Path:
+        try:
+            return _save(opts, opt_info, stem, done, final=final)
+        except OSError as error:
+            problem = f"could not save {error.filename or stem}: {error.strerror or error}"
+            try:
+                kept = write_state(done)
+            except OSError as state_error:
+                raise SaveFailed(f"{problem}; the training state could not be written either "
+                                 f"({state_error.strerror or state_error}), so this run's training is lost. "
+                                 "Free some space or choose a writable folder and run again.", None) from error
+            if kept is None:
+                raise
+            then = ("resume it, and it only saves the file" if final
+                    else f"resume it to continue from step {done}")
+            raise SaveFailed(f"{problem}. Nothing learned is lost: the training state (step {done}) is in "
+                             f"{kept}. Free some space or fix the folder, then {then} (--resume, or tick "
+                             "'resume the stopped run' on the page).", kept) from error
     t0, window = time.perf_counter(), []
     for step in range(start, total):
         tic = time.perf_counter()
@@ -185,22 +233,17 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
                                       (total - done) / rate if rate else 0.0, task.epoch))
 
         if every > 0 and done % every == 0 and done < total and dist.is_main:
-            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", done, final=False))
+            saved.append(save_or_keep(f"{opts.stem}_{done}steps", done, final=False))
         if dist.any(opts.stop.is_set()) and done < total:
             if not dist.is_main:
                 return LoopResult(done, True, saved, last, notes)
-            saved.append(_save(opts, opt_info, f"{opts.stem}_{done}steps", done, final=False))
-            if opts.state_path is not None:
-                save_state(opts.state_path, {
-                    "step": done, "network": task.network.state_dict(), "optimizer": opt_info.state_dict(),
-                    "scheduler": sched_info.state_dict(), "task": task.state_dict(), "rng": _rng_state(),
-                    "loss_ema": ema, "scaler": scaler.state_dict() if scaler else None, **opts.extra_state,
-                })
+            write_state(done)  # first: a failing network save then loses nothing
+            saved.append(save_or_keep(f"{opts.stem}_{done}steps", done, final=False))
             _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, message="stopped"))
             return LoopResult(done, True, saved, last, notes)
 
     if getattr(task, "save_final", True) and dist.is_main:
-        saved.append(_save(opts, opt_info, opts.stem, total, final=True))
+        saved.append(save_or_keep(opts.stem, total, final=True))
     dist.barrier()
     return LoopResult(total, False, saved, last, notes)
 
@@ -246,6 +289,48 @@ def _save(opts: LoopOptions, opt_info, stem: str, steps: int, *, final: bool) ->
     finally:
         if not final:
             optim.optimizer_train_mode(opt_info)
+
+
+def _torch_schedulers(sched_info) -> list:
+    found = []
+    for sched in (sched_info.scheduler, sched_info.warmup):
+        if sched is not None and hasattr(sched, "state_dict"):
+            found.append(sched)
+            found.extend(getattr(sched, "_schedulers", []))
+    return found
+
+
+# Scheduler attributes that depend on the run's length; a resumed run keeps the new request's.
+_LENGTH_ATTRS = ("T_max", "total_steps", "_schedule_phases")
+
+
+def _fresh_schedule(optimizer, sched_info) -> dict:
+    """The learning rates and schedule lengths built from this request, before a state is loaded."""
+    return {"lrs": [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups],
+            "lengths": [(s, a, getattr(s, a)) for s in _torch_schedulers(sched_info) for a in _LENGTH_ATTRS
+                        if hasattr(s, a)]}
+
+
+def _apply_fresh_schedule(optimizer, sched_info, fresh: dict) -> None:
+    """After loading a stopped run's optimizer and scheduler: keep the position in the schedule,
+    take the learning rates and the run length of this request (which a resume may change)."""
+    for sched, attr, value in fresh["lengths"]:
+        setattr(sched, attr, value)
+    ratios = []
+    for group, new in zip(optimizer.param_groups, fresh["lrs"]):
+        old = group.get("initial_lr", group["lr"])
+        ratios.append(new / old if old and new != old else 1.0)
+    if all(r == 1.0 for r in ratios):
+        return
+    for group, r in zip(optimizer.param_groups, ratios):
+        for key in ("lr", "initial_lr", "scheduled_lr"):
+            if isinstance(group.get(key), (int, float)):
+                group[key] = group[key] * r
+    for sched in _torch_schedulers(sched_info):
+        for attr in ("base_lrs", "_last_lr"):
+            values = getattr(sched, attr, None)
+            if isinstance(values, list) and len(values) == len(ratios):
+                setattr(sched, attr, [v * r for v, r in zip(values, ratios)])
 
 
 def _emit(opts: LoopOptions, event: ProgressEvent) -> None:

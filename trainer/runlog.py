@@ -10,6 +10,7 @@ the start). Rows are flushed as they are written, so a plot of a running job is 
 from __future__ import annotations
 
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -57,17 +58,51 @@ def state_path(logs_dir: Path, name: str) -> Path:
     return Path(logs_dir) / "state" / f"{name}.pt"
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Write a resumable state atomically (temp file + rename)."""
+def save_state(path: Path, state: dict, *, keep_previous: bool = False) -> Path | None:
+    """Write a resumable state atomically (temp file + rename).
+
+    ``keep_previous``: a state already at ``path`` belongs to another stopped run; it is renamed
+    to ``<name>.<YYYYMMDD_HHMMSS>.pt`` beside it (returned) instead of being replaced.
+    """
+    path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        aside = None
+        if keep_previous and path.exists():
+            aside = path.with_name(f"{path.stem}.{timestamp()}{path.suffix}")
+            os.replace(path, aside)
+    return aside
 
 
-def load_state(path: Path) -> dict:
+_STATE_KEYS = ("step", "network", "optimizer", "scheduler", "task", "rng", "config")
+
+
+class StateError(ValueError):
+    """A resumable state file that cannot be used; the message names it and how to start over."""
+
+
+def read_state(path: Path) -> dict:
+    """The resumable state at ``path``; StateError naming the file for a missing, torn or foreign one."""
     path = Path(path)
+    start_over = (f"To start over instead, move {path} away (or delete it) and run without resume.")
     if not path.is_file():
-        raise FileNotFoundError(
+        raise StateError(
             f"no stopped run to resume: {path} does not exist. Resume needs a run of the same "
             "save_lora_name that was stopped (Ctrl-C or Stop) before it finished.")
-    # The state holds numpy RNG state and python objects written by this program.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # The state holds numpy RNG state and python objects written by this program.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for torn files
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        size = path.stat().st_size
+        what = "is empty (0 bytes)" if size == 0 else f"cannot be read ({detail})"
+        raise StateError(f"the stopped run's state {path} {what}: it was cut off while being written or is "
+                         f"not a TrainTrain state. {start_over}") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise StateError(f"{path} is not a TrainTrain resumable state (it lacks {', '.join(missing)}). "
+                         f"{start_over}")
+    return state
+
+
+load_state = read_state
