@@ -147,8 +147,8 @@ def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     assert (tmp_path / "out" / "cli_run.safetensors").is_file()
     assert "Finished: saved " in capsys.readouterr().out
-    # a second run refuses to overwrite, with a one-line reason and a non-zero exit
-    assert main(args) == 1
+    # a second run refuses to overwrite before training: bad input, a one-line reason, exit 2
+    assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "already exists" in err[-1]
     # bad settings: exit 2 and the parameter named

@@ -22,6 +22,10 @@ class JobError(RuntimeError):
     """A job could not start or finish; the message says what to change."""
 
 
+class InputError(JobError):
+    """A setting, file or folder that stops the run before training; nothing was changed."""
+
+
 @dataclass
 class JobResult:
     message: str
@@ -40,11 +44,11 @@ def resolve_dtype(value: str, device, *, field_name: str):
     import torch
 
     if value == "int8":
-        raise JobError(f"{field_name}: int8 needs torchao weight-only quantisation, which this "
+        raise InputError(f"{field_name}: int8 needs torchao weight-only quantisation, which this "
                        "install does not provide; choose fp16 or bf16")
     dtype = getattr(torch, _DTYPES.get(value, "float32"))
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise JobError(f"{field_name}: this GPU does not support bf16; choose fp16 or fp32")
+        raise InputError(f"{field_name}: this GPU does not support bf16; choose fp16 or fp32")
     return dtype
 
 
@@ -81,40 +85,34 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def planned_outputs(config, output_dir: Path) -> list[Path]:
-    """Files a run of ``config`` would create (final ones), for the overwrite check."""
-    name = config.save_lora_name or "untitled"
-    out = [output_dir / f"{name}.safetensors"]
-    if config.mode == "Difference" and (config.diff_save_1st_pass or config.diff_1st_pass_only):
-        out.append(output_dir / f"{name}_copy.safetensors")
-    return out
-
-
 def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | None = None,
             resume: bool = False, device=None, stop: threading.Event | None = None,
             on_progress: Callable | None = None, log: Callable[[str], None] = print) -> JobResult:
     """Train ``config`` with the model ``host`` provides; see the module docstring."""
+    from trainer import preflight
+
+    output_dir = Path(output_dir or host.lora_dir())
+    logs_dir = Path(logs_dir or paths.logs_dir())
+    stop = stop or threading.Event()
+    # Every check that needs no model, before the host's model is touched (a web-UI offloads it).
+    prep = preflight.prepare(config, output_dir=output_dir, logs_dir=logs_dir, resume=resume, log=log)
+    try:
+        return _run_prepared(prep, host=host, resume=resume, device=device, stop=stop,
+                             on_progress=on_progress, log=log)
+    finally:
+        prep.release()
+
+
+def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobResult:
     import torch
 
     from trainer import loop
     from trainer.modes.base import ModeContext
-    from trainer.runlog import CsvLog, csv_path, load_state, state_path
+    from trainer.preflight import check_room
+    from trainer.runlog import CsvLog, csv_path
 
-    config.check_for_run()
-    name = config.save_lora_name or "untitled"
-    output_dir = Path(output_dir or host.lora_dir())
-    logs_dir = Path(logs_dir or paths.logs_dir())
-    stop = stop or threading.Event()
-    state_file = state_path(logs_dir, name)
-    state = load_state(state_file) if resume else None
-    if state is not None and state.get("config") != config.to_dict():
-        log("note: the settings differ from the stopped run's; continuing with the stopped run's settings")
-        config = type(config).from_dict(state["config"])
-    if not resume and not config.save_overwrite:
-        existing = [p for p in planned_outputs(config, output_dir) if p.exists()]
-        if existing:
-            raise JobError(f"{existing[0]} already exists; choose another save_lora_name or turn on "
-                           "save_overwrite")
+    config, name, state, state_file = prep.config, prep.name, prep.state, prep.state_file
+    output_dir, logs_dir = prep.output_dir, prep.logs_dir
     device = pick_device(device) if not isinstance(device, torch.device) else device
     from trainer.distributed import detect
 
@@ -153,6 +151,7 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                           vae_dtype=vae_dtype, log=log, cache_dir=logs_dir / "cache", dist=dist)
         ctx.extras["resume_pass"] = state["pass"] if state else 0
         ctx.extras["search_dirs"] = [output_dir]
+        ctx.extras["data_plan"] = prep.data_plan
         started = time.time()
         output_dir.mkdir(parents=True, exist_ok=True)
         if config.save_as_json and not resume and dist.is_main:
@@ -170,12 +169,16 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                              else csv_path(logs_dir, name, "" if task.name == "main" else f"_{task.name}"),
                              _csv_info(task.config, bundle), len(task.param_groups()), append=bool(state))
                 result.csv_paths.append(csv.path)
-            saver = _saver(task, bundle, output_dir, save_dtype, seed, started, config)
+            saver = _saver(task, bundle, output_dir, save_dtype, seed, started, config, log)
+            if dist.is_main and not getattr(task, "skip_training", False):
+                every, total = int(task.config.save_per_steps or 0), int(task.config.train_iterations)
+                files = (len(range(every, total, every)) if every > 0 else 0) + 1
+                check_room(output_dir, task.network, save_dtype, files)
             opts = loop.LoopOptions(
                 save=saver, stem=stem, device=device, model_dtype=model_dtype, stop=stop,
                 on_progress=on_progress, csv=csv, state_path=state_file,
                 resume=state if state and index == state["pass"] else None, dist=dist,
-                estimate=estimate, free_memory=free,
+                estimate=estimate, free_memory=free, keep_other_state=not resume,
                 extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
                              "csv": {task.name: str(csv.path)} if csv else {}},
             )
@@ -197,8 +200,8 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                 result.message = (f"Stopped at step {out.steps_done}. {where}"
                                   f"continue with --resume (state in {state_file})")
                 return result
-        if state_file.exists() and dist.is_main:
-            state_file.unlink()
+        if resume and state_file.exists() and dist.is_main:
+            state_file.unlink()  # the resumed run is finished; a state it did not resume stays
         if not result.saved:
             result.message = "Finished; this process saved nothing (the main process saves)"
             return result
@@ -237,8 +240,14 @@ def _csv_info(cfg, bundle) -> dict:
             "train_optimizer": cfg.train_optimizer, "save_lora_name": cfg.save_lora_name}
 
 
-def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float, job_config):
-    """A closure the loop calls to save the task's network under a file stem."""
+def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float, job_config,
+           log: Callable[[str], None] = print):
+    """A closure the loop calls to save the task's network under a file stem.
+
+    A file this run did not write is never replaced unless ``save_overwrite`` is on: the start
+    refused planned names that exist, and a stop's ``<name>_<k>steps`` that meets someone else's
+    file goes to ``<name>_<k>steps-2`` (-3, ...) instead. A failed write raises OSError naming the file.
+    """
     from trainer.network.io import build_metadata, save_network
 
     cfg = task.config
@@ -252,10 +261,23 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
         meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network=task.network,
                               base_model_hash_info=bundle.metadata, training_info=training)
         path = output_dir / f"{stem}.safetensors"
-        overwrite = job_config.save_overwrite or not final
-        return save_network(task.network, path, metadata=meta, dtype=save_dtype,
-                            strength=float(cfg.network_strength), overwrite=overwrite)
+        if not final and path.exists() and path not in written and not job_config.save_overwrite:
+            taken = path
+            path = next(p for p in (output_dir / f"{stem}-{n}.safetensors" for n in range(2, 10**6))
+                        if not p.exists())
+            log(f"note: {taken.name} exists and is not this run's; saved as {path.name} instead")
+        overwrite = job_config.save_overwrite or path in written
+        try:
+            saved = save_network(task.network, path, metadata=meta, dtype=save_dtype,
+                                 strength=float(cfg.network_strength), overwrite=overwrite)
+        except OSError as error:
+            if isinstance(error, FileExistsError):
+                raise
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        written.add(saved)
+        return saved
 
+    written: set[Path] = set()
     return save
 
 
@@ -299,10 +321,11 @@ def train_command(args) -> int:
         return 130
     except Exception as exc:  # one line for the user; the details are not hidden
         bar.close()
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code, text = error_exit(exc)
+        print(f"error: {text}", file=sys.stderr)
         if getattr(args, "debug", False):
             raise
-        return 1
+        return code
     finally:
         signal.signal(signal.SIGINT, previous)
     bar.close()
@@ -310,6 +333,22 @@ def train_command(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(result.message)
     return 0
+
+
+def error_exit(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) of a failed run: 2 for bad input found before training
+    (settings, files, folders, locks, the stopped run's state), 1 for anything else."""
+    from trainer.config import ConfigError
+    from trainer.data.errors import DataError
+    from trainer.hosts.base import ModelLoadError
+    from trainer.loop import SaveFailed, TrainingOutOfMemory
+    from trainer.runlog import StateError
+
+    if isinstance(exc, (ConfigError, DataError, InputError, StateError, ModelLoadError)):
+        return 2, str(exc)
+    if isinstance(exc, (JobError, SaveFailed, TrainingOutOfMemory)):
+        return 1, str(exc)
+    return 1, f"{type(exc).__name__}: {exc}"
 
 
 class _ProgressBar:

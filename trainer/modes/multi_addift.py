@@ -28,12 +28,13 @@ def prepare_pairs(cfg, ctx: ModeContext) -> dict:
     from trainer.data.buckets import BucketBatcher, group_by_bucket
     from trainer.data.pairs import difference_mask, find_pairs, plan_pair_samples
 
-    scan = find_pairs(cfg.lora_data_directory, cfg.diff_target_name)
+    planned = ctx.extras.get("data_plan", {}).get("pairs")  # found and probed before the model loaded
+    scan = planned[0] if planned is not None else find_pairs(cfg.lora_data_directory, cfg.diff_target_name)
     if scan.unmatched:
         names = ", ".join(p.name for p in scan.unmatched[:10])
         more = f" and {len(scan.unmatched) - 10} more" if len(scan.unmatched) > 10 else ""
         ctx.log(f"not part of a pair (ignored): {names}{more}")
-    specs = plan_pair_samples(
+    specs = planned[1] if planned is not None else plan_pair_samples(
         scan.pairs, cfg.image_size, cfg.image_buckets_step, cfg.image_min_length, cfg.image_max_ratio,
         sub_image_num=cfg.sub_image_num, mirroring=cfg.image_mirroring,
         disable_upscale=cfg.image_disable_upscale, trigger_word=cfg.lora_trigger_word,
