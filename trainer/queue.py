@@ -19,7 +19,10 @@ Differences from the reference (SPEC.md §7), on purpose:
   queue again to continue with them, or ``requeue`` a stopped item to train it again.
 
 The file is re-read before every operation, so ``python -m trainer queue add`` while the UI is
-open shows up there on the next refresh. Run a queue from one program at a time.
+open shows up there on the next refresh. One program at a time runs the queue: it holds
+``<queue file>.lock`` (see ``runlock``), and another program's ``run`` is refused naming it.
+A ``running`` item whose program ended (the lock is free) reads as ``stopped`` ("interrupted"),
+so it can be requeued or removed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Callable
 
 from trainer import paths
 from trainer.atomic import write_text
+from trainer.runlock import LockHeld, RunLock, holder
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 ACTIVE = ("pending", "running")
@@ -82,20 +86,25 @@ class JobQueue:
         self._stop = threading.Event()
         self._active_stop: threading.Event | None = None  # the event the current run watches
         self._worker: threading.Thread | None = None
-        if recover:
+        self._run_lock = RunLock(self.lock_path, "running the queue")
+        if recover:  # write down what reads already show: items of a program that ended
             with self._lock:
-                items = self._read()
-                stale = [item for item in items if item.status == "running"]
-                for item in stale:
-                    item.status, item.finished = "stopped", time.time()
-                    item.message = ("interrupted: the program ended while this job ran; "
-                                    "requeue it to train it again")
-                if stale:
+                items = self._read(mark_stale=False)
+                if self._mark_stale(items):
                     self._write(items)
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file the program running this queue holds."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def runner(self):
+        """Who runs this queue now (a ``runlock.Owner``), or None."""
+        return holder(self.lock_path)
 
     # --- file ----------------------------------------------------------------------------
 
-    def _read(self) -> list[QueueItem]:
+    def _read(self, *, mark_stale: bool = True) -> list[QueueItem]:
         if not self.path.exists():
             return []
         try:
@@ -103,10 +112,23 @@ class JobQueue:
             rows = data["items"] if isinstance(data, dict) else None
             if not isinstance(rows, list):
                 raise ValueError("no 'items' list")
-            return [QueueItem(**row) for row in rows]
+            items = [QueueItem(**row) for row in rows]
         except (ValueError, TypeError, KeyError) as error:
             raise QueueError(f"{self.path}: not a readable queue file ({error}); move it away to start "
                              "an empty queue") from None
+        if mark_stale:
+            self._mark_stale(items)
+        return items
+
+    def _mark_stale(self, items: list[QueueItem], *, force: bool = False) -> bool:
+        """Items left ``running`` when nobody runs the queue (its program ended) become ``stopped``."""
+        running = [item for item in items if item.status == "running"]
+        if not running or not force and (self._run_lock.held or self.runner() is not None):
+            return False
+        for item in running:
+            item.status, item.finished = "stopped", time.time()
+            item.message = "interrupted: the program running this job ended; requeue it to train it again"
+        return True
 
     def _write(self, items: list[QueueItem]) -> None:
         text = json.dumps({"version": _FILE_VERSION, "items": [asdict(i) for i in items]},
@@ -236,11 +258,24 @@ class JobQueue:
         stop = stop or self._stop
         if stop is self._stop:
             self._stop.clear()
+        if self._run_lock.held:
+            raise QueueError("the queue is already running in this program; wait for it or press Stop")
+        try:
+            self._run_lock.acquire()
+        except LockHeld as held:
+            who = held.owner.describe() if held.owner and held.owner.pid else "another program"
+            raise QueueError(f"the queue {self.path} is being run by {who}; wait for it to finish or stop it "
+                             "there. One program at a time runs a queue.") from None
         self._active_stop = stop
         try:
+            with self._lock:  # we hold the run lock: an item still "running" on file is not live
+                items = self._read(mark_stale=False)
+                if self._mark_stale(items, force=True):
+                    self._write(items)
             return self._run_loop(host, output_dir, logs_dir, device, stop, on_progress, log, on_item)
         finally:
             self._active_stop = None
+            self._run_lock.release()
 
     def _run_loop(self, host, output_dir, logs_dir, device, stop, on_progress, log, on_item) -> list[QueueItem]:
         from trainer.config import TrainConfig
@@ -261,7 +296,10 @@ class JobQueue:
                 status, message = ("stopped" if result.stopped else "done"), result.message
             except Exception as error:  # one job's failure must not end the queue
                 message = "Error: " + _error_text(error)
-                log(f"queue item {item.id} ('{item.name}') failed:\n{traceback.format_exc()}")
+                if _is_input_error(error):  # the message says what to fix; no traceback
+                    log(f"queue item {item.id} ('{item.name}') could not start: {_error_text(error)}")
+                else:
+                    log(f"queue item {item.id} ('{item.name}') failed:\n{traceback.format_exc()}")
             done = self._update(item.id, status=status, message=message, finished=time.time()) or item
             finished.append(done)
             if on_item:
@@ -287,6 +325,15 @@ class JobQueue:
                 item.status, item.started, item.message = "running", time.time(), ""
                 self._write(items)
             return item
+
+
+def _is_input_error(error: Exception) -> bool:
+    from trainer.config import ConfigError
+    from trainer.data.errors import DataError
+    from trainer.jobs import InputError
+    from trainer.runlog import StateError
+
+    return isinstance(error, (ConfigError, DataError, InputError, StateError))
 
 
 def _parse_id(item_id: int | str) -> int:
@@ -318,6 +365,9 @@ def queue_command(args) -> int:
     try:
         if args.action == "list":
             rows = format_table(queue.items())
+            owner = queue.runner()
+            if owner is not None:
+                print(f"the queue is being run by {owner.describe() if owner.pid else 'another program'}")
             if not rows:
                 print("the queue is empty")
             for row in rows:
