@@ -175,7 +175,13 @@ class WebUIHost:
                 on_progress(event)
                 self.should_stop()  # an Interrupt pressed meanwhile ends the run after this very step
 
-        return run_job(config, host=self, stop=stop or self.stop_event, on_progress=progress, **job_options)
+        try:
+            return run_job(config, host=self, stop=stop or self.stop_event, on_progress=progress, **job_options)
+        finally:
+            from trainer.memory import return_freed_memory
+
+            gc.collect()
+            return_freed_memory()  # what the run's network, optimizer and caches held, now freed
 
     # ------------------------------------------------------------------ session internals
     def _begin(self) -> _Session:
@@ -328,10 +334,13 @@ def _release(bundle: Any) -> None:
     """
     if bundle is None:
         return
+    from trainer.memory import return_freed_memory
+
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         if module is not None:
             module.to("meta")
     gc.collect()
+    return_freed_memory()  # else the freed copy stays in the host's resident memory, run after run
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
