@@ -272,6 +272,10 @@ def _pipeline(kind: str, parts: dict):
 
 
 def _load_in_diffusers(kind: str, path, records: _Records):
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:  # diffusers loads LoRAs through PEFT, which it uses only with transformers >= 4.34
+        pytest.skip("diffusers has no PEFT backend here (needs peft and transformers >= 4.34)")
     parts = tiny_components(kind)  # the same seed: the same base weights as the fixtures
     pipe, encoders = _pipeline(kind, parts)
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
@@ -353,3 +357,40 @@ def test_resume_loha_keeps_the_selection(sd1, tmp_path):
     name = "lora_unet_down_blocks_0_resnets_0_conv1"
     for key in ("hada_w1_a", "hada_w2_b", "hada_t1"):
         assert torch.equal(getattr(getattr(resumed, name), key), getattr(getattr(made, name), key))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_lycoris_loads_our_loha_file_and_gives_the_same_output(request, tmp_path, monkeypatch, kind):
+    """LyCORIS's own loader (what sd-scripts and the web-UIs' LyCORIS support use) finds every LoHa
+    module of our file, Tucker convs included, and the model it patches computes what ours does.
+    SD1/SD2 only: LyCORIS names U-Net modules by the module tree it is given, and these use the
+    diffusers tree's names (SDXL files use the LDM names of sd-scripts' own SDXL U-Net)."""
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    # The loader first builds (then drops) a default network; its by-name targets
+    # (time_embedding.linear_1...) are met twice on a diffusers U-Net and trip LyCORIS's duplicate
+    # check. Only that throw-away default is affected: the modules it returns come from the file.
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
+    bundle = request.getfixturevalue(kind)
+    net = create_network(bundle, spec(network_type="loha"))
+    randomize(net)
+    assert any(m.tucker for m in net.unet_modules)  # the file holds hada_t1/hada_t2 cores too
+    ours_unet, ours_te = outputs(bundle, net)
+    path = save_network(net, tmp_path / "loha.safetensors", metadata={"ss_output_name": "loha"}, dtype=torch.float32)
+
+    parts = tiny_components(kind)  # the same seed: the same base weights as the fixture
+    [encoder], unet = parts["text_encoders"], parts["unet"]
+    base_unet = unet_out(unet, unet_inputs(bundle))
+    # sd-scripts hands LyCORIS a CLIP whose layers sit under ``text_model`` (transformers 4's tree,
+    # the kohya names); transformers 5 dropped that level, so the encoder is hung under that name.
+    holder = torch.nn.Module()
+    holder.text_model = encoder
+    lyco, weights = create_network_from_weights(1.0, str(path), None, holder, unet, for_inference=True)
+    assert type(lyco.unet_loras[0]).__name__ == "LohaModule"
+    assert sorted(m.lora_name for m in lyco.unet_loras) == sorted(m.lora_name for m in net.unet_modules)
+    assert sorted(m.lora_name for m in lyco.text_encoder_loras) == sorted(m.lora_name for m in net.te_modules)
+    lyco.apply_to(holder, unet, apply_text_encoder=True, apply_unet=True)
+    theirs = unet_out(unet, unet_inputs(bundle))
+    assert (theirs - base_unet).abs().max() > 1e-3  # the file really changes the output
+    torch.testing.assert_close(theirs, ours_unet, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(te_out(encoder), ours_te[0], atol=1e-4, rtol=1e-4)
