@@ -342,3 +342,22 @@ def test_fp32_network_on_a_bf16_model(net_type):
         assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     finally:
         net.remove()
+
+
+def test_loha_without_lycoris_says_how_to_install_it_and_lierla_still_works(sd1, monkeypatch):
+    import sys
+
+    from trainer.compat import MissingPackageError, install_command
+    from trainer.config import ConfigError, TrainConfig
+
+    for name in [m for m in sys.modules if m == "lycoris" or m.startswith("lycoris.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lycoris", None)  # not installed
+    with pytest.raises(MissingPackageError) as caught:
+        create_network(sd1, spec(network_type="loha"))
+    assert install_command("lycoris-lora>=3.0") in str(caught.value) and "LoHa" in str(caught.value)
+    config = TrainConfig.from_dict({"mode": "iLECO", "original_prompt": "a cat", "network_type": "loha"})
+    with pytest.raises(ConfigError, match="network_type loha: LoHa networks .*lycoris-lora"):
+        config.check_for_run()
+    TrainConfig.from_dict({"mode": "iLECO", "original_prompt": "a cat"}).check_for_run()
+    assert create_network(sd1, spec(network_type="lierla")).all_modules

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trainer.choices import LR_SCHEDULERS, OPTIMIZERS
+from trainer.compat import install_command
 from trainer.optim import (
     OptimizerSettingsError,
     OptimizerUnavailableError,
@@ -230,7 +231,8 @@ def test_missing_backend_names_package_and_alternative(monkeypatch):
     monkeypatch.setitem(sys.modules, "prodigyopt", None)
     with pytest.raises(OptimizerUnavailableError) as caught:
         build_optimizer("Prodigy", _toy().parameters(), lr=1.0, device="cpu")
-    assert "pip install prodigyopt" in str(caught.value) and "DadaptAdam" in str(caught.value)
+    assert install_command("prodigyopt") in str(caught.value) and "DadaptAdam" in str(caught.value)
+    assert "pip install" not in str(caught.value)  # a bare pip install can move the web UI's packages
 
 
 def test_missing_bitsandbytes_suggests_installed_alternative(monkeypatch):
@@ -238,7 +240,42 @@ def test_missing_bitsandbytes_suggests_installed_alternative(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
     with pytest.raises(OptimizerUnavailableError) as caught:
         build_optimizer("Lion8bit", _toy().parameters(), lr=LR, device="cpu")
-    assert "pip install bitsandbytes" in str(caught.value) and "choose Lion," in str(caught.value)
+    assert install_command("bitsandbytes") in str(caught.value) and "choose Lion," in str(caught.value)
+
+
+def _old_dadaptation(monkeypatch):
+    """dadaptation 2.0, the wheel a web UI's pip (--prefer-binary) takes: no DAdaptLion."""
+    import types
+
+    import trainer.optim as optim
+
+    module = types.ModuleType("dadaptation")
+    module.DAdaptAdam = torch.optim.AdamW
+    monkeypatch.setitem(sys.modules, "dadaptation", module)
+    monkeypatch.setattr(optim, "installed_version", lambda dist: "2.0" if dist == "dadaptation" else "9")
+    monkeypatch.setattr(optim, "_installed", lambda name: True)
+
+
+def test_an_optimizer_newer_than_its_installed_package_names_the_version_it_needs(monkeypatch):
+    from trainer.optim import availability_problem
+
+    _old_dadaptation(monkeypatch)
+    with pytest.raises(OptimizerUnavailableError) as caught:
+        build_optimizer("DadaptLion", _toy().parameters(), lr=1.0, device="cpu")
+    assert "needs dadaptation >= 3.0" in str(caught.value) and "2.0" in str(caught.value)
+    assert install_command("dadaptation") in str(caught.value)
+    problem = availability_problem("dadaptlion")
+    assert problem.startswith("train_optimizer DadaptLion needs dadaptation >= 3.0, but 2.0 is installed")
+    assert availability_problem("DadaptAdam") is None  # 2.0 has it
+
+
+def test_the_run_checks_report_a_missing_or_too_old_optimizer_package_before_anything_loads(monkeypatch):
+    from trainer.config import ConfigError, TrainConfig
+
+    _old_dadaptation(monkeypatch)
+    config = TrainConfig.from_dict({"mode": "iLECO", "original_prompt": "a cat", "train_optimizer": "DadaptLion"})
+    with pytest.raises(ConfigError, match="DadaptLion needs dadaptation >= 3.0"):
+        config.check_for_run()
 
 
 def test_bitsandbytes_refuses_unsupported_device():

@@ -163,4 +163,26 @@ def run_problems(config) -> list[str]:
             if not getattr(config, attr).strip():
                 problems.append(f"{key} is not set; {mode} learns the change from the original image "
                                 f"to the target image, so give both image files")
+    problems.extend(package_problems(config))
     return problems
+
+
+def package_problems(config) -> list[str]:
+    """Optional packages the chosen network type and optimizer need but this Python lacks (or has too old)."""
+    from trainer.compat import network_type_problem
+    from trainer.optim import availability_problem
+
+    found = []
+    network = network_type_problem(config.network_type)
+    if network:
+        found.append(f"network_type {config.network_type}: {network}")
+    passes = [config] + ([config.second_pass] if getattr(config, "second_pass", None) is not None
+                         and getattr(config, "use_2nd_pass_settings", False) else [])
+    for name in dict.fromkeys(p.train_optimizer for p in passes):
+        try:
+            optimizer = availability_problem(name)
+        except ValueError:  # an unknown name is reported by the value checks
+            continue
+        if optimizer:
+            found.append(optimizer)
+    return found

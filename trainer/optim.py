@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.choices import OPTIMIZERS
+from trainer.compat import DADAPTATION, DADAPTATION_LION, install_command, installed_version, version_below
 from trainer.optim_schedulers import SchedulerInfo, build_scheduler
 from trainer.optim_settings import (
     OPTIMIZER_FIELD,
@@ -77,14 +78,15 @@ class _Spec:
     forced: dict[str, object] = field(default_factory=dict)
     kind: str = "plain"  # plain | lr_near_one | adafactor | schedule_free | adam_mini
     paged: bool = False
+    minimum: str | None = None  # the oldest release of `package` that has this optimizer
 
 
 def _bnb(attr: str, fallbacks: tuple[str, ...], paged: bool = False, **extra) -> _Spec:
     return _Spec("bitsandbytes.optim", attr, "bitsandbytes", fallbacks, paged=paged, **extra)
 
 
-def _dadapt(attr: str) -> _Spec:
-    return _Spec("dadaptation", attr, "dadaptation", ("Prodigy", "AdamW"), kind="lr_near_one")
+def _dadapt(attr: str, minimum: str = DADAPTATION.minimum) -> _Spec:
+    return _Spec("dadaptation", attr, "dadaptation", ("Prodigy", "AdamW"), kind="lr_near_one", minimum=minimum)
 
 
 def _schedule_free(attr: str) -> _Spec:
@@ -105,7 +107,7 @@ _SPECS: dict[str, _Spec] = {
     "PagedAdamW": _bnb("PagedAdamW", ("AdamW",), paged=True),
     "PagedAdamW32bit": _bnb("PagedAdamW32bit", ("AdamW",), paged=True),
     "DadaptAdam": _dadapt("DAdaptAdam"),
-    "DadaptLion": _dadapt("DAdaptLion"),
+    "DadaptLion": _dadapt("DAdaptLion", DADAPTATION_LION.minimum),  # dadaptation 2.0 has no DAdaptLion
     "DAdaptAdaGrad": _dadapt("DAdaptAdaGrad"),
     "DAdaptAdan": _dadapt("DAdaptAdan"),
     "DAdaptSGD": _dadapt("DAdaptSGD"),
@@ -183,10 +185,11 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(top) is not None
 
 
-def _nearest_available(name: str, device: torch.device) -> str:
+def _nearest_available(name: str, device: torch.device | None = None) -> str:
     for candidate in _SPECS[name].fallbacks:
         spec = _SPECS[candidate]
-        if _installed(candidate) and (spec.package != "bitsandbytes" or device.type in _BNB_DEVICES):
+        if (_installed(candidate) and _too_old(candidate) is None
+                and (spec.package != "bitsandbytes" or device is None or device.type in _BNB_DEVICES)):
             return candidate
     return "AdamW"
 
@@ -204,6 +207,31 @@ def _check_device(name: str, device: torch.device, notes: list[str]) -> None:
                      f"maths as {spec.fallbacks[0]}.")
 
 
+def _too_old(name: str) -> str | None:
+    """The installed version of the optimizer's package when it is older than the optimizer needs."""
+    spec = _SPECS[name]
+    version = installed_version(spec.package) if spec.minimum else None
+    return version if version is not None and version_below(version, spec.minimum) else None
+
+
+def availability_problem(name: str) -> str | None:
+    """Why optimizer ``name`` cannot be built here (its package missing or too old), or None.
+
+    Cheap (no import of the package): the run's checks call it before anything is loaded.
+    """
+    canonical = resolve_optimizer_name(name)
+    spec = _SPECS[canonical]
+    if not _installed(canonical):
+        return (f"train_optimizer {canonical} needs the Python package '{spec.package}', which is not installed; "
+                f"install it with: {install_command(spec.package)}, or choose {_nearest_available(canonical)}")
+    old = _too_old(canonical)
+    if old is not None:
+        return (f"train_optimizer {canonical} needs {spec.package} >= {spec.minimum}, but {old} is installed; "
+                f"install a newer one with: {install_command(spec.package)}, or choose "
+                f"{_nearest_available(canonical)}")
+    return None
+
+
 def _load_class(name: str, device: torch.device) -> type:
     spec = _SPECS[name]
     try:
@@ -211,12 +239,19 @@ def _load_class(name: str, device: torch.device) -> type:
     except ImportError as error:
         raise OptimizerUnavailableError(
             f"`train_optimizer` {name} needs the Python package '{spec.package}', which is not installed "
-            f"({error}). Install it with `pip install {spec.package}`, or choose "
-            f"{_nearest_available(name, device)}, which is installed.") from error
+            f"({error}). Install it with: {install_command(spec.package)} (this keeps the web UI's packages "
+            f"as they are), or choose {_nearest_available(name, device)}, which is installed.") from error
     except (OSError, RuntimeError) as error:  # a broken native library inside the package
         raise OptimizerUnavailableError(
             f"`train_optimizer` {name}: the package '{spec.package}' is installed but fails to load ({error}). "
             f"Reinstall it, or choose {_nearest_available(name, device)}.") from error
+    old = _too_old(name)
+    if old is not None or not hasattr(module, spec.attr):
+        needed = f"{spec.package} >= {spec.minimum}" if spec.minimum else f"a newer {spec.package}"
+        raise OptimizerUnavailableError(
+            f"`train_optimizer` {name} needs {needed}; the installed {spec.package} "
+            f"{old or installed_version(spec.package) or ''} has no {spec.attr}. Install a newer one with: "
+            f"{install_command(spec.package)}, or choose {_nearest_available(name, device)}.")
     return getattr(module, spec.attr)
 
 

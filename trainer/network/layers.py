@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.compat import LYCORIS, require
+
 
 def effective_alpha(alpha: float | None, rank: int) -> float:
     """kohya's rule: an alpha of 0 or None means alpha = rank (scale 1)."""
@@ -172,7 +174,11 @@ class LoHaModule(NetworkModule):
     def __init__(self, lora_name: str, org_module: nn.Module, rank: int, alpha: float | None,
                  dtype: torch.dtype = torch.float32):
         super().__init__(lora_name, org_module, rank, alpha)
-        from lycoris.functional.loha import weight_gen
+        try:
+            from lycoris.functional.loha import weight_gen
+        except ImportError:
+            require(LYCORIS)  # missing or too old: a message that names the install command
+            raise
 
         weight = org_module.weight
         self.tucker = is_kxk_conv(org_module)
