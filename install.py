@@ -2,37 +2,49 @@
 
 AUTOMATIC1111 and Forge run ``python extensions/<name>/install.py`` at start-up, with the web
 UI's Python, the web-UI folder as the working directory and ``PYTHONPATH`` pointing at it.
+Run by hand, ``python install.py dadaptation lycoris-lora`` installs just those (same rules).
 
 Rules:
 
 - A package that is present is left alone, whatever its version. If it is older than TrainTrain
   needs, one line names it (nothing is changed).
-- A missing package is installed by pip with every installed distribution pinned as a
-  constraint (``name==installed version`` in a temporary ``-c`` file), so pip cannot upgrade or
-  downgrade torch, numpy, gradio, protobuf, pillow, transformers or anything else to satisfy
-  the new package: it picks a release of the new package that fits, or fails and says so.
-  The optimizer packages are optional; bitsandbytes, pytorch_optimizer, schedulefree and
-  lion-pytorch depend on torch (and numpy), which the constraints keep as installed.
+- A missing package is installed by pip with the packages that must never move pinned as
+  constraints (``name==installed version`` in a temporary ``-c`` file): torch, numpy, gradio,
+  transformers, diffusers, huggingface_hub, accelerate, tokenizers, protobuf, pillow, safetensors,
+  setuptools and everything the web UI pins in its ``requirements_versions.txt`` (read from the
+  working directory). Only those: a web UI's environment is often already inconsistent (torch
+  2.13 asks for setuptools >= 77 where the web UI pins 69.5.1), and pinning every installed
+  distribution would leave pip unable to install anything that depends on torch.
+- Before installing, pip is asked (``--dry-run --report``) which release it would take and what
+  that release requires. When everything it requires is already installed, in fitting versions,
+  it is installed with ``--no-deps``: pip then touches nothing else. When some requirement is
+  missing and pip cannot resolve the environment as a whole, the missing ones are installed the
+  same way first.
+- diffusers is tried newest-first from a short list that depends on the installed transformers
+  (:data:`DIFFUSERS_CANDIDATES`), and after each install a subprocess imports everything the
+  trainer uses from diffusers, transformers and accelerate; a release that fails is uninstalled
+  (only a package this run installed is ever removed) and the next one is tried.
+- Only diffusers, transformers, accelerate, safetensors and tqdm are required. The others are
+  optional: LoHa needs lycoris-lora, the loss plots pandas and matplotlib, some optimizers their
+  packages. A missing optional package is a one-line note and the run still exits 0; the note
+  gives the command that installs it safely (this script, not a bare ``pip install``, which could
+  upgrade setuptools, numpy or torch under the web UI).
+- dadaptation needs 3.0 or newer (DadaptLion); those releases are source-only, and the web UI's
+  ``run_pip`` passes ``--prefer-binary``, which without the minimum takes the 2.0 wheel.
 - When nothing is missing, nothing runs and nothing is printed (at most the one line above).
   A package pip could not fit is remembered (``.install-state.json`` next to this file, with a
   digest of the installed distributions) and not tried again until the environment changes, so
-  a later start does not download again to fail again; it prints one line instead.
-
-What the packages pull in, as resolved by pip against an AUTOMATIC1111-like set of pins
-(torch 2.1.2, numpy 1.26.4, huggingface_hub 0.20.3, transformers 4.30.2): bitsandbytes needs
-torch (recent releases torch >= 2.4, so pip takes 0.45.x), pytorch_optimizer torch >= 2.1 and
-numpy, schedulefree torch and typing-extensions, lion-pytorch torch; prodigyopt and dadaptation
-declare nothing. pandas 3.1 needs numpy >= 2 (pip takes 3.0.x), lycoris-lora adds einops and
-toml, matplotlib its plotting helpers. diffusers >= 0.31 needs a newer huggingface_hub than
-0.20, so there it is reported as not installable rather than moving huggingface_hub.
+  a later start does not download again to fail again; it prints one line instead. Naming it on
+  the command line tries again.
 
 The web UI's ``launch.is_installed`` / ``launch.run_pip`` are used when ``launch`` is importable
-(``run_pip`` honours ``--skip-install``); otherwise ``importlib.metadata`` and ``python -m pip``.
+(``run_pip`` honours ``--skip-install`` and adds ``--prefer-binary``); otherwise
+``importlib.metadata`` and ``python -m pip ... --prefer-binary``.
 
 Environment variables: ``TRAINTRAIN_SKIP_INSTALL=1`` skips everything;
-``TRAINTRAIN_INSTALL_ONLY=tqdm,pandas`` limits the run to those of the packages below.
-Only the standard library is used here (this runs before anything else is installed);
-``packaging`` is used for version comparison when the web UI has it.
+``TRAINTRAIN_INSTALL_ONLY=tqdm,pandas`` limits the run to those of the packages below (as do
+names given on the command line). Only the standard library is used here (this runs before
+anything else is installed); ``packaging`` (or pip's copy of it) reads requirements and versions.
 """
 
 from __future__ import annotations
@@ -50,6 +62,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+# What the trainer imports from diffusers, transformers and accelerate: a release that cannot run
+# this (in a fresh interpreter) is not kept. tests/test_install.py checks it covers trainer/.
+TRAINER_IMPORTS = """\
+import diffusers, transformers, accelerate
+from diffusers import AutoencoderKL, UNet2DConditionModel, DDPMScheduler
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY, convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint)
+from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer
+from transformers.models.clip import modeling_clip
+from transformers.optimization import AdafactorSchedule
+from accelerate import init_empty_weights, Accelerator
+"""
+
+# diffusers releases to try, newest first, by the installed transformers (lowest version of each row).
+# diffusers declares no transformers requirement, so pip alone happily takes one that cannot import:
+# 0.37 needs transformers' Dinov2WithRegistersConfig (transformers >= 4.49); 0.31-0.36 import and
+# run beside AUTOMATIC1111's transformers 4.30.2. huggingface_hub, pinned as installed, narrows it further.
+DIFFUSERS_CANDIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("4.49", ("diffusers>=0.31", "diffusers>=0.31,<0.37", "diffusers==0.31.0")),
+    ("0", ("diffusers>=0.31,<0.37", "diffusers==0.31.0")),
+)
+
 
 @dataclass(frozen=True)
 class Need:
@@ -58,6 +98,7 @@ class Need:
     name: str
     minimum: str | None = None
     optional: bool = False
+    feature: str = ""  # what it is for, in the note when it is missing
 
     @property
     def spec(self) -> str:
@@ -65,12 +106,23 @@ class Need:
 
 
 NEEDS = (
-    Need("diffusers", "0.31"), Need("transformers", "4.40"), Need("accelerate", "0.30"),
-    Need("safetensors", "0.4"), Need("lycoris-lora", "3.0"), Need("pandas"), Need("matplotlib"), Need("tqdm"),
-    Need("bitsandbytes", "0.43", optional=True), Need("pytorch_optimizer", "3.0", optional=True),
-    Need("prodigyopt", optional=True), Need("schedulefree", optional=True), Need("dadaptation", optional=True),
-    Need("lion-pytorch", optional=True),
+    Need("diffusers", "0.31"), Need("transformers", "4.30"), Need("accelerate", "0.21"),
+    Need("safetensors", "0.3"), Need("tqdm"),
+    Need("lycoris-lora", "3.0", optional=True, feature="LoHa networks"),
+    Need("pandas", optional=True, feature="the loss plots"), Need("matplotlib", optional=True, feature="the loss plots"),
+    Need("bitsandbytes", "0.43", optional=True, feature="the 8-bit and paged optimizers"),
+    Need("pytorch_optimizer", "3.0", optional=True, feature="CAME, Tiger and AdamMini"),
+    Need("prodigyopt", optional=True, feature="Prodigy"),
+    Need("schedulefree", optional=True, feature="the ScheduleFree optimizers"),
+    Need("dadaptation", "3.0", optional=True, feature="the D-Adaptation optimizers"),
+    Need("lion-pytorch", optional=True, feature="Lion"),
 )
+
+# Packages that must never move under a web UI, whatever else happens (plus the UI's own pins).
+PROTECTED = ("torch", "torchvision", "torchaudio", "xformers", "numpy", "gradio", "gradio-client", "transformers",
+             "tokenizers", "diffusers", "huggingface-hub", "accelerate", "protobuf", "pillow", "safetensors",
+             "setuptools")
+HOST_REQUIREMENTS = "requirements_versions.txt"
 
 # A canonical PEP 440 version (with an optional local label): only such versions are pinned.
 _PEP440 = re.compile(
@@ -106,6 +158,20 @@ def version_below(version: str, minimum: str) -> bool:
         return key(version) < key(minimum)
 
 
+def host_pins(folder: Path | None = None) -> dict[str, str]:
+    """normalised name -> version of the ``name==version`` lines of the web UI's requirements_versions.txt."""
+    try:
+        text = ((folder or Path.cwd()) / HOST_REQUIREMENTS).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    pins = {}
+    for line in text.splitlines():
+        found = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)", line)
+        if found:
+            pins[normalise(found.group(1))] = found.group(2)
+    return pins
+
+
 @dataclass
 class Plan:
     """What one run does: packages to install, present ones that are too old, the pins for pip."""
@@ -116,8 +182,9 @@ class Plan:
 
 
 def make_plan(needs: Iterable[Need], installed: Mapping[str, str],
-              is_installed: Callable[[str], bool] | None = None) -> Plan:
-    """Decide what to install: only missing needs; every installed distribution pinned as it is."""
+              is_installed: Callable[[str], bool] | None = None, pins: Mapping[str, str] | None = None) -> Plan:
+    """Decide what to install (only missing needs) and what to pin (the protected packages and the
+    web UI's own pins: as installed, else as the web UI pins them)."""
     plan = Plan()
     installed = {normalise(name): version for name, version in installed.items()}
     for need in needs:
@@ -127,8 +194,11 @@ def make_plan(needs: Iterable[Need], installed: Mapping[str, str],
             plan.install.append(need)
         elif version is not None and need.minimum and version_below(version, need.minimum):
             plan.too_old.append((need, version))
-    plan.constraints = [f"{name}=={version}" for name, version in sorted(installed.items())
-                        if _PEP440.match(version)]
+    pins = {normalise(n): v for n, v in (pins or {}).items()}
+    for name in sorted(set(PROTECTED) | set(pins)):
+        version = installed.get(name) or pins.get(name)
+        if version and _PEP440.match(version):
+            plan.constraints.append(f"{name}=={version}")
     return plan
 
 
@@ -146,6 +216,14 @@ def select(needs: Iterable[Need], only: str | None) -> list[Need]:
     return [n for n in needs if normalise(n.name) in wanted]
 
 
+def diffusers_candidates(transformers_version: str | None) -> tuple[str, ...]:
+    """The diffusers specs to try, newest first, beside this transformers (None: not installed yet)."""
+    for lowest, specs in DIFFUSERS_CANDIDATES:
+        if transformers_version is None or not version_below(transformers_version, lowest):
+            return specs
+    return DIFFUSERS_CANDIDATES[-1][1]
+
+
 def _launch():
     """The web UI's ``launch`` module when it offers ``is_installed`` and ``run_pip``, else None."""
     try:
@@ -153,19 +231,6 @@ def _launch():
     except Exception:  # not inside a web UI, or its launch module failed to import
         return None
     return launch if hasattr(launch, "run_pip") and hasattr(launch, "is_installed") else None
-
-
-def _pip_install(need: Need, constraints_file: str, launch) -> str | None:
-    """Install one package; None when it worked, else pip's reason in one line."""
-    if launch is not None:
-        try:
-            launch.run_pip(f'install "{need.spec}" -c "{constraints_file}"', f"{need.name} for TrainTrain")
-            return None
-        except Exception as error:  # run_pip raises RuntimeError with pip's output
-            return pip_reason(str(error))
-    done = subprocess.run([sys.executable, "-m", "pip", "install", need.spec, "-c", constraints_file,
-                           "--prefer-binary"], capture_output=True, text=True)
-    return None if done.returncode == 0 else pip_reason(done.stdout + "\n" + done.stderr)
 
 
 def pip_reason(output: str) -> str:
@@ -182,6 +247,127 @@ def pip_reason(output: str) -> str:
     errors = [line for line in lines if line.startswith("ERROR:")]
     rest = [line for line in lines if line and not line.startswith("WARNING:")]
     return (errors or rest or ["pip failed"])[-1]
+
+
+def _packaging():
+    """``packaging``'s Requirement class: the web UI's copy, else pip's; None without either."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        try:
+            from pip._vendor.packaging.requirements import Requirement
+        except ImportError:
+            return None
+    return Requirement
+
+
+def unmet(requires: Iterable[str], installed: Mapping[str, str]) -> tuple[list[str], list[str]] | None:
+    """(missing, conflicting) requirements of a release against what is installed; None when unreadable."""
+    requirement = _packaging()
+    if requirement is None:
+        return None
+    missing, conflicting = [], []
+    for text in requires:
+        try:
+            req = requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+        except Exception:  # a requirement this packaging cannot read
+            return None
+        version = installed.get(normalise(req.name))
+        if version is None:
+            missing.append(f"{req.name}{req.specifier}")
+        elif req.specifier and not req.specifier.contains(version, prereleases=True):
+            conflicting.append(f"{req.name}{req.specifier} (installed: {version})")
+    return missing, conflicting
+
+
+class Pip:
+    """pip through the web UI's ``run_pip`` (which adds ``--prefer-binary``), else ``python -m pip``."""
+
+    def __init__(self, launch, constraints_file: str):
+        self.launch = launch
+        self.constraints = constraints_file
+
+    def __call__(self, args: list[str], desc: str) -> str | None:
+        """Run pip; None when it worked, else pip's reason in one line."""
+        if self.launch is not None:
+            try:
+                self.launch.run_pip(" ".join(_quote(a) for a in args), desc)
+                return None
+            except Exception as error:  # run_pip raises RuntimeError with pip's output
+                return pip_reason(str(error))
+        done = subprocess.run([sys.executable, "-m", "pip", *args, "--prefer-binary"], capture_output=True, text=True)
+        return None if done.returncode == 0 else pip_reason(done.stdout + "\n" + done.stderr)
+
+    def install(self, spec: str, desc: str, no_deps: bool = False) -> str | None:
+        return self([
+            "install", spec, *(["--no-deps"] if no_deps else []), "-c", self.constraints], desc)
+
+    @staticmethod
+    def uninstall(name: str) -> str | None:
+        """Remove a package this run installed (not through ``run_pip``: its ``--prefer-binary`` is no
+        option of ``pip uninstall``)."""
+        done = subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", name], capture_output=True, text=True)
+        return None if done.returncode == 0 else pip_reason(done.stdout + "\n" + done.stderr)
+
+    def release(self, spec: str, desc: str) -> tuple[str, str, list[str]] | None:
+        """(name, version, requirements) of the release pip would install for ``spec``; None if unknown."""
+        handle, report = tempfile.mkstemp(prefix="traintrain-pip-report-", suffix=".json")
+        os.close(handle)
+        try:
+            if self(["install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed", "--report", report,
+                     spec, "-c", self.constraints], desc) is not None:
+                return None
+            data = json.loads(Path(report).read_text(encoding="utf-8") or "{}")
+            meta = data["install"][0]["metadata"]
+            return meta["name"], meta["version"], list(meta.get("requires_dist") or [])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):  # old pip, --skip-install, no report
+            return None
+        finally:
+            os.remove(report)
+
+
+def install_one(pip: Pip, spec: str, desc: str, depth: int = 0) -> str | None:
+    """Install ``spec`` without moving anything installed; None when it worked, else the reason.
+
+    When everything the chosen release requires is installed already, it goes in with ``--no-deps``.
+    Otherwise pip resolves it under the constraints; when that fails only because the environment as a
+    whole does not resolve, the missing requirements are installed one by one, then the release itself.
+    """
+    release = pip.release(spec, f"{desc} (checking what it needs)")
+    gaps = unmet(release[2], installed_distributions()) if release else None
+    if release and gaps == ([], []):
+        return pip.install(f"{release[0]}=={release[1]}", desc, no_deps=True)
+    reason = pip.install(spec, desc)
+    if reason is None or gaps is None or gaps[1] or depth >= 3:
+        return reason
+    for dependency in gaps[0]:
+        failed = install_one(pip, dependency, f"{dependency} for TrainTrain", depth + 1)
+        if failed is not None:
+            return f"{reason}; its requirement {dependency} did not install either: {failed}"
+    importlib.invalidate_caches()
+    if unmet(release[2], installed_distributions()) != ([], []):
+        return reason
+    return pip.install(f"{release[0]}=={release[1]}", desc, no_deps=True)
+
+
+def trainer_imports_work() -> str | None:
+    """None when a fresh interpreter imports what the trainer uses, else the last line of its error."""
+    done = subprocess.run([sys.executable, "-c", TRAINER_IMPORTS], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit code {done.returncode}"
+
+
+def _quote(text: str) -> str:
+    return f'"{text}"' if re.search(r'[\s<>|&;"()]', text) or not text else text
+
+
+def install_command(name: str) -> str:
+    """The safe way to install ``name`` by hand: this script, with this Python."""
+    return f"{_quote(sys.executable)} {_quote(str(Path(__file__).resolve()))} {name}"
 
 
 def state_path() -> Path:
@@ -214,44 +400,79 @@ def _remember_failures(path: Path, installed: Mapping[str, str], failed: list[st
         pass  # only an optimisation: without it the next start tries again
 
 
+def _install_diffusers(pip: Pip, need: Need, out: Callable[[str], None]) -> str | None:
+    """Try the diffusers candidates newest-first; keep the first one the trainer's imports work with."""
+    reason = None
+    for spec in diffusers_candidates(installed_distributions().get("transformers")):
+        reason = install_one(pip, spec, f"{spec} for TrainTrain")
+        importlib.invalidate_caches()
+        if reason is None and "diffusers" not in installed_distributions():
+            return "pip did not install it; the web UI may run with --skip-install"
+        if reason is not None:
+            continue
+        broken = trainer_imports_work()
+        if broken is None:
+            return None
+        version = installed_distributions().get("diffusers")
+        out(f"TrainTrain: diffusers {version} does not work beside the installed packages ({broken}); "
+            f"removing it and trying an older release")
+        pip.uninstall("diffusers")
+        importlib.invalidate_caches()
+        reason = f"diffusers {version} installed but failed to import: {broken}"
+    return reason
+
+
 def _install(needs: list[Need], constraints: list[str], launch, out: Callable[[str], None]) -> list[Need]:
-    """pip-install each need under the constraints; returns the ones that failed."""
+    """Install each need without moving the protected packages; returns the ones that failed."""
     failed = []
     handle, constraints_file = tempfile.mkstemp(prefix="traintrain-constraints-", suffix=".txt")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write("\n".join(constraints) + "\n")
+        pip = Pip(launch, constraints_file)
         for need in needs:
-            reason = _pip_install(need, constraints_file, launch)
+            if normalise(need.name) == "diffusers":
+                reason = _install_diffusers(pip, need, out)
+            else:
+                reason = install_one(pip, need.spec, f"{need.name} for TrainTrain")
             importlib.invalidate_caches()
             if reason is None and normalise(need.name) not in installed_distributions():
                 reason = "pip did not install it; the web UI may run with --skip-install"
             if reason is None:
-                out(f"TrainTrain: installed {need.spec}")
+                out(f"TrainTrain: installed {need.name} {installed_distributions().get(normalise(need.name), '')}"
+                    .rstrip())
                 continue
             failed.append(need)
-            what = "optional package" if need.optional else "package"
-            out(f"TrainTrain: could not install the {what} {need.spec} without changing packages the web UI "
-                f"has ({reason}); install a fitting version by hand if you need it")
+            out(_failure_line(need, reason))
     finally:
         os.remove(constraints_file)
     return failed
 
 
-def main(needs: Iterable[Need] | None = None, out: Callable[[str], None] = print) -> int:
-    """Run the installation; returns 0, or 1 while a required package is missing."""
+def _failure_line(need: Need, reason: str) -> str:
+    if need.optional:
+        return (f"TrainTrain: optional package {need.spec} not installed ({reason}); {need.feature} will not be "
+                f"available. To try again without changing the web UI's packages: {install_command(need.name)}")
+    return (f"TrainTrain: could not install {need.spec} without changing packages the web UI has ({reason}). "
+            f"Training needs it. To try again: {install_command(need.name)}")
+
+
+def main(needs: Iterable[Need] | None = None, out: Callable[[str], None] = print,
+         names: list[str] | None = None) -> int:
+    """Run the installation; returns 0, or 1 while a required package is missing after trying."""
     if os.environ.get("TRAINTRAIN_SKIP_INSTALL", "").strip() not in ("", "0"):
         return 0
+    only = ",".join(names) if names else os.environ.get("TRAINTRAIN_INSTALL_ONLY")
     try:
-        chosen = select(NEEDS if needs is None else needs, os.environ.get("TRAINTRAIN_INSTALL_ONLY"))
+        chosen = select(NEEDS if needs is None else needs, only)
     except ValueError as error:
         out(f"TrainTrain: {error}")
         return 1
     launch = _launch()
     before = installed_distributions()
-    plan = make_plan(chosen, before, launch.is_installed if launch is not None else None)
+    plan = make_plan(chosen, before, launch.is_installed if launch is not None else None, host_pins())
     memory = state_path()
-    known = _remembered_failures(memory, before)
+    known = set() if names else _remembered_failures(memory, before)
     skipped = [n for n in plan.install if n.spec in known]
     notes = []
     if plan.too_old:
@@ -259,7 +480,8 @@ def main(needs: Iterable[Need] | None = None, out: Callable[[str], None] = print
                      + ", ".join(f"{n.name} {v} (needs >={n.minimum})" for n, v in plan.too_old))
     if skipped:
         notes.append(f"not installed, pip could not fit them to the web UI's packages: "
-                     f"{', '.join(n.spec for n in skipped)} (delete {memory} to try again)")
+                     f"{', '.join(n.spec for n in skipped)} (to try again: "
+                     f"{install_command(' '.join(n.name for n in skipped))})")
     if notes:
         out("TrainTrain: " + "; ".join(notes))
     todo = [n for n in plan.install if n.spec not in known]
@@ -281,4 +503,4 @@ def _changed(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(names=sys.argv[1:] or None))
