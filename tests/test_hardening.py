@@ -428,3 +428,20 @@ def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_pa
     assert queue.requeue(1).status == "pending"
     assert main(args + ["remove", "1"]) == 0
     assert [i.name for i in queue.items()] == ["second"]
+
+
+def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
+    from trainer.hosts.base import ModelLoadError
+    from trainer.jobs import error_exit
+
+    class CheckingHost(TinyHost):
+        def check(self, config):
+            raise ModelLoadError(f"model {config.model!r} is not in the checkpoint list")
+
+    data = image_folder(tmp_path / "data", n=1)
+    host = CheckingHost("sd1", tmp_path / "out")
+    with pytest.raises(ModelLoadError) as caught:
+        run_job(quick_config(lora_data_directory=str(data), model="gone.safetensors"), host=host,
+                logs_dir=tmp_path / "logs", log=_quiet)
+    assert host.loads == 0 and error_exit(caught.value)[0] == 2
+    assert not (tmp_path / "out" / ".tiny.lock").exists()  # the run's lock was given back

@@ -97,6 +97,9 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
     # Every check that needs no model, before the host's model is touched (a web-UI offloads it).
     prep = preflight.prepare(config, output_dir=output_dir, logs_dir=logs_dir, resume=resume, log=log)
     try:
+        check = getattr(host, "check", None)  # a host that can check the model/VAE names without loading
+        if callable(check):
+            check(prep.config)
         return _run_prepared(prep, host=host, resume=resume, device=device, stop=stop,
                              on_progress=on_progress, log=log)
     finally:
