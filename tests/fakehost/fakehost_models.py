@@ -110,6 +110,9 @@ class FakeLatentDiffusion(Placed):
             self.conditioner = tree_module(_strip(state, "conditioner."), nn.Module())
             for name, embedder in list(self.conditioner.embedders._modules.items()):
                 self.conditioner.embedders._modules[name] = _hijack_text_encoder(embedder)
+            # A1111's hijack then points cond_stage_model at the conditioner (modules/sd_hijack.py), which
+            # registers it a second time: the state dict has every text-encoder key under both names.
+            self.cond_stage_model = self.conditioner
         else:
             self.cond_stage_model = _hijack_text_encoder(tree_module(_strip(state, "cond_stage_model."), nn.Module()))
         self.parameterization = "eps"

@@ -46,7 +46,6 @@ from trainer.hosts.base import ModelLoadError
 
 TAB_TITLE = "TrainTrain"
 TAB_ID = "traintrain_tab"
-_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
 def register_tab(build: Callable[[], Any]) -> None:
@@ -163,7 +162,10 @@ class A1111Adapter(_HostCalls):
 
         Keys still carry the hijack's wrapper segments; the session removes them for every host.
         """
-        state = {k: v for k, v in model.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
+        # SDXL: the hijack also registers the conditioner as cond_stage_model; take it once.
+        text = "conditioner." if family == "sdxl" else "cond_stage_model."
+        prefixes = ("model.diffusion_model.", "first_stage_model.", text)
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
         return state, {}, False
 
     def remember(self, model: Any) -> dict:
