@@ -118,6 +118,18 @@ def start(client, **settings) -> tuple[str, str]:
     return tuple(client.predict(False, *form(**settings), api_name="/traintrain_start"))
 
 
+def start_in_background(client, settings: dict, min_step: int = 0):
+    """Press Start Training and return once the host shows the run (at ``min_step`` or later); the job."""
+    job = client.submit(False, *form(**settings), api_name="/traintrain_start")
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        state = rest("/sdapi/v1/progress?skip_current_image=true")["state"]
+        if state.get("job") == "TrainTrain" and int(state.get("sampling_step") or 0) >= min_step:
+            break
+        time.sleep(0.5)
+    return job
+
+
 def lora_settings(data_dir: Path, name: str, **more) -> dict:
     base = {"mode": "LoRA", "lora_data_directory": str(data_dir), "save_lora_name": name,
             "train_iterations": "2", "train_batch_size": "1", "network_rank": "2", "network_alpha": "2"}
@@ -181,14 +193,7 @@ def test_ileco_run_on_the_loaded_model(client, baseline):
 
 def test_interrupt_saves_what_was_learned(client, data_dir, baseline):
     name = f"live_stop_{RUN_ID}"
-    job = client.submit(False, *form(**lora_settings(data_dir, name, train_iterations="40")),
-                        api_name="/traintrain_start")
-    deadline = time.time() + 1800
-    while time.time() < deadline:
-        state = rest("/sdapi/v1/progress?skip_current_image=true")
-        if int(state["state"].get("sampling_step") or 0) >= 1 and state["state"].get("job") == "TrainTrain":
-            break
-        time.sleep(1)
+    job = start_in_background(client, lora_settings(data_dir, name, train_iterations="40"), min_step=1)
     rest("/sdapi/v1/interrupt", {})
     progress, message = job.result(timeout=1800)
     assert "Stopped" in message, (progress, message)
@@ -221,11 +226,7 @@ def test_generation_waits_for_a_run(client, data_dir, baseline):
     import numpy as np
 
     name = f"live_wait_{RUN_ID}"
-    job = client.submit(False, *form(**lora_settings(data_dir, name, train_iterations="6")),
-                        api_name="/traintrain_start")
-    deadline = time.time() + 1800
-    while time.time() < deadline and rest("/sdapi/v1/progress")["state"].get("job") != "TrainTrain":
-        time.sleep(0.5)
+    job = start_in_background(client, lora_settings(data_dir, name, train_iterations="6"))
     image = {}
     thread = threading.Thread(target=lambda: image.setdefault("pixels", txt2img()))
     thread.start()
