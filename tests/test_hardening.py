@@ -445,3 +445,34 @@ def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
                 logs_dir=tmp_path / "logs", log=_quiet)
     assert host.loads == 0 and error_exit(caught.value)[0] == 2
     assert not (tmp_path / "out" / ".tiny.lock").exists()  # the run's lock was given back
+
+
+def test_stop_save_never_replaces_someone_elses_file_and_a_failing_periodic_save_keeps_the_state(
+        tmp_path, monkeypatch):
+    import trainer.network.io as nio
+    from trainer.loop import SaveFailed
+
+    data = image_folder(tmp_path / "data", n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny_2steps.safetensors").write_bytes(b"user's file")  # not a planned save: no save_per_steps
+    stop = threading.Event()
+    result, _ = _run(quick_config(lora_data_directory=str(data), train_iterations="4"), tmp_path,
+                     stop=stop, on_progress=_stop_at(2, stop))
+    assert result.stopped and result.saved == [out / "tiny_2steps-2.safetensors"]
+    assert (out / "tiny_2steps.safetensors").read_bytes() == b"user's file"
+
+    real_write = nio.write_bytes
+
+    def read_only(path, blob):
+        if Path(path).name == "mid_2steps.safetensors":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_write(path, blob)
+
+    monkeypatch.setattr(nio, "write_bytes", read_only)
+    cfg = quick_config(lora_data_directory=str(data), train_iterations="4", save_per_steps="2",
+                       save_lora_name="mid")
+    with pytest.raises(SaveFailed, match=r"mid_2steps\.safetensors: Read-only file system\. Nothing learned is "
+                                         r"lost.*resume it to continue from step 2"):
+        _run(cfg, tmp_path)
+    assert torch.load(tmp_path / "logs" / "state" / "mid.pt", weights_only=False)["step"] == 2
