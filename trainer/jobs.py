@@ -232,8 +232,10 @@ def _memory_plan(config, bundle, device, log):
 
 def _place(module, device, dtype) -> None:
     """Move a frozen module; cast only when the dtype really changes (diffusers warns on every cast)."""
-    current = next(module.parameters()).dtype
-    module.to(device=device) if current == dtype else module.to(device=device, dtype=dtype)
+    # Every parameter counts: a host may hold a few in another dtype (Forge keeps the token and
+    # position embeddings in fp32 beside an fp16 text encoder).
+    same = all(p.dtype == dtype for p in module.parameters() if p.is_floating_point())
+    module.to(device=device) if same else module.to(device=device, dtype=dtype)
 
 
 def _csv_info(cfg, bundle) -> dict:
