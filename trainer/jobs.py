@@ -264,7 +264,8 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
         training.update(getattr(task, "metadata", lambda: {})())
         # rank, alpha and module count come from the live network (a resumed file's ranks win over the config's)
         meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network=task.network,
-                              base_model_hash_info=bundle.metadata, training_info=training)
+                              base_model_hash_info=bundle.metadata, training_info=training,
+                              prediction_type=bundle.prediction_type)
         path = output_dir / f"{stem}.safetensors"
         if not final and path.exists() and path not in written and not job_config.save_overwrite:
             taken = path

@@ -122,8 +122,12 @@ def _is_true(value: Any) -> bool:
     return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
-def _modelspec(family: Any, config: Mapping[str, Any], title: str, started: float) -> dict[str, str]:
-    v_pred = _is_true(config.get("model_v_pred", False)) or family.default_prediction == "v_prediction"
+def _modelspec(family: Any, config: Mapping[str, Any], title: str, started: float,
+               prediction_type: str | None = None) -> dict[str, str]:
+    if prediction_type is not None:  # what the loaded model really predicts (a v-pred SD2 checkpoint)
+        v_pred = prediction_type == "v_prediction"
+    else:
+        v_pred = _is_true(config.get("model_v_pred", False)) or family.default_prediction == "v_prediction"
     height, width = _image_size(config, family.default_resolution)
     return {
         "modelspec.sai_model_spec": "1.0.0",
@@ -145,7 +149,7 @@ def _tag_frequency(value: Any) -> str:
 
 def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec: Any = None,
                    base_model_hash_info: Mapping[str, Any] | None, training_info: Mapping[str, Any],
-                   network: Any = None) -> dict[str, str]:
+                   network: Any = None, prediction_type: str | None = None) -> dict[str, str]:
     """The header of a saved network (all values strings), without the ``sshs_*`` hashes.
 
     Args:
@@ -155,6 +159,8 @@ def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec:
         network: the live ``Network`` being saved; when given, rank, alpha, conv rank/alpha, module
             counts and dtype are read from its modules (what the file really holds), and
             ``network_spec`` is not needed.
+        prediction_type: the trained model's ``"epsilon"`` or ``"v_prediction"`` (the bundle's);
+            when None it is guessed from ``model_v_pred`` and the family.
         base_model_hash_info: about the base checkpoint: ``name``, ``hash`` (A1111's short hash) and
             ``sha256`` (or the same under ``ss_sd_model_name``, ``ss_sd_model_hash``,
             ``ss_new_sd_model_hash``); every other key is ignored.
@@ -191,6 +197,6 @@ def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec:
         if target and value not in (None, ""):
             meta[target] = _text(value)
     meta.update({k: _text(v) for k, v in training_info.items() if k != "ss_tag_frequency"})
-    meta.update(_modelspec(family, config_dict, meta["ss_output_name"], started))
+    meta.update(_modelspec(family, config_dict, meta["ss_output_name"], started, prediction_type))
     meta["traintrain_config"] = json.dumps(dict(config_dict), ensure_ascii=False, default=str)
     return meta
