@@ -151,14 +151,51 @@ def test_addift_identical_pair_trains_nothing(tmp_path):
     assert ups and max(v.abs().max().item() for v in ups) < 1e-6
 
 
-def test_addift_random_schedule_and_reverse_options_run(tmp_path):
+def test_addift_random_schedule_and_reverse_options_run(tmp_path, monkeypatch):
+    """Random schedule: a t drawn in [min, max) for each forward step, reused by the reverse step.
+    diff_revert_original_target swaps the pair; a negative diff_alt_ratio makes the reverse steps
+    train on the noise itself, at multiplier -0.25·|ratio|."""
+    from trainer.modes import addift
+
+    nets, calls = [], []
+    real_build, real_forward = addift.build_network, addift.unet_forward
+
+    def build(*a, **k):
+        nets.append(real_build(*a, **k))
+        return nets[-1]
+
+    def forward(bundle, x, t, cond, time_ids=None):
+        calls.append((x.detach().clone(), t.clone(), nets[0].multiplier))
+        return real_forward(bundle, x, t, cond, time_ids)
+
+    monkeypatch.setattr(addift, "build_network", build)
+    monkeypatch.setattr(addift, "unet_forward", forward)
     orig, target = _pair(tmp_path)
     logs = []
-    cfg = quick_config(mode="ADDifT", original_image=orig, target_image=target, train_iterations="4",
-                       addift_timestep_schedule="random", diff_alt_ratio="-1", diff_revert_original_target=True,
+    cfg = quick_config(mode="ADDifT", original_image=orig, target_image=target, train_iterations="6",
+                       addift_timestep_schedule="random", diff_alt_ratio="-2", diff_revert_original_target=True,
+                       train_batch_size="1", train_min_timesteps="100", train_max_timesteps="900",
                        save_lora_name="opts")
     run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=logs.append)
-    assert any("random draw" in m for m in logs)
+    assert any("random draw in [100, 900)" in m for m in logs)
+    assert len(calls) == 12  # per step: the base prediction (network off), then the trained one
+    steps = [(calls[2 * n], calls[2 * n + 1]) for n in range(6)]
+    ts = [int(base[1][0]) for base, _ in steps]
+    assert all(100 <= t < 900 for t in ts)
+    assert ts[0::2] == ts[1::2]                         # the reverse step reuses the forward step's t
+    assert len(set(ts[0::2])) == 3                      # and each forward step draws anew
+    assert [b[2] for b, _ in steps] == [0.0] * 6        # base predictions with the network off
+    assert [p[2] for _, p in steps] == [0.25, -0.5] * 3  # -0.25·|diff_alt_ratio| on reverse steps
+
+    bundle = TinyHost("sd1").load(None)
+    z_o, z_t = _encode(bundle, orig), _encode(bundle, target)
+    sched = bundle.noise_scheduler
+    for n, ((x_a, t, _), (x_b, _, _)) in enumerate(steps):
+        scale = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        if n % 2 == 0:  # same noise on both: x_b − x_a = √ᾱ·(b − a), with a = target, b = original (reverted)
+            torch.testing.assert_close((x_b - x_a) / scale, z_o - z_t, atol=1e-3, rtol=1e-3)
+        else:           # a negative ratio: both sides are the noise itself
+            torch.testing.assert_close(x_a, x_b)
 
 
 @torch.no_grad()
@@ -193,7 +230,9 @@ def test_difference_second_pass_points_from_original_to_target(tmp_path):
     assert gap_diff < gap_base - 0.005, (gap_base, gap_diff)
 
 
-def test_difference_first_pass_only_and_load(tmp_path):
+def test_difference_first_pass_only_and_load(tmp_path, monkeypatch):
+    from trainer.modes import difference
+
     orig, target = _pair(tmp_path)
     out = tmp_path / "out"
     only = quick_config(mode="Difference", original_image=orig, target_image=target, train_iterations="3",
@@ -201,14 +240,30 @@ def test_difference_first_pass_only_and_load(tmp_path):
     res = run_job(only, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=_quiet)
     assert [p.name for p in res.saved] == ["first_copy.safetensors"]  # saved without diff_save_1st_pass
     copy_weights = load_file(str(out / "first_copy.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in copy_weights.items() if k.endswith("lora_up.weight"))
 
+    seen = []  # what pass 2 trains with: the frozen copy network's weights and multiplier, per step
+    real = difference.ImageTask.compute_loss
+
+    def spy(self, step):
+        if self.frozen is not None:
+            seen.append(({k: v.detach().clone() for k, v in self.frozen.state_dict().items()},
+                         self.frozen.multiplier, any(p.requires_grad for p in self.frozen.parameters())))
+        return real(self, step)
+
+    monkeypatch.setattr(difference.ImageTask, "compute_loss", spy)
     logs = []
     load = quick_config(mode="Difference", original_image=orig, target_image=target, train_iterations="3",
                         save_lora_name="second", diff_load_1st_pass="first_copy")
     res = run_job(load, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=logs.append)
     assert [p.name for p in res.saved] == ["second.safetensors"]
     assert any("copy network loaded" in m for m in logs)
-    assert copy_weights  # the loaded copy network is the saved one (checked by load strictness)
+    assert len(seen) == 3  # pass 1 was skipped: only pass 2's steps ran
+    for weights, multiplier, trainable in seen:
+        # the copy network on during pass 2 is the saved one, on at 1 and not trained
+        assert weights.keys() == copy_weights.keys() and multiplier == 1.0 and not trainable
+        for k, v in copy_weights.items():
+            torch.testing.assert_close(weights[k], v, msg=k)
 
 
 def test_multi_addift_pairs_and_trains(tmp_path):

@@ -121,13 +121,49 @@ def test_text_encoder_trained_when_base_selected(tmp_path):
     assert te_up and any(v.abs().sum() > 0 for v in te_up)  # trained away from the zero init
 
 
-def test_sdxl_and_v_prediction_train(tmp_path):
+def test_sdxl_and_v_prediction_train(tmp_path, monkeypatch):
+    """SDXL trains with its pooled text embedding and size/crop time ids and saves LDM (kohya SDXL)
+    names; SD2 trains on the v target; both networks moved away from their zero start."""
+    from safetensors import safe_open
+
+    from trainer.modes import lora
+
+    seen = []
+    real_target, real_forward = lora.training_target, lora.unet_forward
+
+    def target(scheduler, latents, noise, timesteps, prediction_type):
+        out = real_target(scheduler, latents, noise, timesteps, prediction_type)
+        seen.append(("target", prediction_type, torch.equal(out, scheduler.get_velocity(latents, noise, timesteps))))
+        return out
+
+    def forward(bundle, noisy, t, cond, time_ids=None):
+        seen.append(("forward", cond.pooled is not None, None if time_ids is None else tuple(time_ids.shape)))
+        return real_forward(bundle, noisy, t, cond, time_ids)
+
+    monkeypatch.setattr(lora, "training_target", target)
+    monkeypatch.setattr(lora, "unet_forward", forward)
     data = image_folder(tmp_path / "data", n=2, size=(64, 48))
     for kind in ("sdxl", "sd2"):
+        seen.clear()
         cfg = quick_config(lora_data_directory=str(data), train_iterations="3", save_lora_name=kind,
                            image_buckets_step="16", image_min_length="32")
         res = run_job(cfg, host=TinyHost(kind, tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
-        assert res.saved[-1].is_file()
+        targets = [s for s in seen if s[0] == "target"]
+        forwards = [s for s in seen if s[0] == "forward"]
+        assert len(targets) == len(forwards) == 3
+        weights = load_file(str(res.saved[-1]))
+        with safe_open(str(res.saved[-1]), "pt") as f:
+            meta = f.metadata()
+        ups = [v for k, v in weights.items() if k.endswith("lora_up.weight")]
+        assert ups and max(v.abs().max().item() for v in ups) > 0  # it trained
+        if kind == "sdxl":
+            assert targets == [("target", "epsilon", False)] * 3
+            assert forwards == [("forward", True, (2, 6))] * 3  # pooled embedding and 6 time ids per image
+            assert any("_input_blocks_" in k for k in weights) and not any("_down_blocks_" in k for k in weights)
+            assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.prediction_type"] == "epsilon"
+        else:
+            assert targets == [("target", "v_prediction", True)] * 3  # the v target, not the noise
+            assert meta["ss_v2"] == "True" and meta["modelspec.prediction_type"] == "v"
 
 
 def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
@@ -228,12 +264,46 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_bf16_model_precision_trains_with_fp32_network(tmp_path):
+def test_bf16_model_precision_trains_with_fp32_network(tmp_path, monkeypatch):
+    """train_model_precision bf16: the frozen U-Net and text encoder are bf16 and run under bf16
+    autocast, while the network's weights, gradients and optimizer stay fp32."""
+    from trainer import loop
+    from trainer.modes import lora
+
+    seen = {}
+    real_loss, real_step = lora.LoraTask.compute_loss, loop._one_step
+
+    def compute_loss(self, step):
+        bundle = self.ctx.bundle
+        seen.setdefault("unet", {p.dtype for p in bundle.unet.parameters()})
+        seen.setdefault("network", {p.dtype for p in self.network.parameters()})
+        seen.setdefault("autocast", torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        loss = real_loss(self, step)
+        seen.setdefault("loss", loss.dtype)
+        return loss
+
+    def one_step(task, opts, dist, step, accum, scaler, optimizer, *rest):
+        def grads(opt, args, kwargs):
+            seen.setdefault("grads", {p.grad.dtype for g in opt.param_groups for p in g["params"]})
+            seen.setdefault("optimizer", {p.dtype for g in opt.param_groups for p in g["params"]})
+
+        handle = optimizer.register_step_pre_hook(grads)
+        try:
+            return real_step(task, opts, dist, step, accum, scaler, optimizer, *rest)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(lora.LoraTask, "compute_loss", compute_loss)
+    monkeypatch.setattr(loop, "_one_step", one_step)
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_model_precision="bf16",
                        logging_save_csv=True, save_precision="fp16")
     res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    assert seen["unet"] == {torch.bfloat16} and seen["autocast"] == torch.bfloat16
+    assert seen["network"] == seen["grads"] == seen["optimizer"] == {torch.float32}
+    assert seen["loss"] == torch.float32  # the element loss is taken in fp32
     losses = _losses(res.csv_paths[0])
     assert len(losses) == 3 and all(l == l and l < 10 for l in losses)  # finite
-    assert all(v.dtype == torch.float16 for v in load_file(str(res.saved[-1])).values())
-
+    saved = load_file(str(res.saved[-1]))
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("lora_up.weight"))  # it trained
