@@ -97,10 +97,10 @@ def test_mode_switch_only_toggles_visibility(page):
 
 def test_preset_round_trip_keeps_the_model(page, tmp_path):
     ui = page.traintrain
-    message, dropdown = ui.save_preset(*_args(mode="iLECO", save_lora_name="round", network_rank="8",
-                                              original_prompt="a cat", model="tiny-sd1"))
+    message, dropdown, _ = ui.save_preset(False, *_args(mode="iLECO", save_lora_name="round", network_rank="8",
+                                                        original_prompt="a cat", model="tiny-sd1"))
     assert message.startswith("Preset saved: ") and dropdown["value"] == "round"
-    saved = json.loads((tmp_path / "presets" / "round.json").read_text(encoding="utf-8"))
+    saved = json.loads((tmp_path / "jsons" / "presets" / "round.json").read_text(encoding="utf-8"))
     assert saved["mode"] == "iLECO" and saved["network_rank"] == "8" and saved["model"] == "tiny-sd1"
     assert "original image" not in saved and "negative prompt" not in saved
 
@@ -110,6 +110,7 @@ def test_preset_round_trip_keeps_the_model(page, tmp_path):
 
     # Shipped presets hold "model": "", which must not blank the current choice (the reference did).
     saved["model"] = ""
+    (tmp_path / "presets").mkdir()
     (tmp_path / "presets" / "blank.json").write_text(json.dumps(saved), encoding="utf-8")
     out = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("blank", "other.safetensors", "/my/path", "vae.pt")))
     assert (out["model"], out["model_path"], out["vae"]) == ("other.safetensors", "/my/path", "vae.pt")
@@ -171,8 +172,13 @@ def test_start_runs_in_the_background_and_shows_progress(tmp_path):
     assert (tmp_path / "out" / "ui_job.safetensors").is_file()
     assert any("step 2/3" in p and "loss" in p for p, _ in seen), seen
     assert len(seen) > 3  # the handler reported while training ran
+    # While it trains, the Message box says so (it was empty); each text is sent once, not every poll.
+    assert seen[0][1].startswith("Training ui_job (LoRA), started ") and "Stop and Save" in seen[0][1]
+    assert not any("main: main:" in p for p, _ in seen if isinstance(p, str)), seen
+    texts = [m for _, m in seen if isinstance(m, str)]
+    assert texts.count(seen[0][1]) == 1 and set(texts) == {seen[0][1], message}, texts
     # "Show progress" (e.g. after a page reload) shows the last run's state.
-    assert list(ui.follow()) == [seen[-1]] and "step 3/3" in seen[-1][0]
+    assert list(ui.follow()) == [seen[-1]] and "step 3/3" in seen[-1][0] and progress.endswith("(finished)")
 
     fig, note = ui.draw_plot("(newest)", 0.5)
     assert note.startswith("Showing ") and "ui_job" in note and fig.axes[0].get_lines()
@@ -193,6 +199,7 @@ def test_stop_ends_a_running_job_saves_it_and_resume_finishes_it(tmp_path):
     assert ui.stop() == "Stopping..."
     *_, (progress, message) = follow
     assert message.startswith("Stopped at step ") and "long_" in message and "tick 'resume" in message
+    assert "--resume" not in message  # a CLI flag means nothing on the page
     assert progress.startswith("long (LoRA) — main: step ") and progress.endswith("(stopped)")
     assert list((tmp_path / "out").glob("long_*steps.safetensors"))
 
@@ -249,3 +256,194 @@ def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_pat
     data = image_folder(tmp_path / "data", n=2)
     *_, (progress, message) = demo.traintrain.start(False, *_quick(data, model="tiny", save_lora_name="folder"))
     assert message == f"Finished: saved {out / 'folder.safetensors'}"
+
+
+def _webui_page(tmp_path, host=None):
+    return build_ui(host or ListingHost("sd1", tmp_path / "out"), standalone=False, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+
+
+def _choices(widget):
+    return [c[0] if isinstance(c, (tuple, list)) else c for c in widget.choices]
+
+
+def test_webui_model_list_starts_with_the_loaded_model_saved_as_blank(tmp_path):
+    demo = _webui_page(tmp_path)
+    ui, model = demo.traintrain, demo.traintrain_widgets["model"]
+    assert _choices(model) == [ui_form.LOADED_MODEL, "tiny-sd1", "other.safetensors"]
+    assert model.value == ui_form.LOADED_MODEL
+    config = ui._config(tuple(_args(model=ui_form.LOADED_MODEL)))
+    assert config.model == ""  # what the web-UI host reads as "train on the loaded model"
+
+    ui.save_preset(False, *_args(model=ui_form.LOADED_MODEL, save_lora_name="blank"))
+    saved = json.loads((tmp_path / "jsons" / "presets" / "blank.json").read_text(encoding="utf-8"))
+    assert saved["model"] == ""
+    for blank in ("", "None"):
+        saved["model"] = blank
+        (tmp_path / "jsons" / "presets" / "blank.json").write_text(json.dumps(saved), encoding="utf-8")
+        out = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("blank", ui_form.LOADED_MODEL, "", "None")))
+        assert (out["model"], out["model_path"]) == (ui_form.LOADED_MODEL, "")
+
+    data = image_folder(tmp_path / "data", n=2)
+    _, table, _ = ui.add_to_queue(*_quick(data, model=ui_form.LOADED_MODEL))
+    assert table[0][3] == ui_form.LOADED_MODEL
+
+    # The standalone page has no loaded model: no such entry, the first model is the default.
+    page = build_ui(ListingHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path / "s"))
+    assert _choices(page.traintrain_widgets["model"]) == ["tiny-sd1", "other.safetensors"]
+    assert page.traintrain_widgets["model"].value == "tiny-sd1"
+
+
+def test_the_model_choice_is_remembered_across_reloads_and_new_models(tmp_path):
+    class Growing(ListingHost):
+        models = ["b.safetensors"]
+
+        def list_models(self):
+            return list(self.models)
+
+    host = Growing("sd1", tmp_path / "out")
+    ui = _webui_page(tmp_path, host).traintrain
+    ui.remember_model("b.safetensors")
+    host.models = ["a_new.safetensors", "b.safetensors"]  # a new model sorts first
+    demo = _webui_page(tmp_path, host)
+    assert demo.traintrain_widgets["model"].value == "b.safetensors"
+    model_update = demo.traintrain.page_load()[0]
+    assert model_update["value"] == "b.safetensors" and model_update["choices"][0] == ui_form.LOADED_MODEL
+    ui.remember_model("not listed")  # ignored
+    host.models = ["a_new.safetensors"]  # the remembered one is gone: back to the default
+    assert _webui_page(tmp_path, host).traintrain.page_load()[0]["value"] == ui_form.LOADED_MODEL
+    # Starting a run remembers the model it trains.
+    standalone = build_ui(host, standalone=True, paths=UiPaths.under(tmp_path / "s"), output_dir=tmp_path / "out")
+    list(standalone.traintrain.start(False, *_args(model="a_new.safetensors", train_iterations="many")))
+    assert standalone.traintrain.default_model(["x", "a_new.safetensors"]) == "a_new.safetensors"
+
+
+def _load_events(demo) -> list[set]:
+    """The output ids of every page-load event (gradio 3: trigger 'load'; 4+: targets (id, 'load'))."""
+    found = []
+    for dep in demo.config["dependencies"]:
+        targets = dep.get("targets") or []
+        if dep.get("trigger") == "load" or any(isinstance(t, (list, tuple)) and t[1] == "load" for t in targets):
+            found.append(set(dep["outputs"]))
+    return found
+
+
+def test_a_loaded_page_shows_the_queue_file_logs_and_model_of_now(tmp_path):
+    demo = _webui_page(tmp_path)
+    w, ui = demo.traintrain_widgets, demo.traintrain
+    # Written after the page was built (another program, or an earlier server): the page load shows them.
+    from trainer.queue import JobQueue
+
+    data = image_folder(tmp_path / "data", n=2)
+    JobQueue(tmp_path / "jsons" / "queue.json").add(ui._config(tuple(_quick(data, save_lora_name="later"))))
+    (tmp_path / "logs" / "20260101").mkdir(parents=True)
+    (tmp_path / "logs" / "20260101" / "later.csv").write_text("Step,Loss\n1,0.5\n", encoding="utf-8")
+    model, table, items, log = ui.page_load()
+    assert table[0][1] == "later" and items["choices"] == ["1: later (pending)"]
+    assert "20260101/later.csv" in log["choices"] and log["value"] == "(newest)"
+    assert model["value"] == ui_form.LOADED_MODEL
+    ids = {name: w[name]._id for name in ("model", "queue_table", "queue_item", "log", "progress", "message")}
+    events = _load_events(demo)
+    assert {ids["model"], ids["queue_table"], ids["queue_item"], ids["log"]} in events
+    assert {ids["progress"], ids["message"]} in events
+    assert list(ui.follow_at_load()) == [(gr.update(), gr.update())]  # nothing ran: leave the boxes alone
+
+
+def test_presets_are_saved_beside_the_shipped_ones_which_stay_untouched(page, tmp_path):
+    ui = page.traintrain
+    shipped = tmp_path / "presets" / "LoRA.json"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(json.dumps({"mode": "LoRA", "network_rank": "16"}), encoding="utf-8")
+    before = shipped.read_bytes()
+    message, dropdown, box = ui.save_preset(False, *_args(save_lora_name="LoRA", network_rank="4"))
+    mine = tmp_path / "jsons" / "presets" / "LoRA.json"
+    assert shipped.read_bytes() == before and json.loads(mine.read_text(encoding="utf-8"))["network_rank"] == "4"
+    assert message.startswith(f"Preset saved: {mine}") and "'LoRA (shipped)'" in message
+    assert dropdown["choices"] == ["LoRA", "LoRA (shipped)"] and box is False
+    load = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("LoRA (shipped)", "tiny-sd1", "", "None")))
+    assert load["network_rank"] == "16"
+    load = dict(zip(LOADED_FIELDS + ("message",), ui.load_preset("LoRA", "tiny-sd1", "", "None")))
+    assert load["network_rank"] == "4"
+
+    # Saving over a user preset needs the box ticked; the refusal says what it would replace.
+    message, dropdown, box = ui.save_preset(False, *_args(save_lora_name="LoRA", network_rank="8"))
+    assert message.startswith("Not saved: your preset 'LoRA' exists") and str(mine) in message
+    assert dropdown == gr.update() and json.loads(mine.read_text(encoding="utf-8"))["network_rank"] == "4"
+    message, _, box = ui.save_preset(True, *_args(save_lora_name="LoRA", network_rank="8"))
+    assert "replaced your earlier preset" in message and box is False
+    assert json.loads(mine.read_text(encoding="utf-8"))["network_rank"] == "8" and shipped.read_bytes() == before
+    assert ui.preset_names() == ["LoRA", "LoRA (shipped)"]
+
+
+def test_progress_tells_the_truth_about_failures_and_pass_names(tmp_path):
+    from trainer.loop import ProgressEvent
+    from trainer.ui_runner import describe_event
+
+    assert describe_event(ProgressEvent("main", 0, 40, message="main: steps 0/40")) == "main: steps 0/40"
+    assert describe_event(ProgressEvent("copy", 3, 40, message="stopped")) == "copy: stopped"
+    demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+    *_, (progress, message) = demo.traintrain.start(False, *_quick(tmp_path / "no_such_folder", save_lora_name="bad"))
+    assert message.startswith("Error: ") and progress.startswith("bad (LoRA)")
+    assert progress.endswith("failed") and "finished" not in progress
+
+
+def test_a_reloaded_page_shows_the_live_run(tmp_path):
+    data = image_folder(tmp_path / "data", n=2)
+    demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+    ui = demo.traintrain
+    running = ui.start(False, *_quick(data, train_iterations="6", save_lora_name="live"))
+    next(running)
+    seen = list(ui.follow_at_load())  # a second page, loaded while the first one trains
+    shown = [p for p, _ in seen if isinstance(p, str)]
+    assert any("live (LoRA) — main: step" in p for p in shown), shown
+    assert seen[-1][1].startswith("Finished: saved ") and shown[-1].endswith("(finished)")
+    list(running)
+
+
+def test_requeue_answers_what_happens_next(page, tmp_path):
+    ui = page.traintrain
+    data = image_folder(tmp_path / "data", n=2)
+    ui.add_to_queue(*_quick(data, save_lora_name="again"))
+    list(ui.run_queue())
+    message, table, items = ui.requeue_item("1: again (done)")
+    assert message == "Pending again: item 1 ('again'); press Run queue to train it"
+    assert table[0][4] == "pending" and items["choices"] == ["1: again (pending)"]
+    assert ui.requeue_item(None)[0].startswith("Choose a queue item first")
+
+
+def test_ui_command_beyond_localhost_warns_takes_a_login_and_limits_load_json(tmp_path, monkeypatch, capsys):
+    from trainer import ui_compat
+    from trainer.cli import main
+
+    monkeypatch.setattr(UiPaths, "default", classmethod(lambda cls: UiPaths.under(tmp_path)))
+    served = {}
+    monkeypatch.setattr(ui_compat, "launch", lambda demo, **kwargs: served.update(demo=demo, **kwargs))
+    (tmp_path / "jsons").mkdir()
+    (tmp_path / "jsons" / "ok.json").write_text(json.dumps({"train_iterations": "7"}), encoding="utf-8")
+    elsewhere, extra = tmp_path / "elsewhere", tmp_path / "extra"
+    for folder in (elsewhere, extra):
+        folder.mkdir()
+        (folder / "x.json").write_text(json.dumps({"train_iterations": "9"}), encoding="utf-8")
+
+    assert main(["ui", "--host", "0.0.0.0", "--auth", "me:secret", "--allow-dir", str(extra)]) == 0
+    assert served["server_name"] == "0.0.0.0" and served["auth"] == ("me", "secret")
+    assert "Warning: the page listens on 0.0.0.0" in capsys.readouterr().err
+    ui = served["demo"].traintrain
+    assert ui.load_json("ok", "", "", "None")[-1].startswith("Loaded ")
+    assert ui.load_json(str(extra / "x.json"), "", "", "None")[-1].startswith("Loaded ")
+    refused = ui.load_json(str(elsewhere / "x.json"), "", "", "None")
+    assert refused[-1].startswith(f"Error: {elsewhere / 'x.json'} is outside the folders") and "--allow-dir" in refused[-1]
+    assert all(u == gr.update() for u in refused[:-1])
+
+    served.clear()
+    assert main(["ui", "--host", "0.0.0.0"]) == 0
+    err = capsys.readouterr().err
+    assert "--auth USER:PASSWORD" in err and served["auth"] is None
+    assert served["demo"].traintrain.load_json(str(elsewhere / "x.json"), "", "", "None")[-1].startswith("Error: ")
+    assert main(["ui", "--auth", "nopassword"]) == 2
+    assert "--auth takes USER:PASSWORD" in capsys.readouterr().err
+    # On 127.0.0.1 without --allow-dir nothing is limited and nothing is printed.
+    assert main(["ui"]) == 0 and "Warning" not in capsys.readouterr().err
+    assert served["demo"].traintrain.load_json(str(elsewhere / "x.json"), "", "", "None")[-1].startswith("Loaded ")

@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="models root: checkpoints in StableDiffusion/ or Stable-Diffusion/, VAEs in VAE/")
     u.add_argument("--output-dir", default=None, help="where networks are saved (default ./output)")
     u.add_argument("--browser", action="store_true", help="open the page in a browser")
+    u.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require this login (use it whenever --host is not 127.0.0.1)")
+    u.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="a folder Load JSON may read besides presets/ and jsons/; repeatable. Pages bound "
+                        "beyond localhost read only those folders")
 
     q = sub.add_parser("queue", help="list, add, remove or run the reserved training runs")
     q.add_argument("action", choices=["list", "add", "remove", "requeue", "run"])

@@ -73,6 +73,8 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
                                   elem_id="traintrain_preset")
         b["load"] = gr.Button("Load preset", scale=1, elem_id="traintrain_load_preset")
         b["save"] = gr.Button("Save preset", scale=1, elem_id="traintrain_save_preset")
+        w["preset_overwrite"] = gr.Checkbox(value=False, label="replace my preset of this name",
+                                            elem_id="traintrain_preset_overwrite")
         b["refresh_presets"] = gr.Button("Refresh list", scale=1, elem_id="traintrain_refresh_presets")
         w["json_name"] = gr.Textbox(label="Settings JSON: a name under jsons/, or a path", lines=1, scale=3,
                                     elem_id="traintrain_json_name")
@@ -80,7 +82,7 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
     w["mode"] = gr.Radio(choices=list(C.MODES), value=values["mode"], label="Mode", elem_id="traintrain_mode")
     with gr.Row(elem_id="traintrain_models"):
         models = ui.model_choices()
-        w["model"] = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model", scale=3,
+        w["model"] = gr.Dropdown(choices=models, value=ui.default_model(models), label="Model", scale=3,
                                  elem_id="traintrain_model")
         w["model_path"] = gr.Textbox(label="or model path (used instead of the list when set)", lines=1, scale=3,
                                      elem_id="traintrain_model_path")
@@ -155,7 +157,7 @@ def _plot_tab(ui: TrainTrainUI, w: dict) -> dict:
     return b
 
 
-def _wire(ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict) -> None:
+def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict) -> None:
     form = [w[name] for name in ui_form.FIELD_NAMES]
     loaded = [w[name] for name in LOADED_FIELDS] + [w["message"]]
     current_model = [w["model"], w["model_path"], w["vae"]]
@@ -168,7 +170,8 @@ def _wire(ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict) -> N
     train["stop"].click(ui.stop, [], [w["progress"]], api_name="traintrain_stop")
     train["follow"].click(ui.follow, [], [w["progress"], w["message"]], show_progress="hidden")
     train["queue"].click(ui.add_to_queue, form, [w["message"], *view], api_name="traintrain_add_queue")
-    train["save"].click(ui.save_preset, form, [w["message"], w["preset"]], api_name="traintrain_save_preset")
+    train["save"].click(ui.save_preset, [w["preset_overwrite"], *form], [w["message"], w["preset"], w["preset_overwrite"]],
+                        api_name="traintrain_save_preset")
     train["load"].click(ui.load_preset, [w["preset"], *current_model], loaded, api_name="traintrain_load_preset")
     train["load_json"].click(ui.load_json, [w["json_name"], *current_model], loaded, api_name="traintrain_load_json")
     train["refresh_presets"].click(ui.refresh_presets, [], [w["preset"]])
@@ -188,6 +191,12 @@ def _wire(ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict) -> N
     plots["draw"].click(ui.draw_plot, [w["log"], w["smoothing"]], [w["plot"], w["plot_message"]],
                         api_name="traintrain_plot")
 
+    # A page (re)loaded shows what is true now, not what was true when the server started: the
+    # remembered model, the queue file, the logs, and the run going on.
+    w["model"].change(ui.remember_model, [w["model"]], [])
+    demo.load(ui.page_load, [], [w["model"], *view, w["log"]])
+    demo.load(ui.follow_at_load, [], [w["progress"], w["message"]], show_progress="hidden")
+
 
 def page_css() -> str:
     """style.css of the extension ('' when missing); web-UIs load it themselves."""
@@ -196,9 +205,11 @@ def page_css() -> str:
 
 
 def build_ui(host, *, standalone: bool, paths: UiPaths | None = None, output_dir: Path | None = None,
-             poll_s: float = 0.5) -> gr.Blocks:
-    """The whole page for ``host``. The handlers' object is ``blocks.traintrain`` (a TrainTrainUI)."""
-    ui = TrainTrainUI(host, standalone=standalone, paths=paths, output_dir=output_dir, poll_s=poll_s)
+             poll_s: float = 0.5, allowed_dirs=None) -> gr.Blocks:
+    """The whole page for ``host``. The handlers' object is ``blocks.traintrain`` (a TrainTrainUI);
+    ``allowed_dirs``: the only folders Load JSON reads from (None: any)."""
+    ui = TrainTrainUI(host, standalone=standalone, paths=paths, output_dir=output_dir, poll_s=poll_s,
+                      allowed_dirs=allowed_dirs)
     w: dict = {}
     with ui_compat.blocks(css=page_css() if standalone else None) as demo:
         with gr.Column(elem_id="traintrain_tab"):
@@ -211,7 +222,7 @@ def build_ui(host, *, standalone: bool, paths: UiPaths | None = None, output_dir
                     queue = _queue_tab(ui, w)
                 with gr.Tab("Plot", elem_id="traintrain_plot_tab"):
                     plots = _plot_tab(ui, w)
-        _wire(ui, w, train, queue, plots)
+        _wire(demo, ui, w, train, queue, plots)
     demo.traintrain = ui
     demo.traintrain_widgets = w
     return demo
@@ -222,15 +233,62 @@ def webui_tabs(host) -> list[tuple[gr.Blocks, str, str]]:
     return [(build_ui(host, standalone=False), "TrainTrain", "traintrain_tab")]
 
 
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_local(address: str) -> bool:
+    """Whether a bind address is reachable only from this machine."""
+    return address in _LOCAL_HOSTS or address.startswith("127.")
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``user:password`` -> (user, password); ValueError for anything else."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth takes USER:PASSWORD (both non-empty)")
+    return user, password
+
+
 def serve(args) -> int:
-    """``python -m trainer ui [--port P] [--host H] [--models-dir DIR] [--output-dir DIR]``."""
+    """``python -m trainer ui [--port P] [--host H] [--models-dir DIR] [--output-dir DIR] [--auth USER:PASSWORD]
+    [--allow-dir DIR ...]``.
+
+    Bound beyond this machine (``--host 0.0.0.0``), anyone who reaches the port can start runs, so a
+    warning is printed, ``--auth`` puts gradio's login in front, and Load JSON reads only inside the
+    project's presets/ and jsons/ and the ``--allow-dir`` folders (also when ``--allow-dir`` is given
+    on a local page).
+    """
+    import sys
+
     from trainer.hosts.standalone import StandaloneHost
 
+    try:
+        auth = parse_auth(getattr(args, "auth", None))
+    except ValueError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    extra = [Path(d) for d in (getattr(args, "allow_dir", None) or [])]
+    missing = [str(d) for d in extra if not d.is_dir()]
+    if missing:
+        print(f"Error: --allow-dir: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    paths = UiPaths.default()
+    local = is_local(args.host)
+    allowed = [paths.presets, paths.jsons, *extra] if extra or not local else None
+    if not local:
+        print(f"Warning: the page listens on {args.host}:{args.port}, so other machines can reach it and start "
+              "training runs" + (" (login required: --auth)." if auth else
+                                 ". Add --auth USER:PASSWORD to require a login, or bind to 127.0.0.1."),
+              file=sys.stderr)
     output_dir = Path(args.output_dir or "output")
     host = StandaloneHost(args.models_dir, output_dir=output_dir)
-    demo = build_ui(host, standalone=True, output_dir=output_dir)
+    demo = build_ui(host, standalone=True, paths=paths, output_dir=output_dir, allowed_dirs=allowed)
     ui_compat.enable_queue(demo)
     print(f"TrainTrain: models from {args.models_dir or '(paths typed into the page)'}, output to {output_dir}")
+    if allowed is not None:
+        print("Load JSON reads only from: " + ", ".join(str(d) for d in allowed))
     ui_compat.launch(demo, css=page_css(), server_name=args.host, server_port=args.port,
-                     inbrowser=getattr(args, "browser", False))
+                     inbrowser=getattr(args, "browser", False), auth=auth)
     return 0

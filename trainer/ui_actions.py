@@ -7,6 +7,8 @@ the whole form receive its values in ``ui_form.FIELD_NAMES`` order.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +17,7 @@ import gradio as gr
 
 from trainer import paths as default_paths
 from trainer import plot, ui_form
+from trainer.atomic import write_text
 from trainer.config import ConfigError, TrainConfig
 from trainer.queue import TABLE_HEADERS, JobQueue, QueueError, format_table
 from trainer.ui_runner import Runner
@@ -40,6 +43,16 @@ class UiPaths:
         return cls(presets=default_paths.presets_dir(), jsons=default_paths.jsons_dir(), logs=logs,
                    queue_file=default_paths.jsons_dir() / "queue.json", inputs=logs / "inputs")
 
+    @property
+    def user_presets(self) -> Path:
+        """Presets the user saves (``jsons/presets/``); ``presets/`` holds the shipped ones, read-only."""
+        return self.jsons / "presets"
+
+    @property
+    def state_file(self) -> Path:
+        """Choices the page remembers between visits and restarts (the last model)."""
+        return self.logs / "ui_state.json"
+
     @classmethod
     def under(cls, root: Path) -> UiPaths:
         """All folders under one root (tests, portable setups)."""
@@ -48,36 +61,89 @@ class UiPaths:
                    queue_file=root / "jsons" / "queue.json", inputs=root / "logs" / "inputs")
 
 
+SHIPPED = " (shipped)"  # marks a shipped preset whose name a user preset also has
+
+
 def _errors(error: ConfigError) -> str:
     return "Error: " + "\n".join(error.problems)
+
+
+def _stems(folder: Path) -> list[str]:
+    return sorted((p.stem for p in folder.glob("*.json")), key=str.lower) if folder.is_dir() else []
+
+
+def _inside(path: Path, folders) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(f).resolve()) for f in folders)
 
 
 class TrainTrainUI:
     """The page's state (host, queue, background runner) and its event handlers."""
 
     def __init__(self, host, *, standalone: bool, paths: UiPaths | None = None,
-                 output_dir: Path | None = None, poll_s: float = 0.5):
+                 output_dir: Path | None = None, poll_s: float = 0.5, allowed_dirs=None):
         self.host, self.standalone = host, standalone
         self.paths = paths or UiPaths.default()
+        # Load JSON reads only inside these folders (None: anywhere); see ``serve``.
+        self.allowed_dirs = None if allowed_dirs is None else [Path(d) for d in allowed_dirs]
         self.queue = JobQueue(self.paths.queue_file, recover=True)
         self.runner = Runner(host, self.queue, output_dir=output_dir, logs_dir=self.paths.logs, poll_s=poll_s)
 
     # --- lists ---------------------------------------------------------------------------
 
     def model_choices(self) -> list[str]:
+        """The Model list; in a web UI "(the loaded model)" comes first (the standalone page has none)."""
         lister = getattr(self.host, "list_models", None)
-        return list(lister()) if callable(lister) else []
+        listed = list(lister()) if callable(lister) else []
+        return listed if self.standalone else [ui_form.LOADED_MODEL, *listed]
+
+    def default_model(self, choices: list[str] | None = None) -> str | None:
+        """The user's last model choice while it is still listed; else the loaded model (web UI)
+        or the first listed model (standalone)."""
+        choices = self.model_choices() if choices is None else choices
+        last = self._state().get("model")
+        if last in choices:
+            return last
+        return choices[0] if choices else None
+
+    def remember_model(self, model: str | None) -> None:
+        """Keep the Model choice for the next visit or restart (only a listed one)."""
+        if model and model in self.model_choices() and self._state().get("model") != model:
+            state = self._state()
+            state["model"] = model
+            try:
+                write_text(self.paths.state_file, json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+            except OSError:
+                pass  # only a convenience; the page works without it
+
+    def _state(self) -> dict:
+        try:
+            data = json.loads(self.paths.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def vae_choices(self) -> list[str]:
         lister = getattr(self.host, "list_vaes", None)
         return [ui_form.NO_VAE] + (list(lister()) if callable(lister) else [])
 
     def preset_names(self) -> list[str]:
-        folder = self.paths.presets
-        return sorted((p.stem for p in folder.glob("*.json")), key=str.lower) if folder.is_dir() else []
+        """Saved (user) and shipped presets by name; a shipped preset that a user preset of the
+        same name shadows is listed as ``<name> (shipped)``."""
+        mine, shipped = _stems(self.paths.user_presets), _stems(self.paths.presets)
+        names = mine + [s + SHIPPED if s in mine else s for s in shipped]
+        return sorted(names, key=str.lower)
+
+    def preset_path(self, name: str) -> Path:
+        """The file of a listed preset name (a user preset before a shipped one of the same name)."""
+        if name.endswith(SHIPPED) and (self.paths.presets / f"{name[:-len(SHIPPED)]}.json").is_file():
+            return self.paths.presets / f"{name[:-len(SHIPPED)]}.json"
+        mine = self.paths.user_presets / f"{name}.json"
+        return mine if mine.is_file() else self.paths.presets / f"{name}.json"
 
     def refresh_models(self):
-        return gr.update(choices=self.model_choices()), gr.update(choices=self.vae_choices())
+        choices = self.model_choices()
+        return gr.update(choices=choices), gr.update(choices=self.vae_choices())
 
     def refresh_presets(self):
         return gr.update(choices=self.preset_names())
@@ -108,24 +174,36 @@ class TrainTrainUI:
 
     # --- presets -------------------------------------------------------------------------
 
-    def save_preset(self, *args):
-        """Save the form as ``presets/<save_lora_name>.json`` (reference format, no images)."""
+    def save_preset(self, overwrite: bool, *args):
+        """Save the form as ``jsons/presets/<save_lora_name>.json`` (reference format, no images);
+        returns (message, preset list update, overwrite box update).
+
+        Shipped presets (``presets/``) are never written. An existing user preset is replaced only
+        with ``overwrite`` ticked; the box is cleared after each save.
+        """
         try:
             config = self._config(args, with_inputs=False)
         except ConfigError as error:
-            return _errors(error), gr.update()
+            return _errors(error), gr.update(), gr.update()
         name = config.save_lora_name or "untitled"
-        path = self.paths.presets / f"{name}.json"
+        path = self.paths.user_presets / f"{name}.json"
         existed = path.exists()
+        if existed and not overwrite:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+            return (f"Not saved: your preset '{name}' exists ({path}, saved {when}). Tick 'replace my preset of "
+                    "this name' and press Save preset again to replace it, or change save_lora_name."), \
+                gr.update(), gr.update()
         config.to_json(path)
-        note = " (replaced the earlier file)" if existed else ""
-        return f"Preset saved: {path}{note}", gr.update(choices=self.preset_names(), value=name)
+        note = " (replaced your earlier preset)" if existed else ""
+        if (self.paths.presets / f"{name}.json").is_file():
+            note += f"; the shipped preset of this name stays as '{name}{SHIPPED}'"
+        return f"Preset saved: {path}{note}", gr.update(choices=self.preset_names(), value=name), False
 
     def load_preset(self, name: str, model: str, model_path: str, vae: str) -> list:
-        """Fill the form from ``presets/<name>.json``; the current model stays if the preset has none."""
+        """Fill the form from a listed preset; the current model stays if the preset has none."""
         if not name:
             return self._no_load("Choose a preset first.")
-        return self._load(self.paths.presets / f"{name}.json", model, model_path, vae)
+        return self._load(self.preset_path(name), model, model_path, vae)
 
     def load_json(self, name: str, model: str, model_path: str, vae: str) -> list:
         """Fill the form from a saved settings JSON: a path, or a name searched under jsons/."""
@@ -139,6 +217,10 @@ class TrainTrainUI:
             found = next((p for p in matches if p != self.paths.queue_file), None)
         if found is None:
             return self._no_load(f"Error: {wanted} not found under {self.paths.jsons}")
+        if self.allowed_dirs is not None and not _inside(found, self.allowed_dirs):
+            folders = ", ".join(str(d) for d in self.allowed_dirs)
+            return self._no_load(f"Error: {found} is outside the folders this page reads settings from ({folders}). "
+                                 "Copy it into jsons/, or start the page with --allow-dir FOLDER.")
         return self._load(found, model, model_path, vae)
 
     def _load(self, path: Path, model: str, model_path: str, vae: str) -> list:
@@ -159,6 +241,7 @@ class TrainTrainUI:
     def start(self, resume: bool, *args) -> Iterator[tuple[str, str]]:
         """Start training the form's settings in the background (``resume``: continue the stopped
         run of this name); yields (progress, message) until the run ends."""
+        self.remember_model(ui_form.values_of(args).get("model"))
         try:
             config = self._config(args)
         except ConfigError as error:
@@ -168,9 +251,17 @@ class TrainTrainUI:
         if refusal:
             yield self.runner.snapshot().progress, refusal
             return
-        warnings = "\n".join(f"warning: {w}" for w in config.warnings)
+        warnings = [f"warning: {w}" for w in config.warnings]
+        yield from self._follow(lambda snap: "\n".join([snap.message, *warnings]) if snap.running else snap.message)
+
+    def _follow(self, message=lambda snap: snap.message):
+        """(progress, message) of the run until it ends; while it runs a field is sent only when it
+        changed, so a message another button wrote meanwhile stays readable; the last is sent whole."""
+        shown = (None, None)
         for snap in self.runner.follow():
-            yield snap.progress, snap.message or warnings
+            now = (snap.progress, message(snap))
+            yield tuple(gr.update() if new == old and snap.running else new for new, old in zip(now, shown))
+            shown = now
 
     def stop(self) -> str:
         return self.runner.stop()
@@ -180,8 +271,21 @@ class TrainTrainUI:
         if not self.runner.running and not self.runner.snapshot().progress:
             yield "Nothing is training.", gr.update()
             return
-        for snap in self.runner.follow():
-            yield snap.progress, snap.message or gr.update()
+        yield from self._follow()
+
+    def page_load(self):
+        """What a freshly loaded page shows: the remembered model, the queue as it is now, the log
+        list; (model, queue table, queue item, log)."""
+        choices = self.model_choices()
+        return (gr.update(choices=choices, value=self.default_model(choices)), *self.queue_view(),
+                self.refresh_logs())
+
+    def follow_at_load(self) -> Iterator[tuple[str, str]]:
+        """Progress and message of the run going on (or the last one) when the page is loaded."""
+        if not self.runner.running and not self.runner.snapshot().progress:
+            yield gr.update(), gr.update()
+            return
+        yield from self._follow()
 
     # --- queue ---------------------------------------------------------------------------
 
@@ -189,6 +293,10 @@ class TrainTrainUI:
         """(table, item-dropdown update) of the queue as it is now."""
         items = self.queue.items()
         table = format_table(items) or [[""] * len(TABLE_HEADERS)]
+        if not self.standalone and items:
+            model = TABLE_HEADERS.index("model")
+            for row in table:
+                row[model] = row[model] or ui_form.LOADED_MODEL
         choices = [f"{i.id}: {i.name} ({i.status})" for i in items]
         return table, gr.update(choices=choices, value=None)
 
@@ -208,18 +316,20 @@ class TrainTrainUI:
         return self._item_action(choice, self.queue.remove, "Deleted")
 
     def requeue_item(self, choice: str):
-        return self._item_action(choice, self.queue.requeue, "Pending again")
+        after = ("it trains after the running item" if self.runner.running
+                 else "press Run queue to train it")
+        return self._item_action(choice, self.queue.requeue, "Pending again", after)
 
     def clear_finished(self):
         count = self.queue.clear_finished()
         return (f"Deleted {count} finished item(s).", *self.queue_view())
 
-    def _item_action(self, choice: str, action, verb: str):
+    def _item_action(self, choice: str, action, verb: str, after: str = ""):
         if not choice:
-            return ("Choose a queue item first.", *self.queue_view())
+            return ("Choose a queue item first (the list under the table).", *self.queue_view())
         try:
             item = action(str(choice).split(":")[0])
-            message = f"{verb}: item {item.id} ('{item.name}')"
+            message = f"{verb}: item {item.id} ('{item.name}')" + (f"; {after}" if after else "")
         except QueueError as error:
             message = str(error)
         return (message, *self.queue_view())
@@ -230,14 +340,17 @@ class TrainTrainUI:
         if refusal:
             yield (self.runner.snapshot().progress, refusal, *self.queue_view())
             return
-        shown = None
+        shown, said = None, (None, None)
         for snap in self.runner.follow():
             items = self.queue.items()
             state = [(i.id, i.status) for i in items]
-            # Redraw the table only when it changed, so it does not flicker while training.
+            # Redraw the table only when it changed, so it does not flicker while training, and
+            # send the texts only when they changed, so other buttons' answers stay readable.
             view = self.queue_view() if state != shown or not snap.running else (gr.update(), gr.update())
             shown = state
-            yield (snap.progress, snap.message, *view)
+            texts = (snap.progress, snap.message)
+            yield (*(gr.update() if new == old and snap.running else new for new, old in zip(texts, said)), *view)
+            said = texts
 
     # --- plot ----------------------------------------------------------------------------
 

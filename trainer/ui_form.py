@@ -30,6 +30,10 @@ PARAMS_BY_NAME = {p.name: p for p in PARAMS}
 P2 = "2nd:"
 FIELD_NAMES = FIXED_FIELDS + tuple(p.name for p in PASS1) + tuple(P2 + p.name for p in PASS2)
 NO_VAE = "None"
+# The web-UI tab's first Model entry: train on the checkpoint the web UI has loaded. It is
+# saved as "" (the reference's blank model), which the web-UI host reads the same way.
+LOADED_MODEL = "(the loaded model)"
+_BLANK_MODELS = ("", "None", LOADED_MODEL)
 
 # The reference shows this one in iLECO although nothing reads it; it stays there so every
 # saved key has a widget.
@@ -98,7 +102,7 @@ def values_from_config(config: TrainConfig, *, keep_model: tuple[str, str], keep
     values: dict[str, object] = {p.name: ui_value(p, getattr(config, p.name)) for p in PASS1}
     second = config.second_pass or config
     values.update({P2 + p.name: ui_value(p, getattr(second, p.name)) for p in PASS2})
-    if config.model:
+    if config.model not in _BLANK_MODELS:
         in_list = config.model in model_choices
         values["model"], values["model_path"] = (config.model, "") if in_list else (keep_model[0], config.model)
     else:
@@ -124,6 +128,8 @@ def settings_from_values(values: dict[str, object], *, image_dir: Path | None = 
     if mode == "Difference":
         settings["2nd pass"] = {p.key: values[P2 + p.name] for p in PASS2}
     model = str(values.get("model_path") or "").strip() or str(values.get("model") or "")
+    if model == LOADED_MODEL:
+        model = ""
     vae = str(values.get("vae") or "")
     settings.update({"mode": mode, "model": model, "vae": "" if vae == NO_VAE else vae,
                      "original prompt": values["original_prompt"] or "",

@@ -40,7 +40,9 @@ def format_seconds(seconds: float) -> str:
 def describe_event(event) -> str:
     """One line for a loop ProgressEvent: pass, step/total, loss, speed, ETA."""
     if event.message:
-        return f"{event.pass_name}: {event.message}"
+        # The loop's own messages may already name the pass ("main: steps 0/40").
+        prefix = f"{event.pass_name}: "
+        return event.message if event.message.startswith(prefix) else prefix + event.message
     parts = [f"{event.pass_name}: step {event.step}/{event.total}"]
     if event.loss_ema == event.loss_ema:  # not NaN
         parts.append(f"loss {event.loss_ema:.4f}")
@@ -117,19 +119,22 @@ class Runner:
             if self.running:
                 return "A training run is going already; wait for it or press Stop."
             self.stop_event.clear()
-            self._label, self._line, self._message, self._current_name = label, "starting...", "", name
+            self._label, self._line, self._current_name = label, "starting...", name
+            self._message = (f"Training {label}, started {time.strftime('%H:%M')}. Stop and Save ends it early "
+                             "and keeps what was learned.")
             self._step_line = ""
             asks = getattr(self.host, "should_stop", None)
             self._host_stop_at_start = bool(asks()) if callable(asks) else False
 
             def work() -> None:
+                failed = False
                 try:
                     message = target()
                 except Exception as error:  # the page must get a message, the console the details
                     self.echo(traceback.format_exc())
-                    message = "Error: " + _error_text(error)
+                    message, failed = "Error: " + _error_text(error), True
                 with self._lock:
-                    ending = "stopped" if self.stop_event.is_set() else "finished"
+                    ending = "failed" if failed else "stopped" if self.stop_event.is_set() else "finished"
                     self._message = message
                     self._line = f"{self._step_line} ({ending})" if self._step_line else ending
 
@@ -148,10 +153,7 @@ class Runner:
             result = run_job(config, host=self.host, output_dir=self.output_dir, logs_dir=self.logs_dir,
                              resume=resume, device=self.device, stop=self.stop_event, on_progress=self._on_progress,
                              log=self._on_log)
-            lines = [result.message, *(f"note: {n}" for n in result.notes)]
-            if result.stopped:
-                lines.append(RESUME_HINT)
-            return "\n".join(lines)
+            return "\n".join([page_message(result), *(f"note: {n}" for n in result.notes)])
 
         return self._begin(f"{name} ({config.mode})", target, name)
 
@@ -171,7 +173,7 @@ class Runner:
             done = self.queue.run_pending(host=self.host, output_dir=self.output_dir, logs_dir=self.logs_dir,
                                           device=self.device, stop=self.stop_event, on_progress=self._on_progress,
                                           log=self._on_log, on_item=on_item)
-            lines = [f"[{i.id}] {i.name}: {i.message or i.status}" for i in done]
+            lines = [f"[{i.id}] {i.name}: {_page_words(i.message) or i.status}" for i in done]
             left = sum(1 for i in self.queue.items() if i.status == "pending")
             if left and self.stop_event.is_set():
                 lines.append(f"Stopped: {left} item(s) still pending; press Run queue to continue.")
@@ -201,6 +203,20 @@ class Runner:
             yield self.snapshot()
             time.sleep(self.poll_s)
         yield self.snapshot()
+
+
+def page_message(result) -> str:
+    """A job's result as the page says it: the CLI's ``--resume`` advice becomes the page's."""
+    if not result.stopped:
+        return result.message
+    saved = f" Saved {result.saved[-1]}." if result.saved else ""
+    return f"Stopped at step {result.steps}.{saved} {RESUME_HINT}"
+
+
+def _page_words(message: str) -> str:
+    """A job message with the CLI's resume advice replaced by the page's."""
+    return message.replace("continue with --resume", "to continue it, load its settings on the Train tab, "
+                           "tick 'resume the stopped run' and press Start Training")
 
 
 def _error_text(error: Exception) -> str:
