@@ -315,6 +315,24 @@ def test_bad_choices_are_named_and_leave_the_host_alone(webui):
     assert not _lock().locked() and host._session is None
 
 
+def test_wrong_names_are_reported_before_the_host_model_moves(webui, tmp_path, monkeypatch):
+    """A run with a model or VAE the host does not have stops before load: the user's model never moves."""
+    from modules import shared
+    from trainer.hosts.base import ModelLoadError
+    from trainer.hosts.webui_session import WebUIHost
+
+    loads = []
+    monkeypatch.setattr(WebUIHost, "load", lambda self, config: loads.append(config))
+    host = _host(webui)
+    data = image_folder(tmp_path / "data", n=2)
+    for bad, match in (({"model": "nope.safetensors"}, "model: 'nope.safetensors' is not a checkpoint"),
+                       ({"vae": "missing.pt"}, "vae: 'missing.pt' is not a VAE")):
+        with pytest.raises(ModelLoadError, match=match):
+            host.run(quick_config(lora_data_directory=str(data), **bad), logs_dir=tmp_path / "logs",
+                     log=lambda m: None)
+    assert loads == [] and _placement(shared.sd_model) == "cuda" and not _lock().locked()
+
+
 def test_merged_lora_makes_the_host_read_the_file(webui):
     from modules import shared
 

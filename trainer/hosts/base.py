@@ -63,6 +63,11 @@ class Host(Protocol):
         """True once the user asked to stop; the loop then stops (and saves if asked to)."""
         ...
 
+    def check(self, config: Any) -> None:
+        """Optional: raise ModelLoadError for a model/VAE choice that cannot load, without loading
+        anything (``run_job`` calls it before ``load`` when the host has it)."""
+        ...
+
 
 def config_value(config: Any, name: str, default: Any = None) -> Any:
     """``config[name]`` for a mapping (preset JSON), else ``getattr(config, name)``; ``default`` if absent.

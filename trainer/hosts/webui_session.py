@@ -89,6 +89,15 @@ class WebUIHost:
         return str(getattr(info, "title", "") or "")
 
     # ------------------------------------------------------------------ Host protocol
+    def check(self, config: Any) -> None:
+        """ModelLoadError when ``config`` names a model or VAE the host does not have; called before
+        ``load``, so a wrong name is reported while the user's model is still where it was."""
+        adapter = self.adapter
+        name = str(config_value(config, "model") or "").strip()
+        if name not in _NOT_CHOSEN and adapter.find_checkpoint(name) is None:
+            self._existing_file(adapter, name)
+        self._vae_path(adapter, config_value(config, "vae"))
+
     def load(self, config: Any) -> Any:
         """Start a session and hand over the model ``config.model`` names (blank: the loaded one).
 
