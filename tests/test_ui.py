@@ -12,7 +12,7 @@ import pytest
 from helpers import TinyHost, image_folder, pattern_image
 from trainer import ui_form
 from trainer.config import PARAMS
-from trainer.ui import build_ui, webui_tabs
+from trainer.ui import build_ui
 from trainer.ui_actions import LOADED_FIELDS, UiPaths
 
 
@@ -67,12 +67,6 @@ def test_page_has_a_widget_per_parameter_with_key_label_help_and_prefixed_ids(pa
     assert len(ids) > 150 and all(i.startswith("traintrain_") for i in ids)
     assert len(set(ids)) == len(ids)
     assert widgets["model"].value == "tiny-sd1"
-
-
-def test_webui_tabs_returns_one_titled_tab(tmp_path, monkeypatch):
-    monkeypatch.setattr(UiPaths, "default", classmethod(lambda cls: UiPaths.under(tmp_path)))
-    [(blocks, title, elem_id)] = webui_tabs(ListingHost("sd1", tmp_path))
-    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("TrainTrain", "traintrain_tab")
 
 
 def test_mode_switch_only_toggles_visibility(page):
@@ -137,14 +131,27 @@ def test_load_json_searches_jsons_and_reports_bad_values(page, tmp_path):
     assert "nothing.json not found" in ui.load_json("nothing", "tiny-sd1", "", "None")[-1]
 
 
+def _events(demo) -> list:
+    """The page's event handlers (gradio 4+: BlockFunction objects with fn, inputs, outputs)."""
+    return list(demo.fns.values() if isinstance(demo.fns, dict) else demo.fns)
+
+
 def test_copy_from_first_pass_copies_everything_and_keeps_the_switch(page):
-    ui = page.traintrain
+    """The button's event, as the page wires it, reads every 1st-pass widget and writes the
+    2nd-pass widget of the same setting (network_type included), and never the 2nd-pass switch."""
+    widgets = page.traintrain_widgets
+    [event] = [e for e in _events(page) if getattr(e.fn, "__name__", "") == "copy_first_pass"]
+    assert [page.blocks[target].elem_id for target, _ in event.targets] == ["traintrain_copy_1st_pass"]
     names = [p.name for p in ui_form.PASS2]
     assert "network_type" in names and "use_2nd_pass_settings" not in names
+    assert [id(c) for c in event.inputs] == [id(widgets[n]) for n in names]
+    assert [id(c) for c in event.outputs] == [id(widgets[ui_form.P2 + n]) for n in names]
+    assert id(widgets["use_2nd_pass_settings"]) not in {id(c) for c in event.outputs}
+    # run the handler on a page whose 1st pass differs from the defaults: the 2nd pass gets it all
     first = {p.name: ui_form.ui_value(p, p.default) for p in ui_form.PASS2}
     first.update(network_type="loha", network_rank="32", train_learning_rate="3e-4")
-    copied = dict(zip(names, ui.copy_first_pass(*[first[n] for n in names])))
-    assert copied == first
+    written = dict(zip((c.elem_id for c in event.outputs), event.fn(*[first[n] for n in names])))
+    assert written == {widgets[ui_form.P2 + n].elem_id: first[n] for n in names}
 
 
 def test_difference_form_carries_the_second_pass_and_kept_image_copies(page, tmp_path):

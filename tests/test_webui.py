@@ -157,17 +157,20 @@ def test_tab_callback_builds_the_ui_for_a_webui_host(webui, monkeypatch):
 
 
 def test_real_ui_module_builds_the_tab(webui):
-    try:
-        import trainer.ui  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"trainer.ui is not available yet ({error}); the stand-in test covers the callback")
+    """What the host's on_ui_tabs gets from the registered callback: one tab titled TrainTrain, the
+    web-UI page (no page title, no page CSS) working on the loaded model through a WebUIHost."""
     import gradio as gr
     from modules import script_callbacks
+
+    from trainer.hosts.webui import WebUIHost
 
     script_callbacks.clear_callbacks()
     _import_script()
     [(blocks, title, elem_id)] = script_callbacks.ui_tabs_callback()
     assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("TrainTrain", "traintrain_tab")
+    assert isinstance(blocks.traintrain.host, WebUIHost) and blocks.traintrain.standalone is False
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    assert "traintrain_tab" in ids and "traintrain_title" not in ids  # the host shows its own title
 
 
 # ----------------------------------------------------------------------------- host facts
