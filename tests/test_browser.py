@@ -54,12 +54,16 @@ def served(tmp_path):
     from trainer import ui_compat
     from trainer.ui import UiPaths, build_ui, page_css
 
+    from trainer.queue import JobQueue
+
     paths = UiPaths.under(tmp_path)
     data = image_folder(tmp_path / "data", n=2)
     quick_config(lora_data_directory=str(data), train_iterations="3", train_batch_size="1",
                  logging_save_csv=True, save_lora_name="quick").to_json(paths.presets / "quick.json")
     demo = build_ui(PageHost("sd1", tmp_path / "out"), standalone=True, paths=paths, output_dir=tmp_path / "out",
                     poll_s=0.2)
+    # Queued after the page was built (e.g. by `queue add`): a freshly loaded page must show it.
+    JobQueue(paths.queue_file).add(quick_config(lora_data_directory=str(data), save_lora_name="preloaded"))
     ui_compat.enable_queue(demo)
     port = _free_port()
     ui_compat.launch(demo, css=page_css(), server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
@@ -111,6 +115,15 @@ def test_train_queue_and_plot_in_the_browser(served):
         page.wait_for_selector("#traintrain_mode")
         assert page.input_value("#traintrain_model input") == "tiny-sd1"
 
+        # The queue file's items show at load, without pressing Reload Queue.
+        _tab(page, "Queue")
+        page.wait_for_function("() => (document.querySelector('#traintrain_queue_table')?.innerText || '')"
+                               ".includes('preloaded')")
+        _choose(page, "traintrain_queue_item", "1: preloaded (pending)")
+        page.click("#traintrain_delete_item")
+        _wait_text(page, "traintrain_queue_message", "Deleted: item 1 ('preloaded')")
+        _tab(page, "Train")
+
         # Mode switch: iLECO shows the prompts and hides the image-folder settings.
         assert page.is_visible("#traintrain_lora_data_directory")
         page.click("#traintrain_mode label:has-text('iLECO')")
@@ -129,12 +142,20 @@ def test_train_queue_and_plot_in_the_browser(served):
         assert _text(page, "traintrain_lora_data_directory") == str(tmp_path / "data")
         assert page.input_value("#traintrain_model input") == "tiny-sd1"
 
-        # Save a preset under a new name.
+        # Save a preset under a new name: it goes to the user presets, not beside the shipped ones;
+        # saving it again asks for the box to be ticked.
         _fill(page, "traintrain_save_lora_name", "browser_a")
         page.click("#traintrain_save_preset")
         _wait_text(page, "traintrain_message", "Preset saved")
-        saved = json.loads((paths.presets / "browser_a.json").read_text(encoding="utf-8"))
+        saved = json.loads((paths.user_presets / "browser_a.json").read_text(encoding="utf-8"))
         assert (saved["save_lora_name"], saved["model"], saved["train_iterations"]) == ("browser_a", "tiny-sd1", "3")
+        assert not (paths.presets / "browser_a.json").exists()
+        page.click("#traintrain_save_preset")
+        _wait_text(page, "traintrain_message", "Not saved: your preset 'browser_a' exists")
+        page.check("#traintrain_preset_overwrite input")
+        page.click("#traintrain_save_preset")
+        _wait_text(page, "traintrain_message", "replaced your earlier preset")
+        page.wait_for_function("() => !document.querySelector('#traintrain_preset_overwrite input').checked")
 
         # Queue two runs; the same name again is refused.
         page.click("#traintrain_add_queue")
@@ -206,4 +227,25 @@ def test_train_queue_and_plot_in_the_browser(served):
         page.wait_for_selector("#traintrain_plot img", state="visible")
         assert "browser_stop" in _text(page, "traintrain_plot_message")
         page.screenshot(path=str(SHOTS / "6_plot.png"), full_page=True)
+
+        # A page reloaded during a run shows the run at once (no "Show progress" needed).
+        _tab(page, "Train")
+        page.click("#traintrain_mode label:has-text('LoRA')")
+        _fill(page, "traintrain_save_lora_name", "browser_live")
+        _fill(page, "traintrain_train_iterations", "500")
+        page.click("#traintrain_start")
+        _wait_text(page, "traintrain_progress", "step 2/500")
+        page.reload(wait_until="networkidle")
+        _wait_text(page, "traintrain_progress", "browser_live (LoRA) — main: step")
+        assert _text(page, "traintrain_message").startswith("Training browser_live (LoRA), started")
+        page.screenshot(path=str(SHOTS / "7_reloaded_during_run.png"))
+        page.click("#traintrain_stop")
+        message = _wait_text(page, "traintrain_message", "Stopped at step")
+        assert "--resume" not in message and "tick 'resume the stopped run'" in message
+
+        # "Run again" answers and says what comes next.
+        _tab(page, "Queue")
+        _choose(page, "traintrain_queue_item", "1: browser_a (done)")
+        page.click("#traintrain_requeue_item")
+        _wait_text(page, "traintrain_queue_message", "Pending again: item 1 ('browser_a'); press Run queue")
         browser.close()
