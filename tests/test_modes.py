@@ -348,3 +348,31 @@ def test_stop_and_resume_in_every_mode_equals_an_uninterrupted_run(tmp_path, mod
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_multi_addift_difference_mask_reaches_the_loss(tmp_path, monkeypatch):
+    """With diff_use_diff_mask the loss gets the pair's difference mask (at latent size) and
+    averages over it, instead of multiplying both predictions by it."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.modes import addift
+
+    masks = []
+    real = addift.diffusion_loss
+    monkeypatch.setattr(addift, "diffusion_loss", lambda *a, **k: masks.append(k.get("mask")) or real(*a, **k))
+    data = tmp_path / "pairs"
+    data.mkdir()
+    grey = np.full((64, 64, 3), 100, dtype=np.uint8)
+    changed = grey.copy()
+    changed[:32, :32] = 200  # the top-left quarter differs
+    Image.fromarray(grey).save(data / "a.png")
+    Image.fromarray(changed).save(data / "a_t.png")
+    cfg = quick_config(mode="Multi-ADDifT", lora_data_directory=str(data), diff_target_name="_t",
+                       train_iterations="2", train_batch_size="1", diff_use_diff_mask=True, save_lora_name="mask")
+    run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+    assert len(masks) == 2
+    expected = torch.zeros((1, 1, 8, 8))
+    expected[..., :4, :4] = 1.0
+    for mask in masks:
+        torch.testing.assert_close(mask, expected)

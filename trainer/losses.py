@@ -56,9 +56,15 @@ def diffusion_loss(pred, target, timesteps, *, scheduler, kind: str = "MSE", snr
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of the per-sample loss, with optional min-SNR weighting and mask.
 
-    The per-sample loss is the mean over (C, H, W) (over the masked area when a mask is
-    given). Min-SNR-gamma weights each sample by ``min(gamma / SNR(t), 1)``.
+    The per-sample loss is the mean over (C, H, W); with a ``mask`` (1 where the loss counts,
+    broadcast over the channels) it is the mean over the masked area, so a small mask does not
+    shrink the loss (ADDifT's difference mask). Min-SNR-gamma weights each sample by
+    ``min(gamma / SNR(t), 1)``.
     """
+    # Min-SNR follows the reference (SPEC.md §4.0), not diffusers/kohya: the weight is
+    # min(γ/SNR, 1) for epsilon AND v-prediction models. diffusers' train scripts and kohya's
+    # apply_snr_weight(v_prediction=True) use min(SNR, γ)/(SNR + 1) for v-prediction instead
+    # (e.g. SNR 9, γ 5: 0.5 there, 5/9 here). Kept so the reference's presets train the same.
     loss = element_loss(pred, target, kind)
     if mask is not None:
         mask = mask.to(loss.dtype)

@@ -15,8 +15,10 @@ the following reverse step. The log says which one runs.
 
 Multi-ADDifT draws bucketed batches of pairs from a folder, each image with its own caption.
 
-Change from the reference: pair images are read with the loader of every other mode
-(``data.images``: EXIF orientation, 16-bit images), so a photo trains upright.
+Changes from the reference: with ``diff_use_diff_mask`` the loss is the mean over the masked
+latent area (the reference multiplied both predictions by the mask and averaged over the whole
+latent, so a small mask gave a small loss); pair images are read with the loader of every
+other mode (``data.images``: EXIF orientation, 16-bit images), so a photo trains upright.
 """
 
 from __future__ import annotations
@@ -141,11 +143,9 @@ class AddiftTask:
             y = unet_forward(bundle, x_a, t, c_o.to(ctx.device), time_ids)
         self.network.multiplier = m
         p = unet_forward(bundle, x_b, t, c_t.to(ctx.device), time_ids)
-        if mask is not None:
-            mask = mask.to(ctx.device)
-            y, p = y * mask, p * mask
         loss = diffusion_loss(p, y, t, scheduler=sched, kind=cfg.train_loss_function,
-                              snr_gamma=float(cfg.train_snr_gamma))
+                              snr_gamma=float(cfg.train_snr_gamma),
+                              mask=None if mask is None else mask.to(ctx.device))
         self.network.multiplier = 0.0
         return loss
 
