@@ -441,7 +441,8 @@ def test_ui_command_beyond_localhost_warns_takes_a_login_and_limits_load_json(tm
     assert ui.load_json("ok", "", "", "None")[-1].startswith("Loaded ")
     assert ui.load_json(str(extra / "x.json"), "", "", "None")[-1].startswith("Loaded ")
     refused = ui.load_json(str(elsewhere / "x.json"), "", "", "None")
-    assert refused[-1].startswith(f"Error: {elsewhere / 'x.json'} is outside the folders") and "--allow-dir" in refused[-1]
+    assert refused[-1].startswith(f"Error: {elsewhere / 'x.json'} is outside the folders")
+    assert "--allow-dir" in refused[-1]
     assert all(u == gr.update() for u in refused[:-1])
 
     served.clear()

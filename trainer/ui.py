@@ -170,8 +170,8 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     train["stop"].click(ui.stop, [], [w["progress"]], api_name="traintrain_stop")
     train["follow"].click(ui.follow, [], [w["progress"], w["message"]], show_progress="hidden")
     train["queue"].click(ui.add_to_queue, form, [w["message"], *view], api_name="traintrain_add_queue")
-    train["save"].click(ui.save_preset, [w["preset_overwrite"], *form], [w["message"], w["preset"], w["preset_overwrite"]],
-                        api_name="traintrain_save_preset")
+    train["save"].click(ui.save_preset, [w["preset_overwrite"], *form],
+                        [w["message"], w["preset"], w["preset_overwrite"]], api_name="traintrain_save_preset")
     train["load"].click(ui.load_preset, [w["preset"], *current_model], loaded, api_name="traintrain_load_preset")
     train["load_json"].click(ui.load_json, [w["json_name"], *current_model], loaded, api_name="traintrain_load_json")
     train["refresh_presets"].click(ui.refresh_presets, [], [w["preset"]])
