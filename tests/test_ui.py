@@ -395,6 +395,21 @@ def test_progress_tells_the_truth_about_failures_and_pass_names(tmp_path):
     assert progress.endswith("failed") and "finished" not in progress
 
 
+def test_bad_input_reaches_the_console_in_one_line(tmp_path):
+    """A setting to fix is one line on the console (no traceback); a fault keeps its traceback."""
+    from trainer.queue import JobQueue
+    from trainer.ui_runner import Runner
+
+    said = []
+    runner = Runner(SlowHost("sd1", tmp_path / "out"), JobQueue(tmp_path / "queue.json"), output_dir=tmp_path / "out",
+                    logs_dir=tmp_path / "logs", echo=said.append)
+    config = ui_form.config_from_values(ui_form.values_of(tuple(_quick(tmp_path / "no_such_folder", save_lora_name="bad"))))
+    assert runner.start_job(config) is None
+    snapshot = runner.wait()
+    assert snapshot.message.startswith("Error: ") and "no_such_folder" in snapshot.message
+    assert len(said) == 1 and "Traceback" not in said[0] and "no_such_folder" in said[0]
+
+
 def test_a_reloaded_page_shows_the_live_run(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),

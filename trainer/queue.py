@@ -279,7 +279,7 @@ class JobQueue:
 
     def _run_loop(self, host, output_dir, logs_dir, device, stop, on_progress, log, on_item) -> list[QueueItem]:
         from trainer.config import TrainConfig
-        from trainer.jobs import run_job
+        from trainer.jobs import error_exit, run_job
 
         finished: list[QueueItem] = []
         while not stop.is_set():
@@ -296,7 +296,7 @@ class JobQueue:
                 status, message = ("stopped" if result.stopped else "done"), result.message
             except Exception as error:  # one job's failure must not end the queue
                 message = "Error: " + _error_text(error)
-                if _is_input_error(error):  # the message says what to fix; no traceback
+                if error_exit(error)[0] == 2:  # bad input: the message says what to fix; no traceback
                     log(f"queue item {item.id} ('{item.name}') could not start: {_error_text(error)}")
                 else:
                     log(f"queue item {item.id} ('{item.name}') failed:\n{traceback.format_exc()}")
@@ -325,15 +325,6 @@ class JobQueue:
                 item.status, item.started, item.message = "running", time.time(), ""
                 self._write(items)
             return item
-
-
-def _is_input_error(error: Exception) -> bool:
-    from trainer.config import ConfigError
-    from trainer.data.errors import DataError
-    from trainer.jobs import InputError
-    from trainer.runlog import StateError
-
-    return isinstance(error, (ConfigError, DataError, InputError, StateError))
 
 
 def _parse_id(item_id: int | str) -> int:

@@ -130,8 +130,12 @@ class Runner:
                 failed = False
                 try:
                     message = target()
-                except Exception as error:  # the page must get a message, the console the details
-                    self.echo(traceback.format_exc())
+                except Exception as error:  # the page gets the message; the console the details of a fault
+                    from trainer.jobs import error_exit
+
+                    code, text = error_exit(error)
+                    # bad input (exit 2) is said in one line that names what to fix; a fault gets its traceback
+                    self.echo(f"TrainTrain: {text}" if code == 2 else traceback.format_exc())
                     message, failed = "Error: " + _error_text(error), True
                 with self._lock:
                     ending = "failed" if failed else "stopped" if self.stop_event.is_set() else "finished"
