@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     for m in runs.get("ours", [])[:1]:
         measured = m.cuda_peak_mb if spec.device.startswith("cuda") else m.peak_rss_mb
         if m.estimate_mb and measured:
-            notes.append(f"memory estimate (trainer/memory.py) for ours: {m.estimate_mb:.0f} MiB ({m.estimate_phase}); "
+            notes.append(f"memory estimate (trainer/training/memory/estimate.py) for ours: {m.estimate_mb:.0f} MiB ({m.estimate_phase}); "
                          f"measured peak {measured:.0f} MiB ({(m.estimate_mb - measured) / measured:+.0%})")
     for note in notes:
         print(f"note: {note}")

@@ -1,4 +1,4 @@
-"""Measure the activation memory of one U-Net / text-encoder training step (the data behind trainer/memory.py).
+"""Measure the activation memory of one U-Net / text-encoder training step (the data behind trainer/training/memory/estimate.py).
 
     python bench/calibrate_memory.py                    # SD1.5 fp32 and bf16, checkpointing off/on
     python bench/calibrate_memory.py --family sdxl --precision bf16 --resolutions 64,128
@@ -10,7 +10,7 @@ step). Their difference is the step's working memory: saved activations, gradien
 and the allocator's slack, which is what the estimate must predict. ``bf16`` runs the step
 under CPU autocast with bf16 weights, the closest a CPU comes to a GPU's fp16/bf16 run.
 
-Printed per point: bytes per latent cell per sample (the coefficient trainer/memory.py uses).
+Printed per point: bytes per latent cell per sample (the coefficient trainer/training/memory/estimate.py uses).
 ``--text-encoder`` measures the text encoder(s) the same way, per prompt (77 tokens).
 """
 

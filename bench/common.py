@@ -73,7 +73,7 @@ class Measurement:
     trainable_params: int = 0
     modules: int = 0
     loss: float = float("nan")
-    estimate_mb: float | None = None   # trainer/memory.py's estimate for this run (ours only)
+    estimate_mb: float | None = None   # trainer/training/memory/estimate.py's estimate for this run (ours only)
     estimate_phase: str = ""
     notes: list = field(default_factory=list)
 

@@ -55,7 +55,7 @@ def run_ours(spec: BenchSpec) -> Measurement:
     import torch
 
     from trainer.hosts.standalone import StandaloneHost
-    from trainer.jobs import run_job
+    from trainer.training.job import run_job
 
     config = ours_config(spec)
     meter = Meter("TrainTrain", spec.device)
@@ -81,8 +81,8 @@ def run_ours(spec: BenchSpec) -> Measurement:
 
 
 def _add_estimate(m: Measurement, config, spec: BenchSpec) -> None:
-    """trainer/memory.py's estimate of this run, to print next to the measured peak."""
-    from trainer.memory import estimate_peak
+    """trainer/training/memory/estimate.py's estimate of this run, to print next to the measured peak."""
+    from trainer.training.memory.estimate import estimate_peak
 
     held = Path(spec.checkpoint).stat().st_size if not spec.half else 0  # the loader holds the file on CPU
     est = estimate_peak(config, spec.family, spec.device, checkpoint_bytes=held)

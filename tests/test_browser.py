@@ -51,10 +51,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tmp_path):
-    from trainer import ui_compat
-    from trainer.ui import UiPaths, build_ui, page_css
+    from trainer.ui.page import compat as ui_compat
+    from trainer.ui.page import UiPaths, build_ui, page_css
 
-    from trainer.queue import JobQueue
+    from trainer.training.queue import JobQueue
 
     paths = UiPaths.under(tmp_path)
     data = image_folder(tmp_path / "data", n=2)

@@ -63,7 +63,7 @@ def test_sdxl_time_ids_carry_real_size_and_crop_of_a_non_square_bucket(tmp_path,
         return real(bundle, noisy, timesteps, cond, time_ids)
 
     monkeypatch.setattr("trainer.modes.lora.unet_forward", spy)
-    from trainer.jobs import run_job
+    from trainer.training.job import run_job
 
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1", train_batch_size="1",
                        image_buckets_step="16", image_min_length="32",
@@ -79,8 +79,8 @@ def test_sdxl_time_ids_carry_real_size_and_crop_of_a_non_square_bucket(tmp_path,
 
 
 def test_v_prediction_models_train_on_the_v_target(tmp_path, monkeypatch):
-    from trainer import losses
-    from trainer.jobs import run_job
+    from trainer.training import losses
+    from trainer.training.job import run_job
 
     calls = []
     real = losses.training_target

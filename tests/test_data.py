@@ -527,3 +527,26 @@ def test_no_warnings_on_a_clean_folder(folder):
         warnings.simplefilter("error")
         specs = plan_samples(discover_images(folder), "64", 32, 32, 2)
     assert len(specs) == 4
+
+
+def test_a_16bit_png_is_scaled_to_8_bits_however_pillow_opens_it(tmp_path, monkeypatch):
+    """Pillow 10+ opens a 16-bit grayscale PNG as I;16, Pillow 9 (AUTOMATIC1111 pins 9.5.0) as 32-bit I."""
+    from trainer.data.images import open_image
+
+    gray = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "g8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    expected = np.asarray(open_image(tmp_path / "g8.png"))
+    assert np.array_equal(np.asarray(open_image(tmp_path / "g16.png")), expected)
+    real_open = Image.open
+
+    def like_pillow_9(path, *args, **kwargs):
+        image = real_open(path, *args, **kwargs)
+        if image.mode != "I;16":
+            return image
+        widened = image.convert("I")
+        widened.format = image.format
+        return widened
+
+    monkeypatch.setattr(Image, "open", like_pillow_9)
+    assert np.array_equal(np.asarray(open_image(tmp_path / "g16.png")), expected)

@@ -55,7 +55,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def test_each_process_keeps_its_share_of_the_batch():
     from trainer.conditioning import Conditioning
-    from trainer.distributed import Dist
+    from trainer.training.distributed import Dist
 
     x = torch.arange(8).view(4, 2)
     first, second = Dist(rank=0, world=2), Dist(rank=1, world=2)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import TinyHost, image_folder, quick_config
-from trainer.jobs import InputError, run_job
+from trainer.training.job import InputError, run_job
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -133,7 +133,7 @@ def test_read_only_output_folder_is_refused_before_training(tmp_path, monkeypatc
         finally:
             subprocess.run(["umount", str(out)])
     else:  # no permission to mount here: the same refusal through a writer that meets EROFS
-        import trainer.preflight as pre
+        import trainer.training.preflight as pre
 
         def read_only(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
@@ -144,8 +144,8 @@ def test_read_only_output_folder_is_refused_before_training(tmp_path, monkeypatc
 
 
 def test_no_room_for_the_planned_files_is_refused_before_step_1(tmp_path, monkeypatch):
-    import trainer.loop as loop
-    import trainer.preflight as pre
+    import trainer.training.loop as loop
+    import trainer.training.preflight as pre
 
     data = image_folder(tmp_path / "data", n=1)
     real = pre.shutil.disk_usage
@@ -162,10 +162,10 @@ def test_no_room_for_the_planned_files_is_refused_before_step_1(tmp_path, monkey
 
 
 def test_failed_final_save_keeps_a_state_that_resume_only_saves(tmp_path, monkeypatch):
-    import trainer.loop as loop
+    import trainer.training.loop as loop
     import trainer.network.io as nio
-    from trainer.jobs import error_exit
-    from trainer.loop import SaveFailed
+    from trainer.training.job import error_exit
+    from trainer.training.loop import SaveFailed
 
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", save_lora_name="keep")
@@ -202,7 +202,7 @@ def test_failed_final_save_keeps_a_state_that_resume_only_saves(tmp_path, monkey
 def _hold_lock_in_subprocess(lock_file: Path):
     code = textwrap.dedent(f"""
         import time
-        from trainer.runlock import RunLock
+        from trainer.training.runlock import RunLock
         RunLock({str(lock_file)!r}, "training 'tiny'").acquire()
         print("held", flush=True)
         time.sleep(120)
@@ -232,7 +232,7 @@ def test_a_second_run_of_the_same_name_is_refused_and_a_crashed_one_does_not_blo
 
 
 def test_two_runs_of_one_name_in_one_program_exclude_each_other(tmp_path):
-    from trainer.runlock import RunLock
+    from trainer.training.runlock import RunLock
 
     data = image_folder(tmp_path / "data", n=1)
     with RunLock(tmp_path / "logs" / "state" / ".tiny.lock", "training 'tiny'"):
@@ -360,7 +360,7 @@ def test_resume_takes_iterations_and_learning_rate_from_the_new_request(tmp_path
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 torn zip", "foreign"], ids=["empty", "torn", "foreign"])
 def test_unusable_state_file_is_named_with_how_to_start_over(tmp_path, content):
-    from trainer.runlog import StateError
+    from trainer.training.runlog import StateError
 
     data = image_folder(tmp_path / "data", n=1)
     state = tmp_path / "logs" / "state" / "tiny.pt"
@@ -383,7 +383,7 @@ def test_unusable_state_file_is_named_with_how_to_start_over(tmp_path, content):
 
 def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_path, capsys):
     from trainer.cli import main
-    from trainer.queue import JobQueue, QueueError
+    from trainer.training.queue import JobQueue, QueueError
 
     data = image_folder(tmp_path / "data", n=1)
     qfile = tmp_path / "queue.json"
@@ -392,7 +392,7 @@ def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_pa
     queue.add(quick_config(lora_data_directory=str(data), save_lora_name="second"))
     code = textwrap.dedent(f"""
         import sys, time
-        from trainer.queue import JobQueue
+        from trainer.training.queue import JobQueue
 
         class SlowHost:  # its model takes forever to load: the job stays 'running'
             def load(self, config):
@@ -432,7 +432,7 @@ def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_pa
 
 def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
     from trainer.hosts.base import ModelLoadError
-    from trainer.jobs import error_exit
+    from trainer.training.job import error_exit
 
     class CheckingHost(TinyHost):
         def check(self, config):
@@ -450,7 +450,7 @@ def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
 def test_stop_save_never_replaces_someone_elses_file_and_a_failing_periodic_save_keeps_the_state(
         tmp_path, monkeypatch):
     import trainer.network.io as nio
-    from trainer.loop import SaveFailed
+    from trainer.training.loop import SaveFailed
 
     data = image_folder(tmp_path / "data", n=1)
     out = tmp_path / "out"

@@ -107,7 +107,7 @@ def baseline():
 def form(**settings) -> list:
     """The tab's Start inputs (resume box + every form field, in the tab's order) for ``settings``."""
     from helpers import quick_config
-    from trainer.ui_form import FIELD_NAMES, LOADED_MODEL, values_from_config
+    from trainer.ui.form import FIELD_NAMES, LOADED_MODEL, values_from_config
 
     values = values_from_config(quick_config(model="", **settings), keep_model=(LOADED_MODEL, ""))
     return [values.get(name) for name in FIELD_NAMES]

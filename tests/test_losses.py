@@ -1,4 +1,4 @@
-"""trainer.losses against values worked out by hand (SPEC.md §4.0)."""
+"""trainer.training.losses against values worked out by hand (SPEC.md §4.0)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import (
+from trainer.training.losses import (
     diffusion_loss, element_loss, make_noise, rescale_zero_terminal_snr, sample_timesteps, snr, training_target,
 )
 

@@ -20,8 +20,8 @@ if __name__ == "__main__":  # the measuring child process runs this file as a sc
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers import image_folder, quick_config
-from trainer import memory
-from trainer.memory import GiB, MiB
+from trainer.training.memory import estimate as memory
+from trainer.training.memory.estimate import GiB, MiB
 
 HERE = Path(__file__).resolve().parent
 
@@ -156,7 +156,7 @@ def _child(name: str, workdir: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from trainer.jobs import run_job
+    from trainer.training.job import run_job
 
     def rss(field="VmRSS"):
         return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1]) * 1024

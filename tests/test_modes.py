@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TinyHost, pattern_image, quick_config
-from trainer.jobs import run_job
+from trainer.training.job import run_job
 from trainer.modes.base import repeat_cond, unet_forward
 
 

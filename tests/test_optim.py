@@ -9,7 +9,7 @@ import torch
 
 from trainer.choices import LR_SCHEDULERS, OPTIMIZERS
 from trainer.compat import install_command
-from trainer.optim import (
+from trainer.training.optim.optimizers import (
     OptimizerSettingsError,
     OptimizerUnavailableError,
     build_optimizer,
@@ -247,7 +247,7 @@ def _old_dadaptation(monkeypatch):
     """dadaptation 2.0, the wheel a web UI's pip (--prefer-binary) takes: no DAdaptLion."""
     import types
 
-    import trainer.optim as optim
+    import trainer.training.optim.optimizers as optim
 
     module = types.ModuleType("dadaptation")
     module.DAdaptAdam = torch.optim.AdamW
@@ -257,7 +257,7 @@ def _old_dadaptation(monkeypatch):
 
 
 def test_an_optimizer_newer_than_its_installed_package_names_the_version_it_needs(monkeypatch):
-    from trainer.optim import availability_problem
+    from trainer.training.optim.optimizers import availability_problem
 
     _old_dadaptation(monkeypatch)
     with pytest.raises(OptimizerUnavailableError) as caught:

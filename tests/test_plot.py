@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainer.plot import LogError, find_logs, load_log, plot_log, resolve_log
-from trainer.runlog import CsvLog
+from trainer.training.runlog import CsvLog
 
 INFO = {"network_rank": 4, "network_alpha": 4, "train_learning_rate": 1e-3, "train_iterations": 6,
         "train_lr_scheduler": "cosine", "model_version": "sd1", "train_optimizer": "AdamW",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import TinyHost, image_folder, quick_config
-from trainer.queue import JobQueue, QueueError
+from trainer.training.queue import JobQueue, QueueError
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import TinyHost, image_folder, pattern_image, quick_config
-from trainer.jobs import run_job
+from trainer.training.job import run_job
 
 
 def _quiet(msg):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TinyHost, image_folder, quick_config
-from trainer.jobs import JobError, run_job
+from trainer.training.job import JobError, run_job
 
 
 def _losses(csv_path):
@@ -199,7 +199,7 @@ def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_out_of_memory_saves_what_was_learned_and_says_what_to_do(tmp_path, monkeypatch):
-    from trainer.loop import TrainingOutOfMemory
+    from trainer.training.loop import TrainingOutOfMemory
     from trainer.modes import lora
 
     real = lora.LoraTask.compute_loss
@@ -225,7 +225,7 @@ def test_out_of_memory_saves_what_was_learned_and_says_what_to_do(tmp_path, monk
 
 def _first_grads(tmp_path, monkeypatch, **values):
     """Loss and network gradients of the first step of a tiny LoRA run."""
-    from trainer import loop
+    from trainer.training import loop
 
     grabbed = {}
     real = loop._one_step
@@ -267,7 +267,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, monkeypatch):
 def test_bf16_model_precision_trains_with_fp32_network(tmp_path, monkeypatch):
     """train_model_precision bf16: the frozen U-Net and text encoder are bf16 and run under bf16
     autocast, while the network's weights, gradients and optimizer stay fp32."""
-    from trainer import loop
+    from trainer.training import loop
     from trainer.modes import lora
 
     seen = {}

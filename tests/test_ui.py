@@ -10,10 +10,10 @@ import gradio as gr
 import pytest
 
 from helpers import TinyHost, image_folder, pattern_image
-from trainer import ui_form
+from trainer.ui.page import form as ui_form
 from trainer.config import PARAMS
-from trainer.ui import build_ui
-from trainer.ui_actions import LOADED_FIELDS, UiPaths
+from trainer.ui.page import build_ui
+from trainer.ui.actions import LOADED_FIELDS, UiPaths
 
 
 class ListingHost(TinyHost):
@@ -245,7 +245,7 @@ def test_plot_without_logs_says_so(page):
 def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_path, monkeypatch):
     """``python -m trainer ui --models-dir D`` lists D's models and a run trains the chosen one."""
     from tiny import save_tiny_diffusers
-    from trainer import ui_compat
+    from trainer.ui.page import compat as ui_compat
     from trainer.cli import main
 
     save_tiny_diffusers("sd1", tmp_path / "models" / "StableDiffusion" / "tiny")
@@ -339,7 +339,7 @@ def test_a_loaded_page_shows_the_queue_file_logs_and_model_of_now(tmp_path):
     demo = _webui_page(tmp_path)
     w, ui = demo.traintrain_widgets, demo.traintrain
     # Written after the page was built (another program, or an earlier server): the page load shows them.
-    from trainer.queue import JobQueue
+    from trainer.training.queue import JobQueue
 
     data = image_folder(tmp_path / "data", n=2)
     JobQueue(tmp_path / "jsons" / "queue.json").add(ui._config(tuple(_quick(data, save_lora_name="later"))))
@@ -383,8 +383,8 @@ def test_presets_are_saved_beside_the_shipped_ones_which_stay_untouched(page, tm
 
 
 def test_progress_tells_the_truth_about_failures_and_pass_names(tmp_path):
-    from trainer.loop import ProgressEvent
-    from trainer.ui_runner import describe_event
+    from trainer.training.loop import ProgressEvent
+    from trainer.ui.runner import describe_event
 
     assert describe_event(ProgressEvent("main", 0, 40, message="main: steps 0/40")) == "main: steps 0/40"
     assert describe_event(ProgressEvent("copy", 3, 40, message="stopped")) == "copy: stopped"
@@ -397,8 +397,8 @@ def test_progress_tells_the_truth_about_failures_and_pass_names(tmp_path):
 
 def test_bad_input_reaches_the_console_in_one_line(tmp_path):
     """A setting to fix is one line on the console (no traceback); a fault keeps its traceback."""
-    from trainer.queue import JobQueue
-    from trainer.ui_runner import Runner
+    from trainer.training.queue import JobQueue
+    from trainer.ui.runner import Runner
 
     said = []
     runner = Runner(SlowHost("sd1", tmp_path / "out"), JobQueue(tmp_path / "queue.json"), output_dir=tmp_path / "out",
@@ -436,7 +436,7 @@ def test_requeue_answers_what_happens_next(page, tmp_path):
 
 
 def test_ui_command_beyond_localhost_warns_takes_a_login_and_limits_load_json(tmp_path, monkeypatch, capsys):
-    from trainer import ui_compat
+    from trainer.ui.page import compat as ui_compat
     from trainer.cli import main
 
     monkeypatch.setattr(UiPaths, "default", classmethod(lambda cls: UiPaths.under(tmp_path)))

@@ -141,13 +141,13 @@ def test_script_registers_one_tab_without_heavy_imports(flavour, tmp_path):
 
 
 def test_tab_callback_builds_the_ui_for_a_webui_host(webui, monkeypatch):
-    """The callback hands a WebUIHost to trainer.ui.build_ui(standalone=False) and names the tab."""
+    """The callback hands a WebUIHost to trainer.ui.page.build_ui(standalone=False) and names the tab."""
     from modules import script_callbacks
 
     calls = []
-    stand_in = types.ModuleType("trainer.ui")
+    stand_in = types.ModuleType("trainer.ui.page")
     stand_in.build_ui = lambda host, standalone=True: calls.append((host, standalone)) or "BLOCKS"
-    monkeypatch.setitem(sys.modules, "trainer.ui", stand_in)
+    monkeypatch.setitem(sys.modules, "trainer.ui.page", stand_in)
     script_callbacks.clear_callbacks()
     _import_script()
     assert script_callbacks.ui_tabs_callback() == [("BLOCKS", "TrainTrain", "traintrain_tab")]
@@ -564,7 +564,7 @@ for run in range(3):                                    # runs, each cloning the
     del clones
     gc.collect()
 grown = rss() - before
-from trainer.memory import return_freed_memory
+from trainer.training.memory.estimate import return_freed_memory
 trimmed = return_freed_memory()
 print(grown, rss() - before, trimmed)
 """

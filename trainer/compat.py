@@ -21,6 +21,8 @@ Differences handled here:
 
 - transformers 5 keeps a CLIP text model's weights without the ``text_model.`` prefix; 4.x has it
   (handled where the keys are read: ``families.py`` and ``hosts/ldm_convert.py``).
+- Pillow 9 (AUTOMATIC1111 pins 9.5.0) opens a 16-bit grayscale PNG as mode ``I``, Pillow 10+ as
+  ``I;16``: :func:`is_16bit_gray` recognises both, so it is scaled to 8 bits rather than clipped.
 - Optional packages: LoHa needs lycoris-lora; some optimizers need a minimum release of their
   package (:data:`OPTIONAL_PACKAGES`, :func:`package_problem`). The advice printed for a missing
   package is TrainTrain's own install.py (:func:`install_command`), which installs it without
@@ -114,6 +116,11 @@ def package_problem(package: OptionalPackage) -> str | None:
         return (f"{package.feature} need(s) {package.dist} >= {package.minimum}, but {version} is installed; "
                 f"install a newer one with: {install_command(package.spec)}")
     return None
+
+
+def is_16bit_gray(image) -> bool:
+    """True for a 16-bit grayscale image as Pillow opened it (call before any transpose: a copy has no format)."""
+    return image.mode.startswith("I;16") or (image.mode == "I" and getattr(image, "format", None) == "PNG")
 
 
 class MissingPackageError(ImportError):

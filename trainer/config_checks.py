@@ -11,7 +11,7 @@ import re
 
 from trainer.config_schema import PARAMS, param
 from trainer.config_values import ConfigError, fmt_number, parse_step_rules, show, to_typed
-from trainer.optim_settings import OptimizerSettingsError, parse_settings
+from trainer.training.optim.settings import OptimizerSettingsError, parse_settings
 
 # The reference silently turns values <= 0 of these into 1 (SPEC.md §3.2); we do the same so its
 # files keep loading, but say so.
@@ -170,7 +170,7 @@ def run_problems(config) -> list[str]:
 def package_problems(config) -> list[str]:
     """Optional packages the chosen network type and optimizer need but this Python lacks (or has too old)."""
     from trainer.compat import network_type_problem
-    from trainer.optim import availability_problem
+    from trainer.training.optim.optimizers import availability_problem
 
     found = []
     network = network_type_problem(config.network_type)

@@ -1,4 +1,4 @@
-"""The loss chart of a training run, drawn from its CSV log (format in ``trainer/runlog.py``).
+"""The loss chart of a training run, drawn from its CSV log (format in ``trainer/training/runlog.py``).
 
 Reads this project's logs (``Step,Epoch,Loss,Loss EMA,Learning Rate 1..,Time``) and the
 reference's (``Step,Loss,Learning Rate 1..``, whose ``Loss`` is already an EMA): the row whose

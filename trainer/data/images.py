@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from trainer.compat import is_16bit_gray
 from trainer.data.errors import DataError, ImageLoadError
 
 log = logging.getLogger(__name__)
@@ -217,10 +218,10 @@ def probe_image(path: str | os.PathLike) -> ImageInfo:
     return ImageInfo(width=width, height=height, has_alpha=has_alpha)
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
+def _to_8bit(im: Image.Image, sixteen_bit: bool) -> Image.Image:
     """16-bit and float grayscale to 8-bit ``L``; Pillow's own conversion would clip them."""
     arr = np.asarray(im, dtype=np.float32)
-    if im.mode.startswith("I;16"):
+    if sixteen_bit:
         arr = arr / 257.0
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
@@ -234,10 +235,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
+            sixteen_bit = is_16bit_gray(im)  # before the transpose: a transposed copy has no format
             if _orientation(im) != 1:
                 im = ImageOps.exif_transpose(im)
             if im.mode.startswith(("I", "F")):
-                im = _to_8bit(im)
+                im = _to_8bit(im, sixteen_bit)
             return im.convert("RGBA" if _has_alpha(im) else "RGB")
     except MemoryError:
         raise

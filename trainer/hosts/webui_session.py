@@ -171,9 +171,9 @@ class WebUIHost:
         """``run_job`` with this host: stop event and progress wired to the host's Interrupt and job state.
 
         ``stop`` (optional) is the caller's own event; it is set on a host Interrupt as well.
-        Other keyword arguments go to ``trainer.jobs.run_job`` (``logs_dir``, ``resume``, ``log``...).
+        Other keyword arguments go to ``trainer.training.job.run_job`` (``logs_dir``, ``resume``, ``log``...).
         """
-        from trainer.jobs import run_job
+        from trainer.training.job import run_job
 
         if stop is not None:
             self._targets = [self.stop_event, stop]
@@ -187,7 +187,7 @@ class WebUIHost:
         try:
             return run_job(config, host=self, stop=stop or self.stop_event, on_progress=progress, **job_options)
         finally:
-            from trainer.memory import return_freed_memory
+            from trainer.training.memory.estimate import return_freed_memory
 
             gc.collect()
             return_freed_memory()  # what the run's network, optimizer and caches held, now freed
@@ -343,7 +343,7 @@ def _release(bundle: Any) -> None:
     """
     if bundle is None:
         return
-    from trainer.memory import return_freed_memory
+    from trainer.training.memory.estimate import return_freed_memory
 
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         if module is not None:

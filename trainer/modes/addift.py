@@ -28,7 +28,7 @@ from PIL import Image
 
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import encode_latents_mean, mask_to_latent
-from trainer.losses import diffusion_loss
+from trainer.training.losses import diffusion_loss
 from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
 
 TRAIN_MULTIPLIER = 0.25

@@ -1,7 +1,7 @@
 """What every mode shares: the run context, building the network, and the UNet call.
 
 A mode module says what one training step computes. It builds one or more *tasks* (see
-trainer/loop.py) and never loops itself.
+trainer/training/loop.py) and never loops itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class ModeContext:
     log: Callable[[str], None] = print
     cache_dir: object = None           # folder for on-disk latent caches, or None
     extras: dict = field(default_factory=dict)
-    dist: object = None                # trainer.distributed.Dist; None = one process
+    dist: object = None                # trainer.training.distributed.Dist; None = one process
 
     def __post_init__(self):
         self._encoder = None

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.losses import diffusion_loss, make_noise, sample_timesteps, training_target
+from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.addift import _source_size, load_pixels
 from trainer.data.cache import encode_latents_mean
 from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward

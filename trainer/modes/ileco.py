@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.losses import diffusion_loss, sample_timesteps
+from trainer.training.losses import diffusion_loss, sample_timesteps
 from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
 
 

@@ -12,7 +12,7 @@ import torch
 
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import LatentCache, TextCache
-from trainer.losses import diffusion_loss, make_noise, sample_timesteps, training_target
+from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.base import ModeContext, build_network, release_unused, unet_forward
 
 

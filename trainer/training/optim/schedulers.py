@@ -39,7 +39,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from trainer.choices import LR_SCHEDULERS
-from trainer.optim_settings import (
+from trainer.training.optim.settings import (
     SCHEDULER_FIELD,
     OptimizerSettingsError,
     accepted_keywords,
@@ -48,7 +48,7 @@ from trainer.optim_settings import (
 )
 
 if TYPE_CHECKING:
-    from trainer.optim import OptimizerInfo
+    from trainer.training.optim.optimizers import OptimizerInfo
 
 _TORCH_DEFAULTS: dict[str, tuple[str, dict[str, object]]] = {
     "cosine_annealing": ("CosineAnnealingLR", {}),

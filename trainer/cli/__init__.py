@@ -88,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return layout_command(args.family, args.network_type, args.element, args.blocks)
         if args.command == "train":
-            from trainer.jobs import train_command
+            from trainer.training.job import train_command
 
             return train_command(args)
         if args.command == "ui":
-            from trainer.ui import serve
+            from trainer.ui.page import serve
 
             return serve(args)
         if args.command == "queue":
-            from trainer.queue import queue_command
+            from trainer.training.queue import queue_command
 
             if args.action in ("add", "remove", "requeue") and not args.target:
                 parser.error(f"queue {args.action} needs a {'settings JSON' if args.action == 'add' else 'item id'}")

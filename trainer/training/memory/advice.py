@@ -1,6 +1,6 @@
 """What to tell the user about a memory estimate: the summary, the warning, what to switch on.
 
-Every suggestion is priced by re-running the estimate of ``trainer/memory.py`` with that one
+Every suggestion is priced by re-running the estimate of ``trainer/training/memory/estimate.py`` with that one
 setting changed; only changes that apply to the run and save a noticeable amount are offered,
 largest saving first.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.memory import GiB, MiB, MemoryEstimate
+from trainer.training.memory.estimate import GiB, MiB, MemoryEstimate
 
 _WORTH = 64 * MiB  # smaller savings are not worth a setting change
 _HALF_SAVING_OPTIMIZERS = {"AdamW", "Adam", "PagedAdamW", "PagedAdamW32bit", "Prodigy", "DadaptAdam",

@@ -42,8 +42,8 @@ import torch
 
 from trainer.choices import OPTIMIZERS
 from trainer.compat import DADAPTATION, DADAPTATION_LION, install_command, installed_version, version_below
-from trainer.optim_schedulers import SchedulerInfo, build_scheduler
-from trainer.optim_settings import (
+from trainer.training.optim.schedulers import SchedulerInfo, build_scheduler
+from trainer.training.optim.settings import (
     OPTIMIZER_FIELD,
     OptimizerSettingsError,
     accepted_keywords,

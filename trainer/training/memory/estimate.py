@@ -22,7 +22,7 @@ Hand-written because no library covers it: accelerate's ``estimate-memory`` coun
 weights only (from a hub repository), not the frozen/trainable split, optimizer state or the
 activations of a training step. No weights are needed here: a family name is enough (parameter counts of the shipped configs; the
 network's modules are found on a meta-device copy of the architecture). Suggestions, the
-printed summary and the out-of-memory message live in ``trainer/memory_advice.py``.
+printed summary and the out-of-memory message live in ``trainer/training/memory/advice.py``.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class MemoryEstimate:
 
     def suggestions(self, free: int | None = None) -> list[str]:
         """Setting changes that would lower the peak, largest saving first; with ``free``, whether each fits."""
-        from trainer.memory_advice import suggestions
+        from trainer.training.memory.advice import suggestions
 
         return [text for _, text in suggestions(self, free)]
 
@@ -311,22 +311,22 @@ def estimate_for_model_file(config: Any, path: Any, device: Any = "cpu", *, free
 
 def format_estimate(est: MemoryEstimate, free: int | None = None) -> str:
     """Lines for the CLI / UI, with a warning and suggestions when ``est`` exceeds ``free``."""
-    from trainer.memory_advice import format_estimate as fmt
+    from trainer.training.memory.advice import format_estimate as fmt
 
     return fmt(est, free)
 
 
 def oom_message(exc: BaseException, estimate: MemoryEstimate | None, *, saved: Any = None,
                 free: int | None = None) -> str:
-    """The user's message for an out-of-memory error (see ``trainer.memory_advice.oom_message``)."""
-    from trainer.memory_advice import oom_message as message
+    """The user's message for an out-of-memory error (see ``trainer.training.memory.advice.oom_message``)."""
+    from trainer.training.memory.advice import oom_message as message
 
     return message(exc, estimate, saved=saved, free=free)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for torch / CUDA / MPS / host allocation failures."""
-    from trainer.memory_advice import is_out_of_memory as check
+    from trainer.training.memory.advice import is_out_of_memory as check
 
     return check(exc)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainer.jobs import InputError
-from trainer.runlock import LockHeld, RunLock
+from trainer.training.job import InputError
+from trainer.training.runlock import LockHeld, RunLock
 
 # Settings a resumed run may take from the new request; every other difference refuses.
 RESUME_CHANGEABLE = (
@@ -62,7 +62,7 @@ class Prepared:
 def prepare(config, *, output_dir: Path, logs_dir: Path, resume: bool,
             log: Callable[[str], None] = print) -> Prepared:
     """Run every check that needs no model; on success the run's locks are held (``release()``)."""
-    from trainer.runlog import state_path
+    from trainer.training.runlog import state_path
 
     config.check_for_run()
     name = config.save_lora_name or "untitled"
@@ -85,7 +85,7 @@ def prepare(config, *, output_dir: Path, logs_dir: Path, resume: bool,
             log(f"removed {len(removed)} temporary file(s) left by an interrupted save: "
                 + ", ".join(p.name for p in removed))
         if resume:
-            from trainer.runlog import read_state
+            from trainer.training.runlog import read_state
 
             prep.state = read_state(prep.state_file)
             prep.config = resume_config(prep.state, config, log)

@@ -19,10 +19,11 @@ from pathlib import Path
 import gradio as gr
 
 from trainer import choices as C
-from trainer import ui_compat, ui_form
+from trainer.ui.page import compat as ui_compat
+from trainer.ui.page import form as ui_form
 from trainer.paths import ROOT
-from trainer.queue import TABLE_HEADERS
-from trainer.ui_actions import LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
+from trainer.training.queue import TABLE_HEADERS
+from trainer.ui.actions import LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
 
 __all__ = ["build_ui", "webui_tabs", "serve", "TrainTrainUI", "UiPaths"]
 

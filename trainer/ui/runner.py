@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from trainer.queue import JobQueue, QueueError, QueueItem
+from trainer.training.queue import JobQueue, QueueError, QueueItem
 
 
 RESUME_HINT = "To continue it on this page, tick 'resume the stopped run' and press Start Training."
@@ -131,7 +131,7 @@ class Runner:
                 try:
                     message = target()
                 except Exception as error:  # the page gets the message; the console the details of a fault
-                    from trainer.jobs import error_exit
+                    from trainer.training.job import error_exit
 
                     code, text = error_exit(error)
                     # bad input (exit 2) is said in one line that names what to fix; a fault gets its traceback
@@ -149,7 +149,7 @@ class Runner:
     def start_job(self, config, *, resume: bool = False) -> str | None:
         """Train ``config`` in the background (``resume``: continue the stopped run of its name);
         returns a refusal message when busy, else None."""
-        from trainer.jobs import run_job
+        from trainer.training.job import run_job
 
         name = config.save_lora_name or "untitled"
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 from trainer import paths
 from trainer.atomic import write_text
-from trainer.runlock import LockHeld, RunLock, holder
+from trainer.training.runlock import LockHeld, RunLock, holder
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
 ACTIVE = ("pending", "running")
@@ -279,7 +279,7 @@ class JobQueue:
 
     def _run_loop(self, host, output_dir, logs_dir, device, stop, on_progress, log, on_item) -> list[QueueItem]:
         from trainer.config import TrainConfig
-        from trainer.jobs import error_exit, run_job
+        from trainer.training.job import error_exit, run_job
 
         finished: list[QueueItem] = []
         while not stop.is_set():

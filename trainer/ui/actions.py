@@ -16,11 +16,12 @@ from typing import Iterator
 import gradio as gr
 
 from trainer import paths as default_paths
-from trainer import plot, ui_form
+from trainer import plot
+from trainer.ui.page import form as ui_form
 from trainer.atomic import write_text
 from trainer.config import ConfigError, TrainConfig
-from trainer.queue import TABLE_HEADERS, JobQueue, QueueError, format_table
-from trainer.ui_runner import Runner
+from trainer.training.queue import TABLE_HEADERS, JobQueue, QueueError, format_table
+from trainer.ui.runner import Runner
 
 NEWEST_LOG = "(newest)"
 # The fields a loaded preset sets: all but the image uploads (settings files hold no images).

@@ -89,7 +89,7 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
             resume: bool = False, device=None, stop: threading.Event | None = None,
             on_progress: Callable | None = None, log: Callable[[str], None] = print) -> JobResult:
     """Train ``config`` with the model ``host`` provides; see the module docstring."""
-    from trainer import preflight
+    from trainer.training import preflight
 
     output_dir = Path(output_dir or host.lora_dir())
     logs_dir = Path(logs_dir or paths.logs_dir())
@@ -109,15 +109,15 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
 def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobResult:
     import torch
 
-    from trainer import loop
+    from trainer.training import loop
     from trainer.modes.base import ModeContext
-    from trainer.preflight import check_room
-    from trainer.runlog import CsvLog, csv_path
+    from trainer.training.preflight import check_room
+    from trainer.training.runlog import CsvLog, csv_path
 
     config, name, state, state_file = prep.config, prep.name, prep.state, prep.state_file
     output_dir, logs_dir = prep.output_dir, prep.logs_dir
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    from trainer.distributed import detect
+    from trainer.training.distributed import detect
 
     dist = detect(device)
     if dist.enabled:
@@ -147,7 +147,7 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
             bundle.unet.enable_gradient_checkpointing()
             bundle.unet.train()  # diffusers checkpoints only in train mode; SD has no dropout
         if getattr(config, "zero_terminal_snr", False):
-            from trainer.losses import rescale_zero_terminal_snr
+            from trainer.training.losses import rescale_zero_terminal_snr
 
             rescale_zero_terminal_snr(bundle.noise_scheduler)
         ctx = ModeContext(bundle=bundle, device=device, model_dtype=model_dtype, lora_dtype=lora_dtype,
@@ -218,7 +218,7 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
 def _memory_plan(config, bundle, device, log):
     """Estimate the run's peak memory, say it, and warn (with what to switch on) when it will
     not fit in the device's free memory."""
-    from trainer.memory import estimate_peak, format_estimate, free_device_memory
+    from trainer.training.memory.estimate import estimate_peak, format_estimate, free_device_memory
 
     try:
         estimate = estimate_peak(config, bundle, device)
@@ -347,8 +347,8 @@ def error_exit(exc: BaseException) -> tuple[int, str]:
     from trainer.config import ConfigError
     from trainer.data.errors import DataError
     from trainer.hosts.base import ModelLoadError
-    from trainer.loop import SaveFailed, TrainingOutOfMemory
-    from trainer.runlog import StateError
+    from trainer.training.loop import SaveFailed, TrainingOutOfMemory
+    from trainer.training.runlog import StateError
 
     if isinstance(exc, (ConfigError, DataError, InputError, StateError, ModelLoadError)):
         return 2, str(exc)

@@ -21,8 +21,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from trainer import optim
-from trainer.runlog import CsvLog, save_state
+from trainer.training.optim import optimizers as optim
+from trainer.training.runlog import CsvLog, save_state
 
 
 class Task(Protocol):
@@ -69,8 +69,8 @@ class LoopOptions:
     state_path: Path | None = None             # resumable state is written here on stop
     resume: dict | None = None                 # a state written by an earlier stop of this pass
     extra_state: dict = field(default_factory=dict)  # saved with the state (e.g. pass index)
-    dist: object = None                        # trainer.distributed.Dist; None = one process
-    estimate: object = None                    # trainer.memory.MemoryEstimate, for OOM advice
+    dist: object = None                        # trainer.training.distributed.Dist; None = one process
+    estimate: object = None                    # trainer.training.memory.estimate.MemoryEstimate, for OOM advice
     free_memory: int | None = None             # free device memory when the run started
     keep_other_state: bool = False             # a state already at state_path is another run's: keep it
 
@@ -127,7 +127,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 def run(task: Task, opts: LoopOptions) -> LoopResult:
     """Train ``task`` for its configured number of optimizer steps (or until stopped)."""
-    from trainer.distributed import SINGLE
+    from trainer.training.distributed import SINGLE
 
     dist = opts.dist or SINGLE
     cfg = task.config
@@ -275,7 +275,7 @@ def _one_step(task, opts: LoopOptions, dist, step: int, accum: int, scaler, opti
 
 
 def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
-    from trainer.memory import oom_message
+    from trainer.training.memory.estimate import oom_message
 
     return f"at step {step + 1}: " + oom_message(exc, opts.estimate, saved=kept, free=opts.free_memory)
 
