@@ -20,6 +20,7 @@ if __name__ == "__main__":  # the measuring child process runs this file as a sc
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers import image_folder, quick_config
+from trainer.training.memory import advice
 from trainer.training.memory import estimate as memory
 from trainer.training.memory.estimate import GiB, MiB
 
@@ -103,34 +104,34 @@ def test_network_parameter_count_matches_the_built_network():
 
 def test_suggestions_apply_only_when_they_help(sd1):
     off = sd1(train_batch_size="2", train_optimizer="AdamW")
-    tips = off.suggestions()
+    tips = advice.suggestion_texts(off)
     assert any("use_gradient_checkpointing" in t for t in tips)
     assert any("train_batch_size to 1" in t for t in tips)
     assert any("fp16" in t for t in tips)  # fp32 weights on a GPU
     on = sd1(train_batch_size="1", use_gradient_checkpointing=True, train_model_precision="fp16",
              train_optimizer="AdamW8bit", no_base=True)
-    tips = on.suggestions()
+    tips = advice.suggestion_texts(on)
     assert not any("use_gradient_checkpointing" in t or "batch" in t or "8bit" in t or "BASE" in t for t in tips)
 
 
 def test_format_warns_when_over_free_memory(sd1):
     est = sd1(train_batch_size="4", **{"image_size(height, width)": "768"})
-    text = memory.format_estimate(est, free=int(est.total * 0.6))
+    text = advice.format_estimate(est, free=int(est.total * 0.6))
     assert "WARNING" in text and "shared system memory" in text and "10-100x slower" in text
     assert "use_gradient_checkpointing" in text
-    assert "WARNING" not in memory.format_estimate(est, free=est.total + GiB)
-    assert "Estimated peak GPU memory" in memory.format_estimate(est)
+    assert "WARNING" not in advice.format_estimate(est, free=est.total + GiB)
+    assert "Estimated peak GPU memory" in advice.format_estimate(est)
 
 
 def test_oom_message_and_detection(sd1):
     est = sd1(train_batch_size="2")
     exc = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 8.00 GiB total capacity)")
-    assert memory.is_out_of_memory(exc) and memory.is_out_of_memory(MemoryError())
-    assert not memory.is_out_of_memory(ValueError("bad value"))
-    text = memory.oom_message(exc, est, saved="output/cat_120steps.safetensors", free=6 * GiB)
+    assert advice.is_out_of_memory(exc) and advice.is_out_of_memory(MemoryError())
+    assert not advice.is_out_of_memory(ValueError("bad value"))
+    text = advice.oom_message(exc, est, saved="output/cat_120steps.safetensors", free=6 * GiB)
     assert "Tried to allocate 2.00 GiB" in text and "use_gradient_checkpointing" in text
     assert "output/cat_120steps.safetensors" in text
-    assert "use_gradient_checkpointing" in memory.oom_message(exc, None)
+    assert "use_gradient_checkpointing" in advice.oom_message(exc, None)
 
 
 def test_bad_model_and_cpu_free_memory():

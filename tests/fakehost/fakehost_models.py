@@ -1,6 +1,7 @@
 """The fake hosts' model objects, built from a checkpoint file's LDM state dict.
 
-Only the structure TrainTrain relies on is reproduced (HOSTS.md §2):
+Only the structure TrainTrain relies on is reproduced (HOSTS.md §2), and
+tests/test_fakehost_fidelity.py checks it against records of the real hosts (tests/data/hosts):
 
 - AUTOMATIC1111: one ``nn.Module`` with ``model.diffusion_model``, ``first_stage_model`` and
   ``cond_stage_model`` (or ``conditioner``), module names as in the file, and the text encoder
@@ -10,9 +11,9 @@ Only the structure TrainTrain relies on is reproduced (HOSTS.md §2):
 - Forge: an engine (not a module) with ``forge_objects.{unet,clip,vae}``: a UNet patcher whose
   ``model`` (KModel) holds ``diffusion_model`` (LDM names) and ``predictor.prediction_type``,
   a CLIP whose ``cond_stage_model.clip_l`` (``clip_h`` for SD2, ``clip_l`` + ``clip_g`` for SDXL)
-  are IntegratedCLIPs (transformers-layout ``transformer.text_model.*`` +
-  ``transformer.text_projection`` + ``logit_scale``; OpenCLIP weights converted to that layout
-  at load) whose token embedding the text-processing engine wraps for textual inversion
+  are IntegratedCLIPs (transformers-layout ``transformer.text_model.*`` + ``logit_scale``, and
+  ``transformer.text_projection`` where the file has one; OpenCLIP weights converted to that
+  layout at load) whose token embedding the text-processing engine wraps for textual inversion
   (``token_embedding.wrapped``, weight registered twice), a VAE whose
   ``first_stage_model`` has LDM VAE names. Everything is built under ``torch.inference_mode()``.
 
@@ -70,28 +71,59 @@ def _strip(state: dict, prefix: str) -> dict:
 
 
 class EmbeddingsWithFixes(nn.Module):
-    """A1111's token-embedding wrapper (the original at ``.wrapped``)."""
+    """A1111's token-embedding wrapper (``modules.sd_hijack``; the original at ``.wrapped``)."""
 
     def __init__(self, wrapped: nn.Module):
         super().__init__()
         self.wrapped = wrapped
 
 
-class CustomWordsWrapper(nn.Module):
-    """A1111's ``FrozenCLIPEmbedderWithCustomWords``: the ldm embedder at ``.wrapped``."""
+class FrozenCLIPEmbedderWithCustomWords(nn.Module):
+    """A1111's wrapper of an SD1 ldm ``FrozenCLIPEmbedder`` (``modules.sd_hijack_clip``), kept at ``.wrapped``."""
 
     def __init__(self, wrapped: nn.Module):
         super().__init__()
         self.wrapped = wrapped
 
 
-def _hijack_text_encoder(embedder: nn.Module) -> nn.Module:
+class FrozenOpenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    """The same for SD2's OpenCLIP embedder (``modules.sd_hijack_open_clip``)."""
+
+
+class FrozenCLIPEmbedderForSDXLWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    """The same for SDXL's CLIP-L embedder (``conditioner.embedders.0``)."""
+
+
+class FrozenOpenCLIPEmbedder2WithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    """The same for SDXL's OpenCLIP bigG embedder (``conditioner.embedders.1``)."""
+
+
+def _hijack_text_encoder(embedder: nn.Module, wrapper: type) -> nn.Module:
+    """What ``StableDiffusionModelHijack.hijack`` does to one text embedder (modules/sd_hijack.py)."""
     if "transformer" in embedder._modules:  # CLIP: transformer.text_model.embeddings.token_embedding
         embeddings = embedder.transformer.text_model.embeddings
     else:  # OpenCLIP: model.token_embedding
         embeddings = embedder.model
     embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding)
-    return CustomWordsWrapper(embedder)
+    return wrapper(embedder)
+
+
+def _ddpm_schedule(module: nn.Module, steps: int = 1000) -> None:
+    """The noise-schedule buffers ldm's ``LatentDiffusion.register_schedule`` adds (they are in its
+    state dict): scaled-linear betas 0.00085..0.012 as in SD's configs."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas[:-1]])
+    variance = betas * (1 - previous) / (1 - alphas)
+    values = {"betas": betas, "alphas_cumprod": alphas, "alphas_cumprod_prev": previous,
+              "sqrt_alphas_cumprod": alphas.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas).sqrt(),
+              "log_one_minus_alphas_cumprod": (1 - alphas).log(), "sqrt_recip_alphas_cumprod": (1 / alphas).sqrt(),
+              "sqrt_recipm1_alphas_cumprod": (1 / alphas - 1).sqrt(), "posterior_variance": variance,
+              "posterior_log_variance_clipped": variance.clamp(min=1e-20).log(),
+              "posterior_mean_coef1": betas * previous.sqrt() / (1 - alphas),
+              "posterior_mean_coef2": (1 - previous) * (1 - betas).sqrt() / (1 - alphas)}
+    for name, value in values.items():
+        module.register_buffer(name, value.float())
 
 
 class FakeLatentDiffusion(Placed):
@@ -108,13 +140,17 @@ class FakeLatentDiffusion(Placed):
         self.is_ssd = False
         if self.is_sdxl:
             self.conditioner = tree_module(_strip(state, "conditioner."), nn.Module())
-            for name, embedder in list(self.conditioner.embedders._modules.items()):
-                self.conditioner.embedders._modules[name] = _hijack_text_encoder(embedder)
+            wrappers = (FrozenCLIPEmbedderForSDXLWithCustomWords, FrozenOpenCLIPEmbedder2WithCustomWords)
+            for (name, embedder), wrapper in zip(list(self.conditioner.embedders._modules.items()), wrappers):
+                self.conditioner.embedders._modules[name] = _hijack_text_encoder(embedder, wrapper)
             # A1111's hijack then points cond_stage_model at the conditioner (modules/sd_hijack.py), which
             # registers it a second time: the state dict has every text-encoder key under both names.
             self.cond_stage_model = self.conditioner
         else:
-            self.cond_stage_model = _hijack_text_encoder(tree_module(_strip(state, "cond_stage_model."), nn.Module()))
+            _ddpm_schedule(self)
+            wrapper = FrozenOpenCLIPEmbedderWithCustomWords if self.is_sd2 else FrozenCLIPEmbedderWithCustomWords
+            self.cond_stage_model = _hijack_text_encoder(tree_module(_strip(state, "cond_stage_model."), nn.Module()),
+                                                         wrapper)
         self.parameterization = "eps"
         self.lowvram = False
         self.sd_checkpoint_info = info
@@ -148,14 +184,13 @@ class JointTextEncoder(Placed):
 
 
 class IntegratedCLIP(nn.Module):
-    """Forge's CLIP holder: a transformers CLIPTextModel at ``transformer`` plus an added projection."""
+    """Forge's CLIP holder: a transformers CLIPTextModel at ``transformer`` (plus a projection when the file has one)."""
 
     def __init__(self, transformer_state: dict):
         super().__init__()
-        state = dict(transformer_state)
-        hidden = state["text_model.final_layer_norm.weight"].shape[0]
-        state.setdefault("text_projection.weight", torch.eye(hidden))  # Forge adds one to every CLIP
-        self.transformer = tree_module(state, nn.Module())
+        # Forge adds a text_projection layer to every CLIP, but its weight stays unset (and out of the
+        # state dict) unless the checkpoint has one: OpenCLIP's (clip_g, clip_h) do, CLIP-L's do not.
+        self.transformer = tree_module(dict(transformer_state), nn.Module())
         self.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
 
 

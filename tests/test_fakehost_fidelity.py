@@ -1,0 +1,137 @@
+"""The fake web-UI host against records taken from the real ones.
+
+tests/data/hosts holds, per host flavour and model family, what a real AUTOMATIC1111 or Forge
+showed with a full-size checkpoint loaded (module trees, state-dict key sets, wrapper classes,
+tensor facts; see its README). Here the fake host's model objects are built from a full-size
+checkpoint's key layout (meta tensors: no weights, no memory) and must show the same: the same
+state-dict keys wherever the trainer reads them, the same wrappers on the same paths, the same
+family flags, and inference tensors where Forge has them. A difference means the fake has
+drifted from the hosts and the web-UI tests would prove less than they claim.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+RECORDS = sorted((HERE / "data" / "hosts").glob("*.json"))
+FAKEHOST = HERE / "fakehost"
+_FAKE_MODULES = ("modules", "backend", "networks", "fakehost_setup", "fakehost_models", "launch")
+# Classes of the hosts' own wrappers and containers; everything else on a recorded path (torch,
+# transformers, ldm, Forge's layer and block classes) only has to be there.
+_HOST_WRAPPER_PACKAGES = ("modules.", "backend.text_processing.", "backend.nn.clip.", "backend.patcher.clip.",
+                          "backend.modules.k_model.")
+
+
+def _record_id(path: Path) -> str:
+    return path.stem
+
+
+def _family(record: dict) -> str:
+    return "sdxl" if record["is_sdxl"] is True else "sd2" if record["is_sd2"] is True else "sd1"
+
+
+@pytest.fixture
+def fake_models(monkeypatch, request):
+    """The fake host's model module for a flavour (modules imported fresh, removed afterwards)."""
+
+    def load(flavour: str, root: Path):
+        for name in list(sys.modules):
+            if name.split(".")[0] in _FAKE_MODULES:
+                del sys.modules[name]
+        monkeypatch.setenv("FAKEHOST_FLAVOUR", flavour)
+        monkeypatch.setenv("FAKEHOST_ROOT", str(root))
+        monkeypatch.syspath_prepend(str(FAKEHOST))
+        import fakehost_models
+
+        return fakehost_models
+
+    yield load
+    for name in list(sys.modules):
+        if name.split(".")[0] in _FAKE_MODULES:
+            del sys.modules[name]
+
+
+def _full_size_ldm_state(family: str) -> dict:
+    from ldm import ldm_state_dict
+    from trainer.layout import meta_parts
+
+    return ldm_state_dict(family, meta_parts(family))
+
+
+def _path_types(root: torch.nn.Module, paths) -> dict[str, str]:
+    found = {}
+    for path in paths:
+        try:
+            module = root.get_submodule(path) if path else root
+        except AttributeError:
+            found[path] = "<missing>"
+            continue
+        found[path] = type(module).__name__
+    return found
+
+
+def _compare_paths(recorded: dict[str, str], root: torch.nn.Module) -> list[str]:
+    """Problems: a recorded path the fake lacks or has while the host lacks it, or a host wrapper
+    whose class the fake does not reproduce (by class name)."""
+    fake = _path_types(root, recorded)
+    problems = []
+    for path, real in recorded.items():
+        missing_here = fake[path] == "<missing>"
+        missing_there = real.startswith("<missing")
+        if missing_here != missing_there:
+            problems.append(f"{path}: host {real}, fake {fake[path]}")
+        elif not missing_there and real.startswith(_HOST_WRAPPER_PACKAGES) and real.rsplit(".", 1)[-1] != fake[path]:
+            problems.append(f"{path}: host {real}, fake {fake[path]}")
+    return problems
+
+
+@pytest.mark.parametrize("record_path", RECORDS, ids=_record_id)
+def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models, tmp_path):
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    family = _family(record)
+    models = fake_models(record["flavour"], tmp_path / "webui")
+    state = _full_size_ldm_state(family)
+    info = SimpleNamespace(filename=str(tmp_path / "model.safetensors"), shorthash="0123456789", title="model")
+    if record["flavour"] == "a1111":
+        model = models.FakeLatentDiffusion(state, info)
+        assert {f: getattr(model, f) for f in ("is_sd1", "is_sd2", "is_sdxl")} == \
+            {f: record[f] for f in ("is_sd1", "is_sd2", "is_sdxl")}
+        assert sorted(model.state_dict()) == sorted(record["state_dict_keys"])
+        assert _compare_paths(record["path_types"], model) == []
+        assert not any(p.is_inference() for p in model.parameters())  # A1111 loads outside inference mode
+        return
+    with torch.inference_mode():
+        engine = models.ForgeEngine(state, info)
+    assert {f: getattr(engine, f) for f in ("is_sd1", "is_sd2", "is_sdxl")} == \
+        {f: record[f] for f in ("is_sd1", "is_sd2", "is_sdxl")}
+    objects = engine.forge_objects
+    unet = objects.unet.model.diffusion_model
+    assert sorted(unet.state_dict()) == sorted(record["unet_state_dict_keys"])
+    assert sorted(objects.vae.first_stage_model.state_dict()) == sorted(record["vae_state_dict_keys"])
+    assert _compare_paths(record["unet_path_types"], unet) == []
+    encoders = objects.clip.cond_stage_model
+    assert sorted(name for name, _ in encoders.named_children()) == sorted(record["text_encoders"])
+    for name, facts in record["text_encoders"].items():
+        encoder = getattr(encoders, name)
+        assert type(encoder).__name__ == facts["type"].rsplit(".", 1)[-1]
+        assert sorted(encoder.state_dict()) == sorted(facts["state_dict_keys"]), name
+        assert _compare_paths(facts["path_types"], encoder) == [], name
+        inference = facts["tensors"]["n_inference_params"] == facts["tensors"]["n_params"]
+        assert all(p.is_inference() == inference for p in encoder.parameters()), name
+    inference = record["unet_tensors"]["n_inference_params"] == record["unet_tensors"]["n_params"]
+    assert all(p.is_inference() == inference for p in unet.parameters())
+    assert type(objects.unet.model).__name__ == record["kmodel_type"].rsplit(".", 1)[-1]
+    assert objects.unet.model.predictor.prediction_type == record["prediction_type"]
+
+
+def test_records_cover_both_hosts():
+    """The records this file checks against exist for both flavours (the fidelity claim needs them)."""
+    flavours = {json.loads(p.read_text(encoding="utf-8"))["flavour"] for p in RECORDS}
+    assert {"a1111", "forge"} <= flavours
