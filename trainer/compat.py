@@ -21,6 +21,9 @@ Differences handled here:
 
 - transformers 5 keeps a CLIP text model's weights without the ``text_model.`` prefix; 4.x has it
   (handled where the keys are read: ``families.py`` and ``hosts/ldm_convert.py``).
+- diffusers before 0.3x's ``f_min``/``f_max`` (0.31 is what Forge pins and what install.py may pick
+  beside transformers 4.30) has a linear schedule without them: :func:`scheduler_function` gives the
+  same schedule with them.
 - Pillow 9 (AUTOMATIC1111 pins 9.5.0) opens a 16-bit grayscale PNG as mode ``I``, Pillow 10+ as
   ``I;16``: :func:`is_16bit_gray` recognises both, so it is scaled to 8 bits rather than clipped.
 - Optional packages: LoHa needs lycoris-lora; some optimizers need a minimum release of their
@@ -116,6 +119,30 @@ def package_problem(package: OptionalPackage) -> str | None:
         return (f"{package.feature} need(s) {package.dist} >= {package.minimum}, but {version} is installed; "
                 f"install a newer one with: {install_command(package.spec)}")
     return None
+
+
+def scheduler_function(name: str, func):
+    """diffusers' schedule function ``func`` for ``name``, or an equivalent that takes the settings newer
+    diffusers releases take (``linear``: ``f_min``, ``f_max``) when this release's lacks them."""
+    import inspect
+
+    if name == "linear" and "f_min" not in inspect.signature(func).parameters:
+        return linear_schedule_with_warmup
+    return func
+
+
+def linear_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int, last_epoch: int = -1,
+                                f_min: float = 0.0, f_max: float = 1.0):
+    """Warm up linearly from 0 to ``f_max`` x lr, then decay linearly to ``f_min`` x lr at the last step."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(step: int) -> float:
+        if step < num_warmup_steps:
+            return f_max * step / max(1, num_warmup_steps)
+        left = (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps)
+        return f_min + (f_max - f_min) * max(0.0, left)
+
+    return LambdaLR(optimizer, factor, last_epoch)
 
 
 def is_16bit_gray(image) -> bool:

@@ -39,6 +39,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from trainer.choices import LR_SCHEDULERS
+from trainer.compat import scheduler_function
 from trainer.training.optim.settings import (
     SCHEDULER_FIELD,
     OptimizerSettingsError,
@@ -237,7 +238,7 @@ def _build_diffusers(name: str, optimizer, n: int, w: int, settings: dict, notes
                      num_cycles, power, step_rules: str) -> tuple:
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
-    func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    func = scheduler_function(name, TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)])
     params = inspect.signature(func).parameters
     owned = dict(_DIFFUSERS_OWNED)
     if name == "cosine_with_restarts":
