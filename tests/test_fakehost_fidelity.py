@@ -11,6 +11,7 @@ drifted from the hosts and the web-UI tests would prove less than they claim.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-RECORDS = sorted((HERE / "data" / "hosts").glob("*.json"))
+RECORDS = sorted([*(HERE / "data" / "hosts").glob("*.json"), *(HERE / "data" / "hosts").glob("*.json.gz")])
 FAKEHOST = HERE / "fakehost"
 _FAKE_MODULES = ("modules", "backend", "networks", "fakehost_setup", "fakehost_models", "launch")
 # Classes of the hosts' own wrappers and containers; everything else on a recorded path (torch,
@@ -30,7 +31,12 @@ _HOST_WRAPPER_PACKAGES = ("modules.", "backend.text_processing.", "backend.nn.cl
 
 
 def _record_id(path: Path) -> str:
-    return path.stem
+    return path.name.split(".json")[0]
+
+
+def _read(path: Path) -> dict:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return json.loads(data.decode("utf-8"))
 
 
 def _family(record: dict) -> str:
@@ -94,7 +100,7 @@ def _compare_paths(recorded: dict[str, str], root: torch.nn.Module) -> list[str]
 
 @pytest.mark.parametrize("record_path", RECORDS, ids=_record_id)
 def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models, tmp_path):
-    record = json.loads(record_path.read_text(encoding="utf-8"))
+    record = _read(record_path)
     family = _family(record)
     models = fake_models(record["flavour"], tmp_path / "webui")
     state = _full_size_ldm_state(family)
@@ -133,5 +139,5 @@ def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models,
 
 def test_records_cover_both_hosts():
     """The records this file checks against exist for both flavours (the fidelity claim needs them)."""
-    flavours = {json.loads(p.read_text(encoding="utf-8"))["flavour"] for p in RECORDS}
+    flavours = {_read(p)["flavour"] for p in RECORDS}
     assert {"a1111", "forge"} <= flavours

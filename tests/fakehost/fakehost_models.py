@@ -108,6 +108,18 @@ def _hijack_text_encoder(embedder: nn.Module, wrapper: type) -> nn.Module:
     return wrapper(embedder)
 
 
+class ConcatTimestepEmbedderND(nn.Module):
+    """sgm's size / crop / target-size embedder of SDXL's conditioner (no weights)."""
+
+
+def _sgm_denoiser(module: nn.Module, steps: int = 1000) -> None:
+    """sgm's ``DiffusionEngine.denoiser`` with its ``sigmas`` buffer (in the state dict)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    module.denoiser = nn.Module()
+    module.denoiser.register_buffer("sigmas", ((1 - alphas) / alphas).sqrt().float())
+
+
 def _ddpm_schedule(module: nn.Module, steps: int = 1000) -> None:
     """The noise-schedule buffers ldm's ``LatentDiffusion.register_schedule`` adds (they are in its
     state dict): scaled-linear betas 0.00085..0.012 as in SD's configs."""
@@ -143,6 +155,9 @@ class FakeLatentDiffusion(Placed):
             wrappers = (FrozenCLIPEmbedderForSDXLWithCustomWords, FrozenOpenCLIPEmbedder2WithCustomWords)
             for (name, embedder), wrapper in zip(list(self.conditioner.embedders._modules.items()), wrappers):
                 self.conditioner.embedders._modules[name] = _hijack_text_encoder(embedder, wrapper)
+            for index in (2, 3, 4):  # original size, crop, target size
+                self.conditioner.embedders.add_module(str(index), ConcatTimestepEmbedderND())
+            _sgm_denoiser(self)
             # A1111's hijack then points cond_stage_model at the conditioner (modules/sd_hijack.py), which
             # registers it a second time: the state dict has every text-encoder key under both names.
             self.cond_stage_model = self.conditioner
