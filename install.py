@@ -79,15 +79,18 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextCon
 from transformers.models.clip import modeling_clip
 from transformers.optimization import AdafactorSchedule
 from accelerate import init_empty_weights, Accelerator
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # the whole of diffusers imports
 """
 
 # diffusers releases to try, newest first, by the installed transformers (lowest version of each row).
 # diffusers declares no transformers requirement, so pip alone happily takes one that cannot import:
-# 0.37 needs transformers' Dinov2WithRegistersConfig (transformers >= 4.49); 0.31-0.36 import and
-# run beside AUTOMATIC1111's transformers 4.30.2. huggingface_hub, pinned as installed, narrows it further.
+# 0.37 needs transformers' Dinov2WithRegistersConfig (transformers >= 4.49), and 0.32-0.36 import their
+# models beside AUTOMATIC1111's transformers 4.30.2 but not their pipelines (SiglipImageProcessor,
+# transformers >= 4.37); 0.31 imports whole there. huggingface_hub, pinned as installed, narrows it further.
 DIFFUSERS_CANDIDATES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("4.49", ("diffusers>=0.31", "diffusers>=0.31,<0.37", "diffusers==0.31.0")),
-    ("0", ("diffusers>=0.31,<0.37", "diffusers==0.31.0")),
+    ("4.49", ("diffusers>=0.31", "diffusers>=0.31,<0.37", "diffusers>=0.31,<0.32")),
+    ("4.37", ("diffusers>=0.31,<0.37", "diffusers>=0.31,<0.32")),
+    ("0", ("diffusers>=0.31,<0.32",)),
 )
 
 
