@@ -103,6 +103,7 @@ def _choose(page, elem: str, option: str) -> None:
     page.click(f"#{elem} li:has-text('{option}')")
 
 
+@pytest.mark.slow
 def test_train_queue_and_plot_in_the_browser(served):
     url, paths, tmp_path = served
     shutil.rmtree(SHOTS, ignore_errors=True)

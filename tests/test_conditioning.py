@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import TinyHost, image_folder, quick_config
@@ -18,6 +19,7 @@ def test_split_chunks_at_75_and_back_to_last_comma():
     assert split_chunks([], 9) == [[]]
 
 
+@pytest.mark.slow
 def test_long_prompt_is_encoded_in_77_token_chunks():
     bundle = TinyHost("sd1").load(None)
     enc = PromptEncoder(bundle)
@@ -51,6 +53,7 @@ def test_sdxl_uses_penultimate_layers_and_pooled_clip_g():
     torch.testing.assert_close(cond.pooled, out.text_embeds)
 
 
+@pytest.mark.slow
 def test_sdxl_time_ids_carry_real_size_and_crop_of_a_non_square_bucket(tmp_path, monkeypatch):
     from trainer.modes import base as mode_base
 

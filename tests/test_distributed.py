@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -25,6 +26,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     model = save_tiny_diffusers("sd1", tmp_path / "model")
     data = image_folder(tmp_path / "data", n=4)

@@ -161,6 +161,7 @@ def test_no_room_for_the_planned_files_is_refused_before_step_1(tmp_path, monkey
 # --- a failing save keeps the training (item 1) ---
 
 
+@pytest.mark.slow
 def test_failed_final_save_keeps_a_state_that_resume_only_saves(tmp_path, monkeypatch):
     import trainer.training.loop as loop
     import trainer.network.io as nio
@@ -288,6 +289,7 @@ def test_fresh_run_keeps_the_stopped_state_and_cleans_only_its_own_old_temporari
 # --- the latent cache survives torn files (item 6) ---
 
 
+@pytest.mark.slow
 def test_torn_and_empty_latent_cache_files_are_recomputed_with_a_warning(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1", cache_latents_to_disk=True,
@@ -343,6 +345,7 @@ def test_resume_refuses_settings_that_cannot_change_and_lists_them(tmp_path, sto
     assert state.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_takes_iterations_and_learning_rate_from_the_new_request(tmp_path, stopped_run):
     common, first = stopped_run
     logged = []
@@ -381,6 +384,7 @@ def test_unusable_state_file_is_named_with_how_to_start_over(tmp_path, content):
 # --- the queue across processes (item 11) ---
 
 
+@pytest.mark.slow
 def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_path, capsys):
     from trainer.cli import main
     from trainer.training.queue import JobQueue, QueueError
@@ -447,6 +451,7 @@ def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
     assert not (tmp_path / "out" / ".tiny.lock").exists()  # the run's lock was given back
 
 
+@pytest.mark.slow
 def test_stop_save_never_replaces_someone_elses_file_and_a_failing_periodic_save_keeps_the_state(
         tmp_path, monkeypatch):
     import trainer.network.io as nio

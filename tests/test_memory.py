@@ -219,6 +219,7 @@ class _RandomSD15Host:
         return Path(".")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MEASURED))
 def test_estimate_within_25_percent_of_measured_peak(name, tmp_path):
     out = subprocess.run([sys.executable, __file__, name, str(tmp_path)], capture_output=True, text=True,

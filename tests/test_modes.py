@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,6 +40,7 @@ def _pred_distance(bundle, net, multiplier, c_a, c_b, seed=123, n=6):
     return (a - b).pow(2).mean().item()
 
 
+@pytest.mark.slow
 def test_ileco_moves_original_prediction_to_target(tmp_path):
     from trainer.conditioning import PromptEncoder
 
@@ -97,6 +99,7 @@ def _encode(bundle, path):
         return encode_latents_mean(bundle.vae, px, bundle.family.latent_scale)
 
 
+@pytest.mark.slow
 def test_addift_learns_the_pair_difference(tmp_path, monkeypatch):
     """ADDifT's steps teach: network at +0.25 on the noised target predicts what the base model
     predicts on the noised original, and at -0.25 on the noised original what the base predicts
@@ -142,6 +145,7 @@ def test_addift_learns_the_pair_difference(tmp_path, monkeypatch):
     assert (net_t - base_o).pow(2).mean().item() < 0.5 * before   # and the forward direction
 
 
+@pytest.mark.slow
 def test_addift_identical_pair_trains_nothing(tmp_path):
     orig, target = _pair(tmp_path, same=True)
     cfg = quick_config(mode="ADDifT", original_image=orig, target_image=target, train_iterations="10",
@@ -151,6 +155,7 @@ def test_addift_identical_pair_trains_nothing(tmp_path):
     assert ups and max(v.abs().max().item() for v in ups) < 1e-6
 
 
+@pytest.mark.slow
 def test_addift_random_schedule_and_reverse_options_run(tmp_path, monkeypatch):
     """Random schedule: a t drawn in [min, max) for each forward step, reused by the reverse step.
     diff_revert_original_target swaps the pair; a negative diff_alt_ratio makes the reverse steps
@@ -212,6 +217,7 @@ def _denoise_loss(bundle, net, multiplier, z, seed=9, n=16):
     return (pred - noise).pow(2).mean().item()
 
 
+@pytest.mark.slow
 def test_difference_second_pass_points_from_original_to_target(tmp_path):
     """The difference network alone, on the base model, favours the target over the original:
     its denoising loss on the target image falls relative to its loss on the original."""
@@ -230,6 +236,7 @@ def test_difference_second_pass_points_from_original_to_target(tmp_path):
     assert gap_diff < gap_base - 0.005, (gap_base, gap_diff)
 
 
+@pytest.mark.slow
 def test_difference_first_pass_only_and_load(tmp_path, monkeypatch):
     from trainer.modes import difference
 
@@ -266,6 +273,7 @@ def test_difference_first_pass_only_and_load(tmp_path, monkeypatch):
             torch.testing.assert_close(weights[k], v, msg=k)
 
 
+@pytest.mark.slow
 def test_multi_addift_pairs_and_trains(tmp_path):
     from trainer.data.pairs import find_pairs
 
@@ -292,6 +300,7 @@ def test_multi_addift_pairs_and_trains(tmp_path):
     assert max(v.abs().max().item() for v in ups) > 0
 
 
+@pytest.mark.slow
 def test_modes_record_mode_and_prompts_in_metadata(tmp_path):
     from safetensors import safe_open
 
@@ -325,6 +334,7 @@ def _mode_config(mode, tmp_path, name):
 import pytest  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["iLECO", "ADDifT", "Difference", "Multi-ADDifT"])
 def test_stop_and_resume_in_every_mode_equals_an_uninterrupted_run(tmp_path, mode):
     import threading

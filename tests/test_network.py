@@ -117,6 +117,7 @@ CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, nu
     (SD2, SD21_UNET, [(OPENCLIP_H, False)], {"lierla": (192, [138])}),
     (SDXL, SDXL_UNET, [(CLIP_L, False), (CLIP_G, True)], {"lierla": (722, [72, 192]), "c3lier": (788, [72, 192])}),
 ])
+@pytest.mark.slow
 def test_full_size_counts_and_blocks(family, unet_config, te_configs, counts):
     bundle = _meta_bundle(family, unet_config, te_configs)
     for net_type, (n_unet, n_tes) in counts.items():

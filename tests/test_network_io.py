@@ -292,6 +292,7 @@ def _load_in_diffusers(kind: str, path, records: _Records):
     return pipe, encoders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, net_type", [("sd1", "lierla"), ("sd1", "c3lier"), ("sd2", "lierla"),
                                             ("sdxl", "lierla"), ("sdxl", "c3lier")])
 def test_diffusers_loads_our_file_with_no_skipped_keys(request, tmp_path, kind, net_type):

@@ -22,6 +22,7 @@ def tiny_models(tmp_path_factory):
     return {kind: save_tiny_diffusers(kind, root / kind) for kind in ("sd1", "sdxl")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_trains_from_the_cli(preset, tmp_path, tiny_models, capsys):
     cfg = TrainConfig.from_json(preset)

@@ -96,6 +96,7 @@ def test_unreadable_queue_file_names_the_file(tmp_path):
         JobQueue(path).items()
 
 
+@pytest.mark.slow
 def test_failing_job_is_marked_and_the_rest_still_run(tmp_path, data):
     queue = JobQueue(tmp_path / "queue.json")
     queue.add(_cfg(data, "good1", logging_save_csv=True))
@@ -116,6 +117,7 @@ def test_failing_job_is_marked_and_the_rest_still_run(tmp_path, data):
     assert host.loads == 2 and host.restored == 2  # the bad item stopped before touching the model
 
 
+@pytest.mark.slow
 def test_stop_ends_the_job_and_the_queue_run_and_a_new_run_continues(tmp_path, data):
     queue = JobQueue(tmp_path / "queue.json")
     queue.add(_cfg(data, "first", train_iterations="3"))

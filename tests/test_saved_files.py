@@ -30,6 +30,7 @@ def _modules(tensors: dict) -> set:
     return {k.split(".", 1)[0] for k in tensors}
 
 
+@pytest.mark.slow
 def test_ss_steps_is_the_optimizer_step_count_of_every_save(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     out, logs = tmp_path / "out", tmp_path / "logs"
@@ -77,6 +78,7 @@ def test_multi_addift_writes_the_tag_frequency_of_both_images_of_each_pair(tmp_p
         "pair_set": {"face": 4, "eyes open": 2, "eyes closed": 2}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network_type, rank_key", [("lierla", "lora_down.weight"), ("loha", "hada_w1_b")])
 def test_metadata_describes_the_resumed_file_not_the_requested_rank(tmp_path, network_type, rank_key):
     data = image_folder(tmp_path / "data", n=2)
@@ -126,6 +128,7 @@ def _stored_differently(tmp_path, orig, gray):
     return folder / "orig.png", folder / "target.png"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ADDifT", "Difference"])
 def test_pair_modes_read_images_upright_and_16_bit_like_every_mode(tmp_path, mode):
     orig, target, gray = _upright_pair(tmp_path)

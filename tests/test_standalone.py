@@ -67,6 +67,7 @@ def assert_same_model(bundle, parts, kind):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_file_round_trip(tmp_path, no_network, kind, fmt):
@@ -107,6 +108,7 @@ def test_dtype_option_casts_every_module(tmp_path):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_diffusers_folder_loads(tmp_path, no_network):
     for kind in ("sd1", "sdxl"):
         folder = save_tiny_diffusers(kind, tmp_path / kind, seed=5)
@@ -119,6 +121,7 @@ def test_diffusers_folder_loads(tmp_path, no_network):
     assert load_model(tmp_path / "sd2", v_pred=False).prediction_type == "epsilon"
 
 
+@pytest.mark.slow
 def test_family_option_and_folder_errors(tmp_path):
     path = tmp_path / "m.safetensors"
     ldm.write_single_file("sd1", path)
@@ -137,6 +140,7 @@ def test_family_option_and_folder_errors(tmp_path):
         load_model(tmp_path / "c1")
 
 
+@pytest.mark.slow
 def test_separate_vae_replaces_the_checkpoint_vae(tmp_path):
     path = tmp_path / "model.safetensors"
     config_dir = ldm.write_config_dir("sd1", tmp_path / "c")
@@ -162,6 +166,7 @@ def test_separate_vae_replaces_the_checkpoint_vae(tmp_path):
         load_model(path, config_dir=config_dir, vae_path=_lora_file(tmp_path))
 
 
+@pytest.mark.slow
 def test_v_prediction_option_and_keys(tmp_path):
     config_dir = ldm.write_config_dir("sd1", tmp_path / "c")
     plain = tmp_path / "plain.safetensors"

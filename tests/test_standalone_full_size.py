@@ -7,8 +7,6 @@ weights is written and loaded end to end, offline (about 15 s, 7 GB peak memory)
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -40,6 +38,7 @@ def _count(module):
     return sum(p.numel() for p in module.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", KINDS)
 def test_shipped_configs_take_full_size_checkpoint_keys(family):
     """Shipped configs have the public sizes, and a full-size LDM key set converts into them exactly."""
@@ -99,11 +98,11 @@ def _random_ldm_state(kind: str, pool_size: int) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
     """A full-architecture SD1.5 file (random fp16 weights, 2.1 GB) through the shipped configs."""
     from safetensors.torch import save_file
 
-    started = time.monotonic()
     state = _random_ldm_state("sd1", 40_000_000)
     path = tmp_path / "sd15-full.safetensors"
     save_file(state, str(path))
@@ -136,9 +135,9 @@ def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
     with torch.no_grad():
         out = bundle.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 768)).sample
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    assert time.monotonic() - started < 90
 
 
+@pytest.mark.slow
 def test_full_size_sdxl_single_file_loads_offline(tmp_path, no_network):
     """A full-architecture SDXL file (random fp16 weights, ~6.9 GB) loads offline in fp16."""
     from safetensors.torch import save_file

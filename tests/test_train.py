@@ -20,6 +20,7 @@ def _losses(csv_path):
     return [float(r[2]) for r in rows[head + 1:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network_type", ["lierla", "c3lier", "loha"])
 def test_lora_mode_loss_falls(tmp_path, network_type):
     data = image_folder(tmp_path / "data", n=2)
@@ -41,6 +42,7 @@ def _final_weights(path):
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
+@pytest.mark.slow
 def test_stop_and_resume_match_uninterrupted_run(tmp_path):
     data = image_folder(tmp_path / "data", n=3)
     common = dict(lora_data_directory=str(data), train_iterations="10", save_overwrite=True,
@@ -73,6 +75,7 @@ def test_stop_and_resume_match_uninterrupted_run(tmp_path):
     assert len(_losses(second.csv_paths[0])) == 10
 
 
+@pytest.mark.slow
 def test_latents_are_encoded_once_and_disk_cache_matches_memory(tmp_path, monkeypatch):
     from trainer.data import cache as cache_mod
 
@@ -111,6 +114,7 @@ def test_refuses_to_overwrite_existing_network(tmp_path):
     assert (out / "tiny.safetensors").read_bytes() == b"user's file"
 
 
+@pytest.mark.slow
 def test_text_encoder_trained_when_base_selected(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_textencoder_learning_rate="5e-4")
@@ -121,6 +125,7 @@ def test_text_encoder_trained_when_base_selected(tmp_path):
     assert te_up and any(v.abs().sum() > 0 for v in te_up)  # trained away from the zero init
 
 
+@pytest.mark.slow
 def test_sdxl_and_v_prediction_train(tmp_path, monkeypatch):
     """SDXL trains with its pooled text embedding and size/crop time ids and saves LDM (kohya SDXL)
     names; SD2 trains on the v target; both networks moved away from their zero start."""
@@ -166,6 +171,7 @@ def test_sdxl_and_v_prediction_train(tmp_path, monkeypatch):
             assert meta["ss_v2"] == "True" and meta["modelspec.prediction_type"] == "v"
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
     from tiny import save_tiny_diffusers
     from trainer import paths
@@ -198,6 +204,7 @@ def test_cli_train_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(list((tmp_path / "jsons").glob("*/with_json-*.json"))) == 1
 
 
+@pytest.mark.slow
 def test_out_of_memory_saves_what_was_learned_and_says_what_to_do(tmp_path, monkeypatch):
     from trainer.training.loop import TrainingOutOfMemory
     from trainer.modes import lora
@@ -249,6 +256,7 @@ def _first_grads(tmp_path, monkeypatch, **values):
     return grabbed["loss"], grabbed["grads"]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, monkeypatch):
     loss_a, grads_a = _first_grads(tmp_path, monkeypatch)
     import torch.utils.checkpoint as ckpt
@@ -264,6 +272,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_model_precision_trains_with_fp32_network(tmp_path, monkeypatch):
     """train_model_precision bf16: the frozen U-Net and text encoder are bf16 and run under bf16
     autocast, while the network's weights, gradients and optimizer stay fp32."""

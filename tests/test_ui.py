@@ -167,6 +167,7 @@ def test_difference_form_carries_the_second_pass_and_kept_image_copies(page, tmp
     assert Path(config.original_image).read_bytes() == a.read_bytes()
 
 
+@pytest.mark.slow
 def test_start_runs_in_the_background_and_shows_progress(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
@@ -191,6 +192,7 @@ def test_start_runs_in_the_background_and_shows_progress(tmp_path):
     assert note.startswith("Showing ") and "ui_job" in note and fig.axes[0].get_lines()
 
 
+@pytest.mark.slow
 def test_stop_ends_a_running_job_saves_it_and_resume_finishes_it(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
@@ -220,6 +222,7 @@ def test_start_reports_bad_settings_at_once(page):
     assert message.startswith("Error: train_iterations: \"many\" is not allowed")
 
 
+@pytest.mark.slow
 def test_queue_handlers(page, tmp_path):
     ui = page.traintrain
     data = image_folder(tmp_path / "data", n=2)
@@ -242,6 +245,7 @@ def test_plot_without_logs_says_so(page):
     assert fig is None and message.startswith("Error: no CSV logs in")
 
 
+@pytest.mark.slow
 def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_path, monkeypatch):
     """``python -m trainer ui --models-dir D`` lists D's models and a run trains the chosen one."""
     from tiny import save_tiny_diffusers
@@ -301,6 +305,7 @@ def test_webui_model_list_starts_with_the_loaded_model_saved_as_blank(tmp_path):
     assert page.traintrain_widgets["model"].value == "tiny-sd1"
 
 
+@pytest.mark.slow
 def test_the_model_choice_is_remembered_across_reloads_and_new_models(tmp_path):
     class Growing(ListingHost):
         models = ["b.safetensors"]
@@ -410,6 +415,7 @@ def test_bad_input_reaches_the_console_in_one_line(tmp_path):
     assert len(said) == 1 and "Traceback" not in said[0] and "no_such_folder" in said[0]
 
 
+@pytest.mark.slow
 def test_a_reloaded_page_shows_the_live_run(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     demo = build_ui(SlowHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
@@ -424,6 +430,7 @@ def test_a_reloaded_page_shows_the_live_run(tmp_path):
     list(running)
 
 
+@pytest.mark.slow
 def test_requeue_answers_what_happens_next(page, tmp_path):
     ui = page.traintrain
     data = image_folder(tmp_path / "data", n=2)
@@ -435,6 +442,7 @@ def test_requeue_answers_what_happens_next(page, tmp_path):
     assert ui.requeue_item(None)[0].startswith("Choose a queue item first")
 
 
+@pytest.mark.slow
 def test_ui_command_beyond_localhost_warns_takes_a_login_and_limits_load_json(tmp_path, monkeypatch, capsys):
     from trainer.ui.page import compat as ui_compat
     from trainer.cli import main

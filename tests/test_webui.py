@@ -140,6 +140,7 @@ def test_script_registers_one_tab_without_heavy_imports(flavour, tmp_path):
     assert out.stdout.strip().endswith(str(ROOT / "trainer" / "__init__.py"))
 
 
+@pytest.mark.slow
 def test_tab_callback_builds_the_ui_for_a_webui_host(webui, monkeypatch):
     """The callback hands a WebUIHost to trainer.ui.page.build_ui(standalone=False) and names the tab."""
     from modules import script_callbacks
@@ -206,6 +207,7 @@ def test_family_and_prediction_come_from_the_host_model(webui):
         host_adapter.family(sd_model)
 
 
+@pytest.mark.slow
 def test_loaded_model_is_handed_over_and_put_back(webui):
     from modules import shared
     import networks
@@ -237,6 +239,7 @@ def test_loaded_model_is_handed_over_and_put_back(webui):
     assert networks.refresh_calls == refreshes + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", ["xl", "sd2"])
 def test_loaded_sdxl_and_sd2_weights_are_handed_over(webui, stem):
     """SDXL and SD2 as each host holds them: A1111's conditioner.embedders / cond_stage_model with hijack
@@ -281,6 +284,7 @@ def test_unknown_wrapper_holding_another_tensor_is_named():
         normalise_keys({"e.token_embedding.weight": weight, "e.token_embedding.wrapped.weight": weight.clone()})
 
 
+@pytest.mark.slow
 def test_chosen_checkpoint_and_vae_are_read_from_files(webui):
     from modules import sd_models, shared
 
@@ -336,6 +340,7 @@ def test_wrong_names_are_reported_before_the_host_model_moves(webui, tmp_path, m
     assert loads == [] and _placement(shared.sd_model) == "cuda" and not _lock().locked()
 
 
+@pytest.mark.slow
 def test_merged_lora_makes_the_host_read_the_file(webui):
     from modules import shared
 
@@ -407,6 +412,7 @@ def test_waits_for_the_gpu_lock_held_by_a_generation(webui):
     assert not lock.locked()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("webui", ["forge"], indirect=True)  # the same State API on both hosts
 def test_host_interrupt_is_seen_without_progress_events(webui):
     from modules import shared
@@ -451,6 +457,7 @@ def _assert_host_back(webui, sd_model, before, refreshes):
     assert networks.refresh_calls == refreshes + 1
 
 
+@pytest.mark.slow
 def test_run_saves_into_the_host_lora_folder(webui, tmp_path):
     from modules import shared
     import networks
@@ -465,6 +472,7 @@ def test_run_saves_into_the_host_lora_folder(webui, tmp_path):
     _assert_host_back(webui, sd_model, before, refreshes)
 
 
+@pytest.mark.slow
 def test_error_inside_training_puts_everything_back(webui, tmp_path, monkeypatch):
     from modules import shared
     import networks
@@ -482,6 +490,7 @@ def test_error_inside_training_puts_everything_back(webui, tmp_path, monkeypatch
     _assert_host_back(webui, sd_model, before, refreshes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("webui, how", [("a1111", "host interrupt"), ("forge", "host interrupt"),
                                          ("a1111", "our stop")], indirect=["webui"])
 def test_stop_and_host_interrupt_end_the_run_after_the_step(webui, tmp_path, how):
@@ -500,6 +509,7 @@ def test_stop_and_host_interrupt_end_the_run_after_the_step(webui, tmp_path, how
     _assert_host_back(webui, sd_model, before, refreshes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("webui", ["forge", "a1111"], indirect=True)
 def test_nothing_of_a_run_stays_alive_after_it(webui, tmp_path, monkeypatch):
     """Run after run, host memory must not grow: once a run is over (finished, or failed), the
@@ -570,6 +580,7 @@ print(grown, rss() - before, trimmed)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim exists on Linux only")
 def test_freed_copies_of_the_weights_leave_resident_memory():
     """The trainer's copy of the host's weights, once freed, leaves the host's resident memory."""
