@@ -32,7 +32,7 @@ from trainer.hosts.webui import register_tab  # noqa: E402
 def build_tab():
     """The tab's gr.Blocks, built by trainer.ui.page for this web UI."""
     _put_extension_on_path()
-    from trainer.hosts.webui import WebUIHost
+    from trainer.hosts.webui_session import WebUIHost
     from trainer.ui.page import build_ui
 
     return build_ui(WebUIHost(), standalone=False)

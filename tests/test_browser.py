@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(tmp_path):
-    from trainer.ui.page import compat as ui_compat
+    from trainer.ui import compat as ui_compat
     from trainer.ui.page import UiPaths, build_ui, page_css
 
     from trainer.training.queue import JobQueue

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from helpers import TinyHost, image_folder, quick_config
-from trainer.training.job import InputError, run_job
+from trainer.training.errors import InputError
+from trainer.training.job import run_job
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -165,7 +166,7 @@ def test_no_room_for_the_planned_files_is_refused_before_step_1(tmp_path, monkey
 def test_failed_final_save_keeps_a_state_that_resume_only_saves(tmp_path, monkeypatch):
     import trainer.training.loop as loop
     import trainer.network.io as nio
-    from trainer.training.job import error_exit
+    from trainer.cli.train import error_exit
     from trainer.training.loop import SaveFailed
 
     data = image_folder(tmp_path / "data", n=2)
@@ -436,7 +437,7 @@ def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_pa
 
 def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
     from trainer.hosts.base import ModelLoadError
-    from trainer.training.job import error_exit
+    from trainer.cli.train import error_exit
 
     class CheckingHost(TinyHost):
         def check(self, config):

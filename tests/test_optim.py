@@ -13,11 +13,11 @@ from trainer.training.optim.optimizers import (
     OptimizerSettingsError,
     OptimizerUnavailableError,
     build_optimizer,
-    build_scheduler,
     optimizer_eval_mode,
     optimizer_train_mode,
     parse_settings,
 )
+from trainer.training.optim.schedulers import build_scheduler
 
 # bitsandbytes warns on every paged optimizer on cpu; the factory's note says the same in words.
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")

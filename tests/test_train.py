@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TinyHost, image_folder, quick_config
-from trainer.training.job import JobError, run_job
+from trainer.training.errors import JobError
+from trainer.training.job import run_job
 
 
 def _losses(csv_path):

@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 
 from helpers import TinyHost, image_folder, pattern_image
-from trainer.ui.page import form as ui_form
+from trainer.ui import form as ui_form
 from trainer.config import PARAMS
 from trainer.ui.page import build_ui
 from trainer.ui.actions import LOADED_FIELDS, UiPaths
@@ -249,7 +249,7 @@ def test_plot_without_logs_says_so(page):
 def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_path, monkeypatch):
     """``python -m trainer ui --models-dir D`` lists D's models and a run trains the chosen one."""
     from tiny import save_tiny_diffusers
-    from trainer.ui.page import compat as ui_compat
+    from trainer.ui import compat as ui_compat
     from trainer.cli import main
 
     save_tiny_diffusers("sd1", tmp_path / "models" / "StableDiffusion" / "tiny")
@@ -444,7 +444,7 @@ def test_requeue_answers_what_happens_next(page, tmp_path):
 
 @pytest.mark.slow
 def test_ui_command_beyond_localhost_warns_takes_a_login_and_limits_load_json(tmp_path, monkeypatch, capsys):
-    from trainer.ui.page import compat as ui_compat
+    from trainer.ui import compat as ui_compat
     from trainer.cli import main
 
     monkeypatch.setattr(UiPaths, "default", classmethod(lambda cls: UiPaths.under(tmp_path)))

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from helpers import image_folder, quick_config
+from trainer.training.job import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKEHOST = Path(__file__).resolve().parent / "fakehost"
@@ -62,7 +63,7 @@ def webui(request, assets, tmp_path, monkeypatch):
 
 
 def _host(ui, **kwargs):
-    from trainer.hosts.webui import WebUIHost
+    from trainer.hosts.webui_session import WebUIHost
 
     messages = []
     host = WebUIHost(config_dir=ui.config_dir, log=messages.append, **kwargs)
@@ -140,6 +141,41 @@ def test_script_registers_one_tab_without_heavy_imports(flavour, tmp_path):
     assert out.stdout.strip().endswith(str(ROOT / "trainer" / "__init__.py"))
 
 
+_OTHER_TRAINER_PROBE = """
+import importlib.util, sys
+basedir, other, imported_first = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+sys.path.insert(0, other)                  # another package named trainer is installed
+if imported_first:
+    import trainer                         # ... and something imported it before the web UI loaded us
+spec = importlib.util.spec_from_file_location("traintrain_script", basedir + "/scripts/traintrain.py")
+try:
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+except ImportError as error:
+    print("refused:", error)
+else:
+    import trainer
+    print("loaded:", trainer.__file__)
+"""
+
+
+@pytest.mark.parametrize("imported_first", [True, False])
+def test_script_refuses_another_trainer_package_and_prefers_its_own(imported_first, tmp_path):
+    """Another installed package named ``trainer`` never stands in for ours: already imported, the
+    script says which one it is; only installed, the extension's own folder wins."""
+    other = tmp_path / "site"
+    (other / "trainer").mkdir(parents=True)
+    (other / "trainer" / "__init__.py").write_text("")
+    env = dict(os.environ, FAKEHOST_FLAVOUR="a1111", FAKEHOST_ROOT=str(tmp_path), PYTHONPATH=str(FAKEHOST))
+    out = subprocess.run([sys.executable, "-c", _OTHER_TRAINER_PROBE, str(ROOT), str(other), str(int(imported_first))],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if imported_first:
+        assert out.stdout.startswith("refused: another package named 'trainer'"), out.stdout
+        assert str(other / "trainer" / "__init__.py") in out.stdout
+    else:
+        assert out.stdout.strip() == f"loaded: {ROOT / 'trainer' / '__init__.py'}", out.stdout
+
+
 @pytest.mark.slow
 def test_tab_callback_builds_the_ui_for_a_webui_host(webui, monkeypatch):
     """The callback hands a WebUIHost to trainer.ui.page.build_ui(standalone=False) and names the tab."""
@@ -152,7 +188,7 @@ def test_tab_callback_builds_the_ui_for_a_webui_host(webui, monkeypatch):
     script_callbacks.clear_callbacks()
     _import_script()
     assert script_callbacks.ui_tabs_callback() == [("BLOCKS", "TrainTrain", "traintrain_tab")]
-    from trainer.hosts.webui import WebUIHost
+    from trainer.hosts.webui_session import WebUIHost
 
     assert len(calls) == 1 and isinstance(calls[0][0], WebUIHost) and calls[0][1] is False
 
@@ -163,7 +199,7 @@ def test_real_ui_module_builds_the_tab(webui):
     import gradio as gr
     from modules import script_callbacks
 
-    from trainer.hosts.webui import WebUIHost
+    from trainer.hosts.webui_session import WebUIHost
 
     script_callbacks.clear_callbacks()
     _import_script()
@@ -245,7 +281,7 @@ def test_loaded_sdxl_and_sd2_weights_are_handed_over(webui, stem):
     """SDXL and SD2 as each host holds them: A1111's conditioner.embedders / cond_stage_model with hijack
     wrappers; Forge's clip_l/clip_g/clip_h in transformers layout, token embeddings wrapped for TI."""
     from modules import sd_models, shared
-    from trainer.hosts.webui import WebUIHost
+    from trainer.hosts.webui_session import WebUIHost
 
     info = sd_models.get_closet_checkpoint_match(f"{stem}.safetensors")
     if webui.flavour == "forge":
@@ -335,8 +371,8 @@ def test_wrong_names_are_reported_before_the_host_model_moves(webui, tmp_path, m
     for bad, match in (({"model": "nope.safetensors"}, "model: 'nope.safetensors' is not a checkpoint"),
                        ({"vae": "missing.pt"}, "vae: 'missing.pt' is not a VAE")):
         with pytest.raises(ModelLoadError, match=match):
-            host.run(quick_config(lora_data_directory=str(data), **bad), logs_dir=tmp_path / "logs",
-                     log=lambda m: None)
+            run_job(quick_config(lora_data_directory=str(data), **bad), host=host, logs_dir=tmp_path / "logs",
+                    log=lambda m: None)
     assert loads == [] and _placement(shared.sd_model) == "cuda" and not _lock().locked()
 
 
@@ -443,7 +479,7 @@ def _run(webui, tmp_path, host, *, on_step=None, **values):
         if on_step is not None:
             on_step(event, host)
 
-    result = host.run(cfg, on_progress=on_progress, logs_dir=tmp_path / "logs", log=lambda m: None)
+    result = run_job(cfg, host=host, on_progress=on_progress, logs_dir=tmp_path / "logs", log=lambda m: None)
     return result, seen
 
 
@@ -574,7 +610,7 @@ for run in range(3):                                    # runs, each cloning the
     del clones
     gc.collect()
 grown = rss() - before
-from trainer.training.memory.estimate import return_freed_memory
+from trainer.heap import return_freed_memory
 trimmed = return_freed_memory()
 print(grown, rss() - before, trimmed)
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from trainer import choices as C
@@ -288,29 +287,3 @@ def describe(config: TrainConfig) -> list[str]:
                      and getattr(second, p.name) != getattr(config, p.name)]
         lines.append(f"2nd pass ({state}): {', '.join(differing) or 'same values as pass 1'}")
     return lines
-
-
-def check_config_command(path: str) -> int:
-    """``check-config FILE``: print the parsed settings and return 0, or every problem and 2."""
-    try:
-        data = read_settings_json(path)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        config = TrainConfig.from_dict(data)
-    except ConfigError as error:
-        print(f"{path}: {len(error.problems)} problem(s):", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
-        for warning in error.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        return 2
-    print(f"{path}: valid settings")
-    for line in describe(config):
-        print(f"  {line}")
-    for warning in config.warnings:
-        print(f"warning: {warning}")
-    for need in run_problems(config):
-        print(f"before training: {need}")
-    return 0

@@ -1,14 +1,11 @@
-"""``python -m trainer layout``: which modules a network setting trains on a full-size model.
+"""Full-size model architectures with no weights: what ``python -m trainer layout`` lists the
+trained modules of, and what the memory estimate counts parameters on.
 
 The family's real architecture (from the configs shipped in trainer/assets) is built on the
-meta device, so no weights are needed and it takes seconds; the network is created on it with
-the chosen type, element and blocks, and every module is printed with its kohya name and the
-shape of its weight delta.
+meta device, so no weights are needed and it takes seconds.
 """
 
 from __future__ import annotations
-
-import sys
 
 
 def meta_parts(family_name: str) -> dict:
@@ -41,40 +38,3 @@ def meta_bundle(family_name: str):
     parts = meta_parts(family_name)
     return ModelBundle(family=get_family(family_name), unet=parts["unet"], vae=parts["vae"],
                        text_encoders=parts["text_encoders"], tokenizers=[], noise_scheduler=None)
-
-
-def _shape(module) -> tuple:
-    w = module.org_module.weight
-    return tuple(w.shape)
-
-
-def layout_command(family: str, network_type: str, element: str, blocks: str | None) -> int:
-    from trainer.choices import NETWORK_ELEMENTS, NETWORK_TYPES
-    from trainer.families import get_family
-    from trainer.network.network import NetworkSpec, create_network
-
-    try:
-        fam = get_family(family)
-        if network_type not in NETWORK_TYPES:
-            raise ValueError(f"--network-type {network_type!r}: choose one of {', '.join(NETWORK_TYPES)}")
-        if element not in NETWORK_ELEMENTS:
-            raise ValueError(f"--element {element!r}: choose one of {', '.join(NETWORK_ELEMENTS)}")
-        chosen = [b.strip() for b in blocks.split(",") if b.strip()] if blocks else list(fam.block_ids)
-        bad = [b for b in chosen if b not in fam.block_ids]
-        if bad:
-            raise ValueError(f"--blocks: {', '.join(bad)} not in the {fam.title} block list "
-                             f"({', '.join(fam.block_ids)})")
-        bundle = meta_bundle(family)
-        spec = NetworkSpec(network_type=network_type, rank=4, alpha=4.0, element=element, blocks=chosen,
-                           train_text_encoder="BASE" in chosen)
-        net = create_network(bundle, spec)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    params = 0
-    for m in net.all_modules:
-        print(f"{m.lora_name}  {list(_shape(m))}  rank {m.rank}  block {getattr(m, 'block', '') or 'BASE'}")
-        params += sum(p.numel() for p in m.parameters())
-    print("# parameters counted at rank 4; they scale linearly with the rank")
-    print(f"modules: {len(net.all_modules)}  parameters: {params}")
-    return 0

@@ -129,22 +129,3 @@ def plot_log(csv_path: str | os.PathLike, smoothing: float = 0.0):
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def plot_command(args) -> int:
-    """``python -m trainer plot [LOG] [--smoothing S] [--out PNG]``: write the chart as an image."""
-    import sys
-
-    from trainer import paths
-
-    logs_dir = Path(args.logs_dir) if args.logs_dir else paths.logs_dir()
-    try:
-        path = resolve_log(args.log, logs_dir)
-        fig = plot_log(path, args.smoothing)
-    except (LogError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out or path.with_suffix(".png").name)
-    fig.savefig(out)
-    print(f"{path} -> {out}")
-    return 0

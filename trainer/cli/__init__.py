@@ -1,6 +1,7 @@
 """Command line: ``python -m trainer <command>`` (also installed as ``traintrain``).
 
-Each command imports what it needs only when it runs, so ``--help`` is instant.
+One module of this package per command (train, check_config, buckets, layout, queue, plot, ui);
+each is imported only when its command runs, so ``--help`` is instant.
 Exit codes: 0 success, 1 the run failed, 2 bad input (config, arguments, files).
 """
 
@@ -76,33 +77,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "check-config":
-            from trainer.config import check_config_command
+            from trainer.cli.check_config import check_config_command
 
             return check_config_command(args.file)
         if args.command == "buckets":
-            from trainer.data.buckets import buckets_command
+            from trainer.cli.buckets import buckets_command
 
             return buckets_command(args.size, args.step, args.min_length, args.max_ratio)
         if args.command == "layout":
-            from trainer.layout import layout_command
+            from trainer.cli.layout import layout_command
 
             return layout_command(args.family, args.network_type, args.element, args.blocks)
         if args.command == "train":
-            from trainer.training.job import train_command
+            from trainer.cli.train import train_command
 
             return train_command(args)
         if args.command == "ui":
-            from trainer.ui.page import serve
+            from trainer.cli.ui import serve
 
             return serve(args)
         if args.command == "queue":
-            from trainer.training.queue import queue_command
+            from trainer.cli.queue import queue_command
 
             if args.action in ("add", "remove", "requeue") and not args.target:
                 parser.error(f"queue {args.action} needs a {'settings JSON' if args.action == 'add' else 'item id'}")
             return queue_command(args)
         if args.command == "plot":
-            from trainer.plot import plot_command
+            from trainer.cli.plot import plot_command
 
             return plot_command(args)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ Typical use::
 """
 
 from trainer.data.batching import BucketBatcher
-from trainer.data.buckets import buckets_command, format_frames
+from trainer.data.buckets import format_frames
 from trainer.data.errors import DataError, DataWarning, ImageLoadError
 from trainer.data.frames import (
     fit_to_bucket, make_buckets, nearest_bucket, nearest_sub_buckets, needs_upscale, parse_image_size,
@@ -25,7 +25,7 @@ from trainer.data.samples import Placement, SampleSpec, bucket_indices, group_by
 
 __all__ = [
     "BucketBatcher", "DataError", "DataWarning", "IMAGE_EXTENSIONS", "ImageInfo", "ImageItem", "ImageLoadError",
-    "PairSampleSpec", "PairScan", "Placement", "SampleSpec", "bucket_indices", "buckets_command",
+    "PairSampleSpec", "PairScan", "Placement", "SampleSpec", "bucket_indices",
     "difference_mask", "discover_images", "find_pairs", "fit_to_bucket", "format_frames", "group_by_bucket",
     "iter_loaded", "make_buckets", "make_item", "nearest_bucket", "nearest_sub_buckets", "needs_upscale",
     "open_image", "parse_image_size", "plan_pair_samples", "plan_samples", "probe_image", "tag_frequency",

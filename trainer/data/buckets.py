@@ -1,13 +1,11 @@
-"""Buckets: the public entry points for frames, sample plans and batching, and the ``buckets`` command.
+"""Buckets: the public entry points for frames, sample plans and batching.
 
 The work lives in ``frames`` (pure frame maths), ``samples`` (per-image plans) and
 ``batching`` (seeded, resumable batch order); this module gathers them under one name and
-prints the frames for ``python -m trainer buckets``.
+formats the frames that ``python -m trainer buckets`` (``trainer/cli/buckets.py``) prints.
 """
 
 from __future__ import annotations
-
-import sys
 
 from trainer.data.batching import BucketBatcher
 from trainer.data.frames import (
@@ -16,15 +14,12 @@ from trainer.data.frames import (
 from trainer.data.samples import Placement, SampleSpec, bucket_indices, group_by_bucket, iter_loaded, plan_samples
 
 __all__ = [
-    "BucketBatcher", "Frame", "Placement", "SampleSpec", "bucket_indices", "buckets_command", "fit_to_bucket",
+    "BucketBatcher", "Frame", "Placement", "SampleSpec", "bucket_indices", "fit_to_bucket",
     "format_frames", "group_by_bucket", "iter_loaded", "make_buckets", "nearest_bucket", "nearest_sub_buckets",
     "needs_upscale", "parse_image_size", "plan_samples",
 ]
 
 SUB_HEADER = "# sub-image frames"
-# The command's options, named next to the setting names the errors use.
-_FLAGS = {"image_size(height, width)": "--size", "image_buckets_step": "--step",
-          "image_min_length": "--min-length", "image_max_ratio": "--max-ratio"}
 
 
 def format_frames(size: str, step: int, min_length: int, max_ratio: float) -> list[str]:
@@ -40,18 +35,3 @@ def format_frames(size: str, step: int, min_length: int, max_ratio: float) -> li
     else:
         lines.append("# none: lower --min-length (or --step) to get sub-image frames")
     return lines
-
-
-def buckets_command(size: str, step: int, min_length: int, max_ratio: float) -> int:
-    """Print the bucket frames (height, width) one per line; 0 on success, 2 for bad input."""
-    try:
-        lines = format_frames(size, step, min_length, max_ratio)
-    except ValueError as exc:
-        message = str(exc)
-        for key, flag in _FLAGS.items():
-            if message.startswith(key):
-                message = f"{flag} ({key}){message[len(key):]}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0

@@ -273,6 +273,4 @@ class ForgeAdapter(_HostCalls):
             memory_management.load_models_gpu(saved["on_gpu"])
 
 
-from trainer.hosts.webui_session import WebUIHost  # noqa: E402  (the session needs the adapters above)
-
-__all__ = ["WebUIHost", "A1111Adapter", "ForgeAdapter", "adapter", "register_tab", "is_forge", "TAB_TITLE", "TAB_ID"]
+__all__ = ["A1111Adapter", "ForgeAdapter", "adapter", "register_tab", "is_forge", "TAB_TITLE", "TAB_ID"]

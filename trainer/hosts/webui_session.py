@@ -10,8 +10,8 @@ list and releases the lock. Every call into the host goes through the adapters o
 Typical use from the tab::
 
     host = WebUIHost()
-    result = host.run(config, on_progress=..., log=...)   # run_job with stop/progress wired
-    host.request_stop()                                   # from the Stop button
+    result = run_job(config, host=host, log=...)   # run_job feeds host.progress and asks host.should_stop
+    host.request_stop()                            # from the Stop button
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class WebUIHost:
         self.poll_s = poll_s
         self.hold_gpu_lock = hold_gpu_lock
         self.stop_event = threading.Event()
-        self._targets: list[threading.Event] = [self.stop_event]
         self._session: _Session | None = None
         self._guard = threading.Lock()
 
@@ -136,7 +135,6 @@ class WebUIHost:
                 session.adapter.state().end()
             finally:
                 self._session = None
-                self._targets = [self.stop_event]
                 self.stop_event.clear()  # a finished run's stop must not count against the next one
                 if session.lock is not None:
                     session.lock.release()
@@ -159,38 +157,11 @@ class WebUIHost:
         session = self._session
         if session is not None:
             self._check_interrupt(session)
-        return any(event.is_set() for event in self._targets)
+        return self.stop_event.is_set()
 
     def request_stop(self) -> None:
         """Ask the running loop to stop after the current step (the tab's Stop button)."""
-        for event in self._targets:
-            event.set()
-
-    def run(self, config: Any, *, on_progress: Callable[[Any], None] | None = None,
-            stop: threading.Event | None = None, **job_options: Any) -> Any:
-        """``run_job`` with this host: stop event and progress wired to the host's Interrupt and job state.
-
-        ``stop`` (optional) is the caller's own event; it is set on a host Interrupt as well.
-        Other keyword arguments go to ``trainer.training.job.run_job`` (``logs_dir``, ``resume``, ``log``...).
-        """
-        from trainer.training.job import run_job
-
-        if stop is not None:
-            self._targets = [self.stop_event, stop]
-
-        def progress(event: Any) -> None:
-            self.progress(event)
-            if on_progress is not None:
-                on_progress(event)
-                self.should_stop()  # an Interrupt pressed meanwhile ends the run after this very step
-
-        try:
-            return run_job(config, host=self, stop=stop or self.stop_event, on_progress=progress, **job_options)
-        finally:
-            from trainer.training.memory.estimate import return_freed_memory
-
-            gc.collect()
-            return_freed_memory()  # what the run's network, optimizer and caches held, now freed
+        self.stop_event.set()
 
     # ------------------------------------------------------------------ session internals
     def _begin(self) -> _Session:
@@ -343,7 +314,7 @@ def _release(bundle: Any) -> None:
     """
     if bundle is None:
         return
-    from trainer.training.memory.estimate import return_freed_memory
+    from trainer.heap import return_freed_memory
 
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         if module is not None:

@@ -16,14 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer import paths
-
-
-class JobError(RuntimeError):
-    """A job could not start or finish; the message says what to change."""
-
-
-class InputError(JobError):
-    """A setting, file or folder that stops the run before training; nothing was changed."""
+from trainer.training.errors import InputError
 
 
 @dataclass
@@ -88,12 +81,18 @@ def seed_everything(seed: int) -> int:
 def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | None = None,
             resume: bool = False, device=None, stop: threading.Event | None = None,
             on_progress: Callable | None = None, log: Callable[[str], None] = print) -> JobResult:
-    """Train ``config`` with the model ``host`` provides; see the module docstring."""
+    """Train ``config`` with the model ``host`` provides; see the module docstring.
+
+    Progress events go to ``host.progress(event)`` (when the host has one), then to
+    ``on_progress``; a ``host.should_stop()`` that turns true during the run sets ``stop``
+    (a web-UI's Interrupt), so the run ends after that step as with the caller's own stop.
+    """
     from trainer.training import preflight
 
     output_dir = Path(output_dir or host.lora_dir())
     logs_dir = Path(logs_dir or paths.logs_dir())
     stop = stop or threading.Event()
+    on_progress = _with_host(host, stop, on_progress)
     # Every check that needs no model, before the host's model is touched (a web-UI offloads it).
     prep = preflight.prepare(config, output_dir=output_dir, logs_dir=logs_dir, resume=resume, log=log)
     try:
@@ -104,6 +103,24 @@ def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | No
                              on_progress=on_progress, log=log)
     finally:
         prep.release()
+
+
+def _with_host(host, stop: threading.Event, on_progress: Callable | None) -> Callable:
+    """The progress callback of a run: the host's ``progress``, then the caller's; then the
+    host's ``should_stop``, unless it already said stop before the run began (a stale request)."""
+    report = getattr(host, "progress", None)
+    asks = getattr(host, "should_stop", None)
+    stale = bool(asks()) if callable(asks) else False
+
+    def progress(event) -> None:
+        if callable(report):
+            report(event)
+        if on_progress is not None:
+            on_progress(event)
+        if callable(asks) and not stale and asks():
+            stop.set()
+
+    return progress
 
 
 def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobResult:
@@ -218,7 +235,8 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
 def _memory_plan(config, bundle, device, log):
     """Estimate the run's peak memory, say it, and warn (with what to switch on) when it will
     not fit in the device's free memory."""
-    from trainer.training.memory.estimate import estimate_peak, format_estimate, free_device_memory
+    from trainer.training.memory.advice import format_estimate
+    from trainer.training.memory.estimate import estimate_peak, free_device_memory
 
     try:
         estimate = estimate_peak(config, bundle, device)
@@ -285,110 +303,3 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
 
     written: set[Path] = set()
     return save
-
-
-def train_command(args) -> int:
-    """``python -m trainer train CONFIG.json [--set k=v ...] [--output-dir DIR] [--resume]``."""
-    import signal
-    import sys
-
-    from trainer.config import ConfigError, TrainConfig
-    from trainer.hosts.standalone import StandaloneHost
-
-    try:
-        config = TrainConfig.from_json(args.config)
-        for item in args.overrides:
-            config = config.with_override(item)
-        for w in config.warnings:
-            print(f"warning: {w}", file=sys.stderr)
-        config.check_for_run()
-    except (ConfigError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    output_dir = Path(args.output_dir or "output")
-    stop = threading.Event()
-
-    def on_sigint(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nStopping after this step (press Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    bar = _ProgressBar()
-    try:
-        host = StandaloneHost(output_dir=output_dir)
-        result = run_job(config, host=host, output_dir=output_dir, logs_dir=getattr(args, "logs_dir", None),
-                         resume=args.resume, device=args.device, stop=stop, on_progress=bar.update,
-                         log=bar.write)
-    except KeyboardInterrupt:
-        bar.close()
-        print("error: aborted; nothing saved", file=sys.stderr)
-        return 130
-    except Exception as exc:  # one line for the user; the details are not hidden
-        bar.close()
-        code, text = error_exit(exc)
-        print(f"error: {text}", file=sys.stderr)
-        if getattr(args, "debug", False):
-            raise
-        return code
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    bar.close()
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(result.message)
-    return 0
-
-
-def error_exit(exc: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) of a failed run: 2 for bad input found before training
-    (settings, files, folders, locks, the stopped run's state), 1 for anything else."""
-    from trainer.config import ConfigError
-    from trainer.data.errors import DataError
-    from trainer.hosts.base import ModelLoadError
-    from trainer.training.loop import SaveFailed, TrainingOutOfMemory
-    from trainer.training.runlog import StateError
-
-    if isinstance(exc, (ConfigError, DataError, InputError, StateError, ModelLoadError)):
-        return 2, str(exc)
-    if isinstance(exc, (JobError, SaveFailed, TrainingOutOfMemory)):
-        return 1, str(exc)
-    return 1, f"{type(exc).__name__}: {exc}"
-
-
-class _ProgressBar:
-    """tqdm bar fed by loop progress events."""
-
-    def __init__(self):
-        self._bar = None
-        self._pass = None
-
-    def update(self, event) -> None:
-        from tqdm import tqdm
-
-        if self._bar is None or event.pass_name != self._pass:
-            self.close()
-            self._pass = event.pass_name
-            self._bar = tqdm(total=event.total, initial=event.step, desc=event.pass_name, dynamic_ncols=True)
-        if event.message:
-            return
-        self._bar.n = event.step
-        post = {"loss": f"{event.loss_ema:.4f}"}
-        if event.lrs:
-            post["lr"] = f"{event.lrs[-1]:.2e}"
-        if event.epoch is not None:
-            post["epoch"] = event.epoch
-        self._bar.set_postfix(post, refresh=False)
-        self._bar.refresh()
-
-    def write(self, msg: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(msg)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from trainer.training.optim import optimizers as optim
+from trainer.training.optim import optimizers, schedulers
 from trainer.training.runlog import CsvLog, save_state
 
 
@@ -136,16 +136,16 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
     max_norm = float(getattr(cfg, "train_max_grad_norm", 0.0) or 0.0)
     every = int(cfg.save_per_steps or 0)
 
-    opt_info = optim.build_optimizer(
+    opt_info = optimizers.build_optimizer(
         cfg.train_optimizer, task.param_groups(), lr=cfg.train_learning_rate,
-        settings=optim.parse_settings(cfg.train_optimizer_settings, field="train_optimizer_settings"),
+        settings=optimizers.parse_settings(cfg.train_optimizer_settings, field="train_optimizer_settings"),
         device=opts.device, network=task.network,
     )
-    sched_info = optim.build_scheduler(
+    sched_info = schedulers.build_scheduler(
         cfg.train_lr_scheduler, opt_info, num_training_steps=total,
         warmup_steps=int(cfg.train_lr_warmup_steps or 0), num_cycles=int(cfg.train_lr_scheduler_num_cycles or 1),
         power=float(cfg.train_lr_scheduler_power or 1.0), step_rules=cfg.train_lr_step_rules or "",
-        settings=optim.parse_settings(cfg.train_lr_scheduler_settings, field="train_lr_scheduler_settings"),
+        settings=optimizers.parse_settings(cfg.train_lr_scheduler_settings, field="train_lr_scheduler_settings"),
     )
     notes = list(opt_info.notes) + list(sched_info.notes)
     optimizer = opt_info.optimizer
@@ -164,7 +164,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
         start, ema = int(opts.resume["step"]), opts.resume.get("loss_ema")
         if scaler is not None and opts.resume.get("scaler"):
             scaler.load_state_dict(opts.resume["scaler"])
-    optim.optimizer_train_mode(opt_info)
+    optimizers.optimizer_train_mode(opt_info)
     _emit(opts, ProgressEvent(task.name, start, total, message=f"{task.name}: steps {start}/{total}"))
 
     saved: list[Path] = []
@@ -275,7 +275,7 @@ def _one_step(task, opts: LoopOptions, dist, step: int, accum: int, scaler, opti
 
 
 def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
-    from trainer.training.memory.estimate import oom_message
+    from trainer.training.memory.advice import oom_message
 
     return f"at step {step + 1}: " + oom_message(exc, opts.estimate, saved=kept, free=opts.free_memory)
 
@@ -283,12 +283,12 @@ def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
 def _save(opts: LoopOptions, opt_info, stem: str, steps: int, *, final: bool) -> Path:
     """Save the network after ``steps`` optimizer steps; schedule-free optimizers hold their best
     weights in eval mode."""
-    optim.optimizer_eval_mode(opt_info)
+    optimizers.optimizer_eval_mode(opt_info)
     try:
         return opts.save(stem, final, steps)
     finally:
         if not final:
-            optim.optimizer_train_mode(opt_info)
+            optimizers.optimizer_train_mode(opt_info)
 
 
 def _torch_schedulers(sched_info) -> list:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainer.training.job import InputError
+from trainer.training.errors import InputError
 from trainer.training.runlock import LockHeld, RunLock
 
 # Settings a resumed run may take from the new request; every other difference refuses.

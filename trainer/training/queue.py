@@ -279,7 +279,8 @@ class JobQueue:
 
     def _run_loop(self, host, output_dir, logs_dir, device, stop, on_progress, log, on_item) -> list[QueueItem]:
         from trainer.config import TrainConfig
-        from trainer.training.job import error_exit, run_job
+        from trainer.training.errors import is_input_error
+        from trainer.training.job import run_job
 
         finished: list[QueueItem] = []
         while not stop.is_set():
@@ -296,7 +297,7 @@ class JobQueue:
                 status, message = ("stopped" if result.stopped else "done"), result.message
             except Exception as error:  # one job's failure must not end the queue
                 message = "Error: " + _error_text(error)
-                if error_exit(error)[0] == 2:  # bad input: the message says what to fix; no traceback
+                if is_input_error(error):  # bad input: the message says what to fix; no traceback
                     log(f"queue item {item.id} ('{item.name}') could not start: {_error_text(error)}")
                 else:
                     log(f"queue item {item.id} ('{item.name}') failed:\n{traceback.format_exc()}")
@@ -346,61 +347,3 @@ def format_table(items: list[QueueItem]) -> list[list[str]]:
 
 
 TABLE_HEADERS = ["id", "name", "mode", "model", "status", "message", "added"]
-
-
-def queue_command(args) -> int:
-    """``python -m trainer queue list|add FILE|remove ID|requeue ID|run [--output-dir DIR]``."""
-    import sys
-
-    queue = JobQueue(args.queue_file, recover=args.action == "run")
-    try:
-        if args.action == "list":
-            rows = format_table(queue.items())
-            owner = queue.runner()
-            if owner is not None:
-                print(f"the queue is being run by {owner.describe() if owner.pid else 'another program'}")
-            if not rows:
-                print("the queue is empty")
-            for row in rows:
-                print(f"{row[0]:>3}  {row[4]:<8} {row[2]:<12} {row[1]}" + (f"  -- {row[5]}" if row[5] else ""))
-            return 0
-        if args.action == "add":
-            from trainer.config import ConfigError, TrainConfig
-
-            try:
-                config = TrainConfig.from_json(args.target)
-            except ConfigError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-            item = queue.add(config)
-            print(f"Added to Queue: item {item.id} ('{item.name}', {item.mode})")
-            return 0
-        if args.action in ("remove", "requeue"):
-            item = queue.remove(args.target) if args.action == "remove" else queue.requeue(args.target)
-            print(f"{'removed' if args.action == 'remove' else 'pending again'}: item {item.id} ('{item.name}')")
-            return 0
-        return _run_command(queue, args)
-    except QueueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run_command(queue: JobQueue, args) -> int:
-    import signal
-
-    from trainer.hosts.standalone import StandaloneHost
-
-    def on_sigint(signum, frame):
-        queue.stop()
-        print("\nStopping after this step; the rest of the queue stays pending...")
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        host = StandaloneHost(args.models_dir, output_dir=args.output_dir or "output")
-        done = queue.run_pending(host=host, output_dir=args.output_dir, logs_dir=args.logs_dir,
-                                 on_item=lambda i: print(f"[{i.id}] {i.name}: {i.status} {i.message}".rstrip()))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if not done:
-        print("nothing to run: no pending items")
-    return 1 if any(i.status == "failed" for i in done) else 0

@@ -17,7 +17,7 @@ import gradio as gr
 
 from trainer import paths as default_paths
 from trainer import plot
-from trainer.ui.page import form as ui_form
+from trainer.ui import form as ui_form
 from trainer.atomic import write_text
 from trainer.config import ConfigError, TrainConfig
 from trainer.training.queue import TABLE_HEADERS, JobQueue, QueueError, format_table

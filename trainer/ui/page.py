@@ -2,13 +2,13 @@
 
 ``build_ui(host, standalone=...)`` returns a ``gr.Blocks``; the web-UI adapter calls
 ``webui_tabs(host)`` from its ``on_ui_tabs`` callback, and ``python -m trainer ui`` serves the
-same page on its own with a :class:`~trainer.hosts.standalone.StandaloneHost`.
+same page on its own (``trainer/cli/ui.py``) with a :class:`~trainer.hosts.standalone.StandaloneHost`.
 
 Works on gradio 3.41 (AUTOMATIC1111), 4.x (Forge) and 5/6: only ``gr.update``, plain layout
 blocks and components with arguments all of them accept, events as ``.click(fn, inputs,
-outputs)``; the rest is in ``ui_compat``. Every elem_id starts with ``traintrain_`` and the
+outputs)``; the rest is in ``ui.compat``. Every elem_id starts with ``traintrain_`` and the
 whole page sits in ``#traintrain_tab``, so style.css touches nothing else of a host's page.
-Long runs go to a background thread (``ui_runner``); Start and Run queue are generators
+Long runs go to a background thread (``ui.runner``); Start and Run queue are generators
 that show its progress, so the page stays responsive and Stop works meanwhile.
 """
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import gradio as gr
 
 from trainer import choices as C
-from trainer.ui.page import compat as ui_compat
-from trainer.ui.page import form as ui_form
+from trainer.ui import compat as ui_compat
+from trainer.ui import form as ui_form
 from trainer.paths import ROOT
 from trainer.training.queue import TABLE_HEADERS
 from trainer.ui.actions import LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
 
-__all__ = ["build_ui", "webui_tabs", "serve", "TrainTrainUI", "UiPaths"]
+__all__ = ["build_ui", "webui_tabs", "TrainTrainUI", "UiPaths"]
 
 _ROW = 3       # text and dropdown widgets per row
 _CH_ROW = 4    # checkboxes per row
@@ -233,63 +233,3 @@ def webui_tabs(host) -> list[tuple[gr.Blocks, str, str]]:
     """What a web-UI's ``on_ui_tabs`` callback returns: one tab titled TrainTrain."""
     return [(build_ui(host, standalone=False), "TrainTrain", "traintrain_tab")]
 
-
-_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def is_local(address: str) -> bool:
-    """Whether a bind address is reachable only from this machine."""
-    return address in _LOCAL_HOSTS or address.startswith("127.")
-
-
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """``user:password`` -> (user, password); ValueError for anything else."""
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ValueError("--auth takes USER:PASSWORD (both non-empty)")
-    return user, password
-
-
-def serve(args) -> int:
-    """``python -m trainer ui [--port P] [--host H] [--models-dir DIR] [--output-dir DIR] [--auth USER:PASSWORD]
-    [--allow-dir DIR ...]``.
-
-    Bound beyond this machine (``--host 0.0.0.0``), anyone who reaches the port can start runs, so a
-    warning is printed, ``--auth`` puts gradio's login in front, and Load JSON reads only inside the
-    project's presets/ and jsons/ and the ``--allow-dir`` folders (also when ``--allow-dir`` is given
-    on a local page).
-    """
-    import sys
-
-    from trainer.hosts.standalone import StandaloneHost
-
-    try:
-        auth = parse_auth(getattr(args, "auth", None))
-    except ValueError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 2
-    extra = [Path(d) for d in (getattr(args, "allow_dir", None) or [])]
-    missing = [str(d) for d in extra if not d.is_dir()]
-    if missing:
-        print(f"Error: --allow-dir: not a folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    paths = UiPaths.default()
-    local = is_local(args.host)
-    allowed = [paths.presets, paths.jsons, *extra] if extra or not local else None
-    if not local:
-        print(f"Warning: the page listens on {args.host}:{args.port}, so other machines can reach it and start "
-              "training runs" + (" (login required: --auth)." if auth else
-                                 ". Add --auth USER:PASSWORD to require a login, or bind to 127.0.0.1."),
-              file=sys.stderr)
-    output_dir = Path(args.output_dir or "output")
-    host = StandaloneHost(args.models_dir, output_dir=output_dir)
-    demo = build_ui(host, standalone=True, paths=paths, output_dir=output_dir, allowed_dirs=allowed)
-    ui_compat.enable_queue(demo)
-    print(f"TrainTrain: models from {args.models_dir or '(paths typed into the page)'}, output to {output_dir}")
-    if allowed is not None:
-        print("Load JSON reads only from: " + ", ".join(str(d) for d in allowed))
-    ui_compat.launch(demo, css=page_css(), server_name=args.host, server_port=args.port,
-                     inbrowser=getattr(args, "browser", False), auth=auth)
-    return 0

@@ -60,8 +60,8 @@ def describe_event(event) -> str:
 class Runner:
     """Runs jobs for the UI in a worker thread; thread-safe.
 
-    ``host`` provides the models (its ``progress(event)`` is fed too, when it has one, and a
-    ``should_stop()`` that turns true during a run stops it, e.g. a web-UI's Interrupt).
+    ``host`` provides the models; ``run_job`` feeds its ``progress(event)`` and asks its
+    ``should_stop()`` (e.g. a web-UI's Interrupt) during a run.
     """
 
     def __init__(self, host, queue: JobQueue, *, output_dir: Path | None = None, logs_dir: Path | None = None,
@@ -77,7 +77,6 @@ class Runner:
         self._step_line = ""  # the last progress event's line, kept when the run ends
         self._message = ""
         self._current_name: str | None = None
-        self._host_stop_at_start = False
 
     # --- state ---------------------------------------------------------------------------
 
@@ -105,12 +104,6 @@ class Runner:
             self._line = describe_event(event)
             if not event.message:
                 self._step_line = self._line
-        report = getattr(self.host, "progress", None)
-        if callable(report):
-            report(event)
-        asks = getattr(self.host, "should_stop", None)
-        if callable(asks) and asks() and not self._host_stop_at_start:
-            self.stop_event.set()
 
     # --- starting and stopping -----------------------------------------------------------
 
@@ -123,19 +116,16 @@ class Runner:
             self._message = (f"Training {label}, started {time.strftime('%H:%M')}. Stop and Save ends it early "
                              "and keeps what was learned.")
             self._step_line = ""
-            asks = getattr(self.host, "should_stop", None)
-            self._host_stop_at_start = bool(asks()) if callable(asks) else False
 
             def work() -> None:
                 failed = False
                 try:
                     message = target()
                 except Exception as error:  # the page gets the message; the console the details of a fault
-                    from trainer.training.job import error_exit
+                    from trainer.training.errors import failure_text, is_input_error
 
-                    code, text = error_exit(error)
-                    # bad input (exit 2) is said in one line that names what to fix; a fault gets its traceback
-                    self.echo(f"TrainTrain: {text}" if code == 2 else traceback.format_exc())
+                    # bad input is said in one line that names what to fix; a fault gets its traceback
+                    self.echo(f"TrainTrain: {failure_text(error)}" if is_input_error(error) else traceback.format_exc())
                     message, failed = "Error: " + _error_text(error), True
                 with self._lock:
                     ending = "failed" if failed else "stopped" if self.stop_event.is_set() else "finished"

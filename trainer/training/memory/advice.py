@@ -71,6 +71,11 @@ def suggestions(est: MemoryEstimate, free: int | None = None) -> list[tuple[int,
     return priced
 
 
+def suggestion_texts(est: MemoryEstimate, free: int | None = None) -> list[str]:
+    """Setting changes that would lower the peak, largest saving first; with ``free``, whether each fits."""
+    return [text for _, text in suggestions(est, free)]
+
+
 def plan_to_fit(est: MemoryEstimate, free: int) -> tuple[list[str], int]:
     """Changes to make, largest saving first, until the run fits in ``free`` (or nothing is left)."""
     chosen, changes, current = [], {}, est
@@ -98,7 +103,7 @@ def format_estimate(est: MemoryEstimate, free: int | None = None) -> str:
             f"WARNING: this run needs about {gib(est.total)} but only {gib(free)} is free. On Windows the "
             "driver then spills into shared system memory and training runs 10-100x slower; elsewhere it "
             "stops with an out-of-memory error.")
-        tips = est.suggestions(free)
+        tips = suggestion_texts(est, free)
         if tips:
             lines.append("Each of these lowers it: " + "; ".join(tips))
         plan, after = plan_to_fit(est, free)
@@ -129,7 +134,7 @@ def oom_message(exc: BaseException, estimate: MemoryEstimate | None, *, saved: A
     if estimate is not None:
         budget = f" with {gib(free)} free" if free is not None else ""
         parts.append(f"The run was estimated to need about {gib(estimate.total)}{budget}.")
-        tips = estimate.suggestions(free)
+        tips = suggestion_texts(estimate, free)
     if tips:
         parts.append("To need less: " + "; ".join(tips) + ".")
     else:

@@ -94,12 +94,6 @@ class MemoryEstimate:
         """Peak bytes (the largest phase)."""
         return int(sum(self.breakdown.values()))
 
-    def suggestions(self, free: int | None = None) -> list[str]:
-        """Setting changes that would lower the peak, largest saving first; with ``free``, whether each fits."""
-        from trainer.training.memory.advice import suggestions
-
-        return [text for _, text in suggestions(self, free)]
-
     def with_facts(self, **changes: Any) -> "MemoryEstimate":
         """The estimate of the same run with some facts changed (``checkpointing=True``, ``batch=1``...)."""
         return compute(dict(self.facts, **changes), self.parts)
@@ -307,51 +301,3 @@ def estimate_for_model_file(config: Any, path: Any, device: Any = "cpu", *, free
             loader_holds_file = source.suffix.lower() not in (".safetensors", ".sft")
         held = source.stat().st_size if loader_holds_file else 0
     return estimate_peak(config, family, device, free_after_caching=free_after_caching, checkpoint_bytes=held)
-
-
-def format_estimate(est: MemoryEstimate, free: int | None = None) -> str:
-    """Lines for the CLI / UI, with a warning and suggestions when ``est`` exceeds ``free``."""
-    from trainer.training.memory.advice import format_estimate as fmt
-
-    return fmt(est, free)
-
-
-def oom_message(exc: BaseException, estimate: MemoryEstimate | None, *, saved: Any = None,
-                free: int | None = None) -> str:
-    """The user's message for an out-of-memory error (see ``trainer.training.memory.advice.oom_message``)."""
-    from trainer.training.memory.advice import oom_message as message
-
-    return message(exc, estimate, saved=saved, free=free)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch / CUDA / MPS / host allocation failures."""
-    from trainer.training.memory.advice import is_out_of_memory as check
-
-    return check(exc)
-
-
-def return_freed_memory() -> bool:
-    """Hand memory that Python and torch have freed back to the operating system (Linux/glibc).
-
-    glibc raises its mmap threshold after the first large free, so the trainer's later copies of
-    a model's weights come from the heap, and freeing them leaves the process's resident memory
-    where it was: in a web UI that keeps running, every run would add the size of that copy.
-    ``malloc_trim(0)`` returns the free heap pages (measured: a freed 1.8 GB copy of 6.5 MB
-    tensors stayed resident until the trim). No library offers this; it is one libc call.
-    Returns False where there is no glibc (macOS, Windows, musl), where it does nothing.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
-    return True

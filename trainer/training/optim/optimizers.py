@@ -42,7 +42,6 @@ import torch
 
 from trainer.choices import OPTIMIZERS
 from trainer.compat import DADAPTATION, DADAPTATION_LION, install_command, installed_version, version_below
-from trainer.training.optim.schedulers import SchedulerInfo, build_scheduler
 from trainer.training.optim.settings import (
     OPTIMIZER_FIELD,
     OptimizerSettingsError,
@@ -52,8 +51,8 @@ from trainer.training.optim.settings import (
 )
 
 __all__ = [
-    "OptimizerInfo", "OptimizerSettingsError", "OptimizerUnavailableError", "SchedulerInfo",
-    "build_optimizer", "build_scheduler", "optimizer_eval_mode", "optimizer_train_mode",
+    "OptimizerInfo", "OptimizerSettingsError", "OptimizerUnavailableError",
+    "build_optimizer", "optimizer_eval_mode", "optimizer_train_mode",
     "parse_settings", "resolve_optimizer_name",
 ]
 
