@@ -33,7 +33,7 @@ train_VAE_precision diff_load_1st_pass diff_save_1st_pass diff_1st_pass_only log
 logging_verbose save_overwrite save_as_json model_v_pred use_2nd_pass_settings"""
 REFERENCE_KEYS = [k.replace(",_", ", ").replace("_=_", " = ") for k in REFERENCE_KEYS.split()]
 EXTENSION_NAMES = ["gradient_accumulation_steps", "train_noise_offset", "train_max_grad_norm",
-                   "cache_latents_to_disk", "addift_timestep_schedule", "zero_terminal_snr"]
+                   "cache_latents_to_disk", "addift_timestep_schedule", "zero_terminal_snr", "ileco_latents"]
 SHIPPED = ["LoRA", "iLECO", "Difference", "Difference_Use2ndPass", "ADDifT_Action_SD1.5", "ADDifT_Action_XL",
            "ADDifT_Style_SD1.5", "ADDifT_Style_XL", "Multi-ADDifT"]
 
@@ -152,8 +152,8 @@ def test_to_dict_order_and_raw_forms(reference_presets_dir):
     keys = list(data)
     assert keys[:59] == REFERENCE_KEYS
     assert keys[59:66] == ["2nd pass", "mode", "model", "vae", "te", "original prompt", "target prompt"]
-    assert keys[66:72] == [param(n).key for n in EXTENSION_NAMES]
-    assert keys[72:] == ["negative prompt", "original image"]  # empty target image is left out
+    assert keys[66:66 + len(EXTENSION_NAMES)] == [param(n).key for n in EXTENSION_NAMES]
+    assert keys[66 + len(EXTENSION_NAMES):] == ["negative prompt", "original image"]  # empty target image is left out
     assert data["network_rank"] == "16" and data["train_learning_rate"] == "0.0005"
     assert data["image_size(height, width)"] == "768,512" and data["train_textencoder_learning_rate"] == ""
     assert data["use_gradient_checkpointing"] is False and isinstance(data["network_blocks(BASE = TextEncoder)"], list)

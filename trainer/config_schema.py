@@ -243,6 +243,12 @@ _EXTENSION_ROWS = [
     ("zero_terminal_snr", "bool", False, "CH", "all",
      "Rescale the noise schedule so the last timestep is pure noise (zero terminal SNR). Use it for "
      "models trained that way, normally with v-prediction.", {}),
+    ("ileco_latents", "choice", "noise", "DD", "I",
+     "iLECO noisy latents: 'noise' trains on pure noise at every timestep (the reference's method; "
+     "it learns the change mostly for the first, noisiest sampling steps, so an erased concept can "
+     "come back); 'trajectory' takes them from the base model's own denoising of the original "
+     "prompt, at the sampled timestep, as LECO and ESD do: it erases far more, for about twice "
+     "the compute per step.", dict(choices=("noise", "trajectory"))),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)

@@ -8,6 +8,16 @@ Changes from the reference, on purpose: X is drawn afresh every step (the refere
 draw for the whole run, which fits the network to a single noise image), the latent shape
 keeps the (height, width) order of ``image_size``, and no text-encoder modules are created
 (they would never train in this mode and would only be saved as zeros).
+
+``ileco_latents = "trajectory"`` (not in the reference; ``"noise"`` is the default above) takes
+the noisy latent from the base model's own denoising trajectory for the original prompt, as
+LECO and ESD do: every ``REFRESH_EVERY`` steps the base model (network off) denoises a batch of
+fresh noise with the original prompt in ``TRAJECTORY_STEPS`` deterministic DDIM steps, keeping
+the latent at every step; each training step then takes, per sample, the latent of a stored
+step whose timestep lies in [min, max), at that timestep. Pure noise is what the model sees
+only at the very first sampling step, so with ``"noise"`` the network learns the change for
+the highest-noise steps alone and an erased concept comes back in the later steps; the
+trajectory's latents are those the model meets at every step while it draws the prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ import torch
 from trainer.conditioning import sdxl_time_ids
 from trainer.training.losses import diffusion_loss, sample_timesteps
 from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
+
+TRAJECTORY_STEPS = 20   # DDIM steps of one stored trajectory
+REFRESH_EVERY = 10      # training steps between two trajectory batches
 
 
 class IlecoTask:
@@ -34,6 +47,11 @@ class IlecoTask:
         f = ctx.bundle.vae_scale_factor
         self.latent_shape = (int(cfg.train_batch_size), ctx.bundle.unet.config.in_channels, h // f, w // f)
         self.time_ids = sdxl_time_ids((h, w), (0, 0), (h, w))
+        self.latents = getattr(cfg, "ileco_latents", "noise") or "noise"
+        self._traj = None  # (timesteps (S,), latents (S, B, C, H, W), step made at)
+        if self.latents == "trajectory":
+            ctx.log(f"iLECO latents: the base model's trajectory for the original prompt "
+                    f"({TRAJECTORY_STEPS} DDIM steps, new every {REFRESH_EVERY} steps)")
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train_learning_rate
@@ -42,9 +60,12 @@ class IlecoTask:
     def compute_loss(self, step: int) -> torch.Tensor:
         cfg, ctx, bundle = self.config, self.ctx, self.ctx.bundle
         b = self.latent_shape[0]
-        x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
-        t = sample_timesteps(b, int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
-                             fixed_in_batch=False, device=ctx.device)
+        if self.latents == "trajectory":
+            x, t = self._trajectory_latents(step)
+        else:
+            x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
+            t = sample_timesteps(b, int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
+                                 fixed_in_batch=False, device=ctx.device)
         x, t = ctx.shard(x), ctx.shard(t)
         b = x.shape[0]
         with torch.no_grad():
@@ -55,15 +76,63 @@ class IlecoTask:
         return diffusion_loss(pred, target, t, scheduler=bundle.noise_scheduler,
                               kind=cfg.train_loss_function, snr_gamma=float(cfg.train_snr_gamma))
 
+    def _timestep_grid(self) -> torch.Tensor:
+        """The trajectory's timesteps: from the last one (999) down to the range's low end."""
+        last = int(self.ctx.bundle.noise_scheduler.config.num_train_timesteps) - 1
+        return torch.linspace(last, min(int(self.config.train_min_timesteps), last), TRAJECTORY_STEPS).round().long()
+
+    @torch.no_grad()
+    def _make_trajectory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic DDIM (eta 0) from fresh noise with the original prompt, network off;
+        the latent before every step. Written out here so it uses the run's own noise schedule
+        (zero-terminal-SNR rescaling included) and prediction type."""
+        ctx, bundle = self.ctx, self.ctx.bundle
+        acp = bundle.noise_scheduler.alphas_cumprod.to(ctx.device, torch.float32)
+        grid = self._timestep_grid()
+        x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
+        b = x.shape[0]
+        cond = repeat_cond(self.c_orig, b)
+        self.network.multiplier = 0.0
+        kept = []
+        for i, t in enumerate(grid.tolist()):
+            kept.append(x)
+            tt = torch.full((b,), t, device=ctx.device, dtype=torch.long)
+            out = unet_forward(bundle, x, tt, cond, self.time_ids).float()
+            a = acp[t]
+            if bundle.prediction_type == "v_prediction":
+                x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+            else:
+                x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
+            a_prev = acp[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), device=ctx.device)
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return grid.to(ctx.device), torch.stack(kept)
+
+    def _trajectory_latents(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, a stored trajectory latent and its timestep, in [min, max)."""
+        if self._traj is None or step - self._traj[2] >= REFRESH_EVERY or step < self._traj[2]:
+            grid, lat = self._make_trajectory()
+            self._traj = (grid, lat, step)
+        grid, lat, _ = self._traj
+        lo, hi = int(self.config.train_min_timesteps), int(self.config.train_max_timesteps)
+        allowed = torch.nonzero((grid >= lo) & (grid < hi)).flatten()
+        if allowed.numel() == 0:  # a range narrower than the grid's spacing: its nearest step
+            allowed = torch.argmin((grid - (lo + hi) // 2).abs()).view(1)
+        b = lat.shape[1]
+        pick = allowed[torch.randint(0, allowed.numel(), (b,))].to(lat.device)
+        return lat[pick, torch.arange(b, device=lat.device)], grid[pick]
+
     def metadata(self) -> dict:
-        return {"traintrain_original_prompt": self.config.original_prompt,
+        meta = {"traintrain_original_prompt": self.config.original_prompt,
                 "traintrain_target_prompt": self.config.target_prompt}
+        if self.latents != "noise":
+            meta["traintrain_ileco_latents"] = self.latents
+        return meta
 
     def state_dict(self) -> dict:
-        return {}
+        return {} if self._traj is None else {"trajectory": self._traj}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self._traj = state.get("trajectory")
 
 
 def build_tasks(cfg, ctx: ModeContext):
