@@ -100,6 +100,27 @@ def test_hosts_do_not_import_the_job_layer_the_ui_or_the_cli():
     assert {m: d for m, d in wrong.items() if d} == {}
 
 
+# What each package must not import (docs/DESIGN.md says what each owns and may import).
+LAYERS = {
+    "trainer.network": ("trainer.config", "trainer.modes", "trainer.hosts", "trainer.training", "trainer.ui",
+                        "trainer.cli", "trainer.data"),
+    "trainer.data": ("trainer.config", "trainer.modes", "trainer.hosts", "trainer.training", "trainer.ui",
+                     "trainer.cli", "trainer.network"),
+    "trainer.modes": ("trainer.hosts", "trainer.ui", "trainer.cli", "trainer.training.job", "trainer.training.loop",
+                      "trainer.training.queue", "trainer.training.preflight"),
+    "trainer.config": ("trainer.hosts", "trainer.ui", "trainer.cli", "trainer.training.job",
+                       "trainer.training.loop", "trainer.training.queue", "trainer.training.preflight"),
+    "trainer.training": ("trainer.ui", "trainer.cli"),
+    "trainer.ui": ("trainer.cli",),
+}
+
+
+def test_packages_import_only_the_layers_below_them():
+    wrong = {m: sorted(d for d in deps if _within(d, LAYERS[package]))
+             for package in LAYERS for m, deps in GRAPH.items() if _within(m, (package,))}
+    assert {m: d for m, d in wrong.items() if d} == {}
+
+
 def test_only_the_cli_imports_the_cli():
     wrong = {m: sorted(d for d in deps if _within(d, ("trainer.cli",)))
              for m, deps in GRAPH.items() if not _within(m, CONSOLE_MODULES)}

@@ -14,13 +14,13 @@ import json
 import os
 from pathlib import Path
 
-from trainer import choices as C
 from trainer.config_checks import coerce_params, cross_checks, run_problems
 from trainer.config_schema import (
     EXTENSION_PARAMS, EXTRA_KEYS, IGNORED_KEYS, OPTIMIZER_ALIASES, PARAMS, REFERENCE_PARAMS, Param,
     find_param, param, params_for_mode, suggest,
 )
 from trainer.config_values import ConfigError, display, parse_step_rules, show, to_raw
+from trainer.modes import all_modes, get_mode
 
 __all__ = [
     "ConfigError", "Param", "PARAMS", "OPTIMIZER_ALIASES", "TrainConfig", "check_config_command",
@@ -56,12 +56,13 @@ class TrainConfig:
         problems += more_problems
         found += more_warnings
         second = None
-        if mode == "Difference":
+        if get_mode(mode).has_second_pass:
             # Missing 2nd-pass keys take this pass's values, unless those are wrong themselves
             # (then defaults, so one mistake is reported once).
-            second = _second_pass(second_pass, {} if problems else typed, problems, found)
+            second = _second_pass(mode, second_pass, {} if problems else typed, problems, found)
         elif second_pass:
-            found.append(f"2nd pass: only Difference mode uses it; ignored in {mode} mode")
+            users = " and ".join(m.name for m in all_modes() if m.has_second_pass)
+            found.append(f"2nd pass: only {users} mode uses it; ignored in {mode} mode")
         if problems:
             raise ConfigError(problems, list(warnings or []) + found)
         for name, value in {**typed, **texts, "mode": mode, "second_pass": second}.items():
@@ -117,7 +118,7 @@ class TrainConfig:
         """The reference's settings format: the 59 keys in table order with UI-style values,
         "2nd pass" (Difference), mode/model/vae/te/prompts, then this project's keys."""
         data: dict[str, object] = {p.key: to_raw(p, getattr(self, p.name)) for p in REFERENCE_PARAMS}
-        if self.mode == "Difference" and self.second_pass is not None:
+        if self.second_pass is not None:  # only a mode with a 2nd pass keeps one
             data["2nd pass"] = self.second_pass._params_dict()
         data.update({"mode": self.mode, "model": self.model, "vae": self.vae, "te": self.te,
                      "original prompt": self.original_prompt, "target prompt": self.target_prompt})
@@ -185,13 +186,18 @@ def _default(name: str) -> object:
     return list(p.default) if p.kind == "blocks" else p.default
 
 
+_BLANK = (None, "")
+
+
 def _coerce_mode(mode: object, problems: list[str]) -> str:
-    if mode is None or mode == "":
+    """A registered mode's name, matched case-insensitively; blank means LoRA."""
+    if mode in _BLANK:
         return "LoRA"
-    folded = {m.lower(): m for m in C.MODES}
+    names = [m.name for m in all_modes()]
+    folded = {name.lower(): name for name in names}
     if isinstance(mode, str) and mode.strip().lower() in folded:
         return folded[mode.strip().lower()]
-    problems.append(f"mode: {show(mode)} is not a known mode; choose one of {', '.join(C.MODES)}")
+    problems.append(f"mode: {show(mode)} is not a known mode; choose one of {', '.join(names)}")
     return "LoRA"
 
 
@@ -207,7 +213,8 @@ def _coerce_text(name: str, value: object, problems: list[str]) -> str:
     return value
 
 
-def _second_pass(value: object, typed: dict, problems: list[str], warnings: list[str]) -> TrainConfig | None:
+def _second_pass(mode: str, value: object, typed: dict, problems: list[str],
+                 warnings: list[str]) -> TrainConfig | None:
     """Build the 2nd-pass panel; its problems and warnings are prefixed with '2nd pass: '."""
     if value is None or isinstance(value, TrainConfig):
         return value
@@ -219,7 +226,7 @@ def _second_pass(value: object, typed: dict, problems: list[str], warnings: list
     values, found, key_problems = _map_keys(value, allow_extras=False)
     warnings.extend(f"2nd pass: {w}" for w in found)
     try:
-        second = TrainConfig(mode="Difference", **{**typed, **values})
+        second = TrainConfig(mode=mode, **{**typed, **values})
     except ConfigError as error:
         problems.extend(f"2nd pass: {p}" for p in key_problems + error.problems)
         return None

@@ -147,22 +147,9 @@ def _schedule_warnings(v: dict, warnings: list[str]) -> None:
 
 def run_problems(config) -> list[str]:
     """What ``config.mode`` needs set before a run can start (files are checked later, on use)."""
-    mode = config.mode
-    problems: list[str] = []
-    if mode in ("LoRA", "Multi-ADDifT") and not config.lora_data_directory.strip():
-        problems.append(f"lora_data_directory is empty; {mode} trains on the images of a folder, "
-                        f"so set it to that folder")
-    if mode == "Multi-ADDifT" and not config.diff_target_name.strip():
-        problems.append("diff_target_name is empty; Multi-ADDifT pairs 'name.png' with "
-                        "'name<suffix>.png', so set the suffix, e.g. \"_closed_eyes\"")
-    if mode == "iLECO" and not config.original_prompt.strip():
-        problems.append("original prompt is empty; iLECO moves the concept of the original prompt "
-                        "toward the target prompt (blank target = erase it), so write the concept")
-    if mode in ("Difference", "ADDifT"):
-        for key, attr in (("original image", "original_image"), ("target image", "target_image")):
-            if not getattr(config, attr).strip():
-                problems.append(f"{key} is not set; {mode} learns the change from the original image "
-                                f"to the target image, so give both image files")
+    from trainer.modes import get_mode
+
+    problems = get_mode(config.mode).run_problems(config)
     problems.extend(package_problems(config))
     return problems
 

@@ -57,14 +57,6 @@ def pick_device(name: str | None = None):
     return torch.device("cpu")
 
 
-def _mode_module(mode: str):
-    import importlib
-
-    module = {"LoRA": "lora", "iLECO": "ileco", "Difference": "difference",
-              "ADDifT": "addift", "Multi-ADDifT": "addift"}[mode]
-    return importlib.import_module(f"trainer.modes.{module}")
-
-
 def seed_everything(seed: int) -> int:
     import numpy as np
     import torch
@@ -127,6 +119,7 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
     import torch
 
     from trainer.training import loop
+    from trainer.modes import get_mode
     from trainer.modes.base import ModeContext
     from trainer.training.preflight import check_room
     from trainer.training.runlog import CsvLog, csv_path
@@ -179,7 +172,7 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
             config.to_json(output_dir / f"{name}.json")
             stamp = time.strftime("%Y%m%d_%H%M%S")
             config.to_json(paths.jsons_dir() / time.strftime("%Y%m%d") / f"{name}-{stamp}.json")
-        for index, task in enumerate(_mode_module(config.mode).build_tasks(config, ctx)):
+        for index, task in enumerate(get_mode(config.mode).build_tasks(config, ctx)):
             if state and index < state["pass"]:
                 continue
             stem = name if task.name == "main" else f"{name}_{task.name}"

@@ -191,7 +191,9 @@ def clean_stale_temporaries(output_dir: Path, state_dir: Path, name: str, *, bef
 
 def pass_plans(config) -> list[tuple[str, object]]:
     """(file stem suffix, settings) of each training pass: ("", cfg) or ("_copy", cfg), ("", cfg2)."""
-    if config.mode != "Difference":
+    from trainer.modes import get_mode
+
+    if not get_mode(config.mode).has_second_pass:
         return [("", config)]
     plans = [("_copy", config)]
     if not config.diff_1st_pass_only:
@@ -239,11 +241,13 @@ def _check_existing(prep: Prepared) -> None:
 
 def check_inputs(config, output_dir: Path) -> dict:
     """Find and probe the run's images (and caption files); returns the plan the mode reuses."""
+    from trainer.config_schema import param
     from trainer.data.images import probe_image
+    from trainer.modes import get_mode
 
-    mode = config.mode
+    mode = get_mode(config.mode)
     plan: dict = {}
-    if mode == "LoRA":
+    if mode.inputs == "images":
         from trainer.data.buckets import plan_samples
         from trainer.data.images import discover_images
 
@@ -253,7 +257,7 @@ def check_inputs(config, output_dir: Path) -> dict:
                              config.image_max_ratio, sub_image_num=config.sub_image_num,
                              mirroring=config.image_mirroring, disable_upscale=config.image_disable_upscale)
         plan["lora"] = (items, specs)
-    elif mode == "Multi-ADDifT":
+    elif mode.inputs == "image pairs":
         from trainer.data.pairs import find_pairs, plan_pair_samples
 
         scan = find_pairs(config.lora_data_directory, config.diff_target_name)
@@ -263,20 +267,20 @@ def check_inputs(config, output_dir: Path) -> dict:
             disable_upscale=config.image_disable_upscale, trigger_word=config.lora_trigger_word,
             use_filename_as_tag=config.image_use_filename_as_tag)
         plan["pairs"] = (scan, specs)
-    elif mode in ("Difference", "ADDifT"):
+    elif mode.inputs == "two images":
         for key, attr in (("original image", "original_image"), ("target image", "target_image")):
             path = Path(getattr(config, attr)).expanduser()
             if not path.is_file():
                 raise InputError(f"{key}: {path} does not exist; give the path of an image file")
             probe_image(path)
-    if mode == "Difference" and config.diff_load_1st_pass:
+    if mode.has_second_pass and config.diff_load_1st_pass:
         from trainer.modes.difference import find_first_pass
 
         try:
             find_first_pass(config.diff_load_1st_pass, [Path(output_dir)])
         except ValueError as error:
             raise InputError(str(error)) from None
-    if config.network_resume and mode != "iLECO":
+    if config.network_resume and mode.reads(param("network_resume")):
         if not Path(config.network_resume).expanduser().is_file():
             raise InputError(f"network_resume: {config.network_resume} does not exist; give the path of a "
                              "saved network file (.safetensors or .pt), or leave it empty")

@@ -20,6 +20,7 @@ from trainer import plot
 from trainer.ui import form as ui_form
 from trainer.atomic import write_text
 from trainer.config import ConfigError, TrainConfig
+from trainer.modes import get_mode
 from trainer.training.queue import TABLE_HEADERS, JobQueue, QueueError, format_table
 from trainer.ui.runner import Runner
 
@@ -158,9 +159,10 @@ class TrainTrainUI:
         """
         mode = mode or "LoRA"
         updates = [gr.update(visible=ui_form.shown(p, mode)) for p in ui_form.PASS1]
-        updates.append(gr.update(visible=mode == "iLECO"))
-        updates.append(gr.update(visible=mode in ("Difference", "ADDifT")))
-        updates.append(gr.update(visible=mode == "Difference"))
+        facts = get_mode(mode)
+        updates.append(gr.update(visible=facts.takes_prompts))
+        updates.append(gr.update(visible=facts.takes_images))
+        updates.append(gr.update(visible=facts.has_second_pass))
         return updates
 
     def copy_first_pass(self, *pass1_values) -> list[object]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import choices as C
 from trainer.config import PARAMS, Param, TrainConfig
 from trainer.config_values import fmt_number, to_raw
+from trainer.modes import get_mode
 
 FIXED_FIELDS = ("mode", "model", "model_path", "vae", "original_prompt", "target_prompt",
                 "negative_prompt", "original_image", "target_image", "use_2nd_pass_settings")
@@ -34,11 +34,6 @@ NO_VAE = "None"
 # saved as "" (the reference's blank model), which the web-UI host reads the same way.
 LOADED_MODEL = "(the loaded model)"
 _BLANK_MODELS = ("", "None", LOADED_MODEL)
-
-# The reference shows this one in iLECO although nothing reads it; it stays there so every
-# saved key has a widget.
-_SHOWN_WITHOUT_EFFECT = {"network_train_text_encoder": frozenset({"I"})}
-_IMAGE_MODES = ("Difference", "ADDifT")
 
 
 def label(p: Param) -> str:
@@ -54,8 +49,7 @@ def elem_id(name: str, prefix: str = "") -> str:
 
 def shown(p: Param, mode: str) -> bool:
     """Whether the 1st-pass widget of ``p`` is visible in ``mode``."""
-    letter = C.MODE_LETTERS[mode]
-    return letter in p.modes or letter in _SHOWN_WITHOUT_EFFECT.get(p.name, ())
+    return get_mode(mode).shows(p)
 
 
 def ui_value(p: Param, typed: object) -> object:
@@ -125,7 +119,7 @@ def settings_from_values(values: dict[str, object], *, image_dir: Path | None = 
     settings: dict[str, object] = {p.key: values[p.name] for p in PASS1}
     settings["use_2nd_pass_settings"] = bool(values["use_2nd_pass_settings"])
     mode = values["mode"] or "LoRA"
-    if mode == "Difference":
+    if get_mode(mode).has_second_pass:
         settings["2nd pass"] = {p.key: values[P2 + p.name] for p in PASS2}
     model = str(values.get("model_path") or "").strip() or str(values.get("model") or "")
     if model == LOADED_MODEL:
@@ -136,7 +130,7 @@ def settings_from_values(values: dict[str, object], *, image_dir: Path | None = 
                      "target prompt": values["target_prompt"] or ""})
     if with_inputs:
         settings["negative prompt"] = values["negative_prompt"] or ""
-        if mode in _IMAGE_MODES:
+        if get_mode(mode).takes_images:
             for key, field in (("original image", "original_image"), ("target image", "target_image")):
                 if values.get(field):
                     settings[key] = str(keep_image(values[field], image_dir))

@@ -69,7 +69,6 @@ OPTIMIZER_STATE = {
     "DAdaptAdaGrad": ("floats", 3), "DAdaptAdan": ("floats", 5), "DAdaptSGD": ("floats", 3),
 }
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "model": 2, "int8": 1}
-TEXT_ENCODER_MODES = ("LoRA",)  # the only mode whose network can include the text encoder (BASE)
 
 
 @dataclass
@@ -157,8 +156,11 @@ def family_name(model: Any) -> str:
 
 def config_facts(config: Any, family: str, kind: str) -> dict:
     """The settings of ``config`` that decide its memory."""
+    from trainer.modes import get_mode
+
     height, width = (int(v) for v in tuple(config.image_size))
     mode = str(getattr(config, "mode", "LoRA"))
+    facts = get_mode(mode)
     precision = str(config.train_model_precision)
     return {
         "family": family, "device": kind, "mode": mode, "height": height, "width": width,
@@ -168,8 +170,8 @@ def config_facts(config: Any, family: str, kind: str) -> dict:
         "lora_bytes": PRECISION_BYTES.get(str(config.train_lora_precision), 4),
         "vae_bytes": PRECISION_BYTES.get(str(getattr(config, "train_VAE_precision", "fp32")), 4),
         "optimizer": str(config.train_optimizer),
-        "train_te": mode in TEXT_ENCODER_MODES and "BASE" in list(config.network_blocks or []),
-        "networks": 2 if mode == "Difference" else 1,  # the copy network stays applied during pass 2
+        "train_te": facts.text_encoder and "BASE" in list(config.network_blocks or []),
+        "networks": len(facts.passes),  # an earlier pass's network (Difference's copy) stays applied
     }
 
 
