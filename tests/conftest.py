@@ -29,3 +29,15 @@ def reference_presets_dir() -> Path:
     if not REFERENCE_PRESETS.is_dir():
         pytest.skip(f"reference presets not found at {REFERENCE_PRESETS}")
     return REFERENCE_PRESETS
+
+
+@pytest.fixture(scope="session")
+def tiny_world(request, tmp_path_factory):
+    """The tiny text-to-image world of tests/tinyworld.py, trained once and kept in the pytest
+    cache (.pytest_cache/d/tinyworld-<hash of its settings and training code>) across runs."""
+    import tinyworld
+
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    name = f"tinyworld-{tinyworld.world_key()}"
+    folder = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
+    return tinyworld.load_or_train(folder)
