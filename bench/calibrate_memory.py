@@ -77,7 +77,7 @@ def measure_point(family: str, precision: str, resolution: int, batch: int, chec
     """One step's working memory (bytes) in this process."""
     import torch
 
-    from trainer.choices import BLOCKID26
+    from trainer.config.choices import BLOCKID26
     from trainer.conditioning import Conditioning, sdxl_time_ids
     from trainer.modes.base import unet_forward
     from trainer.network.network import NetworkSpec, create_network

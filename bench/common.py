@@ -203,7 +203,7 @@ def write_checkpoint(family: str, folder: Path) -> Path:
     sys.path.insert(0, str(TESTS))
     import ldm  # the LDM key layout (test helper)
 
-    from trainer.layout import meta_parts
+    from trainer.hosts.meta import meta_parts
 
     names = ldm.ldm_state_dict(family, meta_parts(family))
     # one shared random pool, sliced per tensor; it must hold the largest tensor (SDXL's CLIP-G

@@ -91,7 +91,7 @@ def _add_estimate(m: Measurement, config, spec: BenchSpec) -> None:
 
 def _our_network_size(config, spec: BenchSpec) -> tuple[int, int]:
     """Module and parameter count of the network ``config`` builds (on the meta device: free)."""
-    from trainer.layout import meta_bundle
+    from trainer.hosts.meta import meta_bundle
     from trainer.network.network import NetworkSpec, create_network
 
     net = create_network(meta_bundle(spec.family), NetworkSpec(

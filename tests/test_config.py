@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from trainer import choices as C
+from trainer.config import choices as C
 from trainer.cli import main as cli_main
 from trainer.config import (
     OPTIMIZER_ALIASES, PARAMS, ConfigError, TrainConfig, param, params_for_mode, parse_step_rules,
 )
-from trainer.config_values import to_typed
+from trainer.config.values import to_typed
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "presets"

@@ -66,7 +66,7 @@ def fake_models(monkeypatch, request):
 
 def _full_size_ldm_state(family: str) -> dict:
     from ldm import ldm_state_dict
-    from trainer.layout import meta_parts
+    from trainer.hosts.meta import meta_parts
 
     return ldm_state_dict(family, meta_parts(family))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "trainer"
 # Top-level modules: each does one thing; everything else lives in a package.
-TOP_LEVEL = {"__init__", "__main__", "atomic", "bundle", "compat", "conditioning", "families", "heap", "layout",
-             "paths", "plot", "choices", "config", "config_checks", "config_schema", "config_values"}
+TOP_LEVEL = {"__init__", "__main__", "atomic", "bundle", "compat", "conditioning", "families", "heap", "paths",
+             "plot"}
 CONSOLE_MODULES = ("trainer.cli", "trainer.__main__")  # the only code that talks to a terminal
 
 
@@ -115,8 +115,12 @@ LAYERS = {
 }
 
 
+# The exact enumeration strings (modes, network types, optimizers...): a leaf any package may read.
+LEAVES = ("trainer.config.choices",)
+
+
 def test_packages_import_only_the_layers_below_them():
-    wrong = {m: sorted(d for d in deps if _within(d, LAYERS[package]))
+    wrong = {m: sorted(d for d in deps if _within(d, LAYERS[package]) and d not in LEAVES)
              for package in LAYERS for m, deps in GRAPH.items() if _within(m, (package,))}
     assert {m: d for m, d in wrong.items() if d} == {}
 

@@ -39,7 +39,7 @@ MEASURED = {
 
 
 def _config(values: dict):
-    from trainer.choices import BLOCKID26
+    from trainer.config.choices import BLOCKID26
 
     values = dict(values)
     if values.pop("no_base", False):

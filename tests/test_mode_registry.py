@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import choices as C
+from trainer.config import choices as C
 from trainer.config import PARAMS, TrainConfig
 from trainer.modes import Mode, all_modes, get_mode, register_mode
 

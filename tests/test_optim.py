@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from trainer.choices import LR_SCHEDULERS, OPTIMIZERS
+from trainer.config.choices import LR_SCHEDULERS, OPTIMIZERS
 from trainer.compat import install_command
 from trainer.training.optim.optimizers import (
     OptimizerSettingsError,

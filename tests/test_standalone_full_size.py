@@ -12,7 +12,7 @@ import torch
 
 import ldm
 from trainer.hosts.standalone import load_model
-from trainer.layout import meta_parts
+from trainer.hosts.meta import meta_parts
 
 KINDS = ("sd1", "sd2", "sdxl")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from trainer.choices import BLOCKID26
+from trainer.config.choices import BLOCKID26
 
 SDXL_BLOCK_IDS = ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(9))
 

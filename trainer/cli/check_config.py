@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from trainer.config import ConfigError, TrainConfig, describe, read_settings_json
-from trainer.config_checks import run_problems
+from trainer.config.checks import run_problems
 
 
 def check_config_command(path: str) -> int:

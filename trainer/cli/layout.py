@@ -1,7 +1,7 @@
 """``python -m trainer layout``: which modules a network setting trains on a full-size model.
 
 The network is created with the chosen type, element and blocks on the family's architecture
-built on the meta device (``trainer.layout.meta_bundle``: no weights, seconds), and every module
+built on the meta device (``trainer.hosts.meta.meta_bundle``: no weights, seconds), and every module
 is printed with its kohya name and the shape of its weight delta.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from trainer.layout import meta_bundle
+from trainer.hosts.meta import meta_bundle
 
 
 def _shape(module) -> tuple:
@@ -18,7 +18,7 @@ def _shape(module) -> tuple:
 
 
 def layout_command(family: str, network_type: str, element: str, blocks: str | None) -> int:
-    from trainer.choices import NETWORK_ELEMENTS, NETWORK_TYPES
+    from trainer.config.choices import NETWORK_ELEMENTS, NETWORK_TYPES
     from trainer.families import get_family
     from trainer.network.network import NetworkSpec, create_network
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from trainer import choices as C
+from trainer.config import choices as C
 
 # What a mode trains on, which the preflight probes before the model is touched.
 INPUTS = {

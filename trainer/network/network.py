@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from trainer.choices import BLOCKID26, NETWORK_ELEMENTS, NETWORK_TYPES
+from trainer.config.choices import BLOCKID26, NETWORK_ELEMENTS, NETWORK_TYPES
 from trainer.families import (
     Family, block_id_of, ldm_module_paths, te_classes, unet_attention_classes, unet_conv_classes,
 )

@@ -241,7 +241,7 @@ def _check_existing(prep: Prepared) -> None:
 
 def check_inputs(config, output_dir: Path) -> dict:
     """Find and probe the run's images (and caption files); returns the plan the mode reuses."""
-    from trainer.config_schema import param
+    from trainer.config.schema import param
     from trainer.data.images import probe_image
     from trainer.modes import get_mode
 
@@ -291,7 +291,7 @@ def check_inputs(config, output_dir: Path) -> dict:
 
 
 def _changeable(key: str) -> bool:
-    from trainer.config_schema import find_param
+    from trainer.config.schema import find_param
 
     found = find_param(key)
     return found is not None and found.name in RESUME_CHANGEABLE

@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from trainer.config import PARAMS, Param, TrainConfig
-from trainer.config_values import fmt_number, to_raw
+from trainer.config.values import fmt_number, to_raw
 from trainer.modes import get_mode
 
 FIXED_FIELDS = ("mode", "model", "model_path", "vae", "original_prompt", "target_prompt",

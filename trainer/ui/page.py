@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import choices as C
+from trainer.config import choices as C
 from trainer.ui import compat as ui_compat
 from trainer.ui import form as ui_form
 from trainer.paths import ROOT

@@ -251,7 +251,7 @@ def network_parameters(config: Any, model: Any) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=3)
 def _meta_bundle(family: str):
-    from trainer.layout import meta_bundle
+    from trainer.hosts.meta import meta_bundle
 
     return meta_bundle(family)
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.choices import OPTIMIZERS
+from trainer.config.choices import OPTIMIZERS
 from trainer.compat import DADAPTATION, DADAPTATION_LION, install_command, installed_version, version_below
 from trainer.training.optim.settings import (
     OPTIMIZER_FIELD,

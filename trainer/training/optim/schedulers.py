@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim import lr_scheduler
 
-from trainer.choices import LR_SCHEDULERS
+from trainer.config.choices import LR_SCHEDULERS
 from trainer.compat import scheduler_function
 from trainer.training.optim.settings import (
     SCHEDULER_FIELD,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from trainer.config_schema import PARAMS, param
-from trainer.config_values import ConfigError, fmt_number, parse_step_rules, show, to_typed
+from trainer.config.schema import PARAMS, param
+from trainer.config.values import ConfigError, fmt_number, parse_step_rules, show, to_typed
 from trainer.training.optim.settings import OptimizerSettingsError, parse_settings
 
 # The reference silently turns values <= 0 of these into 1 (SPEC.md §3.2); we do the same so its

@@ -1,7 +1,7 @@
 """TrainConfig: every setting of a run, typed and validated, read from and written to the
 reference product's settings JSON (SPEC.md §3.5).
 
-The parameters themselves are listed once, in ``config_schema.PARAMS``; this module holds the
+The parameters themselves are listed once, in ``schema.PARAMS``; this module holds the
 values of one run. A TrainConfig is immutable and always valid: building one (from keywords,
 ``from_dict``, ``from_json``, ``replace`` or ``with_override``) converts and checks every value
 and raises ``ConfigError`` listing all problems at once. ``check_for_run()`` adds what the chosen
@@ -14,18 +14,12 @@ import json
 import os
 from pathlib import Path
 
-from trainer.config_checks import coerce_params, cross_checks, run_problems
-from trainer.config_schema import (
-    EXTENSION_PARAMS, EXTRA_KEYS, IGNORED_KEYS, OPTIMIZER_ALIASES, PARAMS, REFERENCE_PARAMS, Param,
-    find_param, param, params_for_mode, suggest,
+from trainer.config.checks import coerce_params, cross_checks, run_problems
+from trainer.config.schema import (
+    EXTENSION_PARAMS, EXTRA_KEYS, IGNORED_KEYS, PARAMS, REFERENCE_PARAMS, Param, find_param, param, suggest,
 )
-from trainer.config_values import ConfigError, display, parse_step_rules, show, to_raw
+from trainer.config.values import ConfigError, display, show, to_raw
 from trainer.modes import all_modes, get_mode
-
-__all__ = [
-    "ConfigError", "Param", "PARAMS", "OPTIMIZER_ALIASES", "TrainConfig", "check_config_command",
-    "param", "params_for_mode", "parse_step_rules",
-]
 
 _TEXT_FIELDS = ("model", "vae", "te", "original_prompt", "target_prompt", "negative_prompt",
                 "original_image", "target_image")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 
-from trainer import choices as C
-from trainer.config_schema import OPTIMIZER_ALIASES, Param
+from trainer.config import choices as C
+from trainer.config.schema import OPTIMIZER_ALIASES, Param
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer import choices as C
+from trainer.config import choices as C
 
 KINDS = ("str", "int", "float", "bool", "choice", "blocks", "size", "optional_float")
 UI_KINDS = ("DD", "TX", "CH", "CB")
