@@ -245,10 +245,10 @@ _EXTENSION_ROWS = [
      "models trained that way, normally with v-prediction.", {}),
     ("ileco_latents", "choice", "noise", "DD", "I",
      "iLECO noisy latents: 'noise' trains on pure noise at every timestep (the reference's method; "
-     "it learns the change mostly for the first, noisiest sampling steps, so an erased concept can "
-     "come back); 'trajectory' takes them from the base model's own denoising of the original "
-     "prompt, at the sampled timestep, as LECO and ESD do: it erases far more, for about twice "
-     "the compute per step.", dict(choices=("noise", "trajectory"))),
+     "that is what the model sees only at the first, noisiest sampling step); 'trajectory' takes "
+     "them from the base model's own denoising of the original prompt, at the sampled timestep, "
+     "as LECO and ESD do, so the later sampling steps are trained too; about twice the compute "
+     "per step.", dict(choices=("noise", "trajectory"))),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)
