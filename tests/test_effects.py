@@ -138,6 +138,30 @@ def test_ileco_trajectory_erases_a_colour_and_keeps_the_others(tiny_world, tmp_p
     fails_when_zeroed(check, path)
 
 
+def test_ileco_replaces_a_colour_with_another(tiny_world, tmp_path):
+    """iLECO preset as shipped (ileco_latents = noise): "a red circle" answered as "a blue
+    circle". Blue must rise at least half of the way from its base rate for "a red circle" to
+    its rate for "a blue circle".
+
+    Other colours are printed, not asserted: here yellow falls from 0.94 to 0.81 (green stays
+    1.00), just below the 0.85 the erasing test holds them to."""
+    cfg = preset("iLECO", original_prompt="a red circle", target_prompt="a blue circle", save_lora_name="swap")
+    path = train(tiny_world, cfg, tmp_path)
+    blue0, = rates(tiny_world, None, "a red circle", "colour", "blue")
+    blue_target, = rates(tiny_world, None, "a blue circle", "colour", "blue")
+    others = [("a green circle", "green"), ("a yellow circle", "yellow")]
+    base = [rates(tiny_world, None, p, "colour", c)[0] for p, c in others]
+
+    def check(p):
+        blue, = rates(tiny_world, p, "a red circle", "colour", "blue")
+        kept = [rates(tiny_world, p, q, "colour", c)[0] for q, c in others]
+        print(f"iLECO noise, red -> blue: blue {blue0:.2f} -> {blue:.2f} (target prompt's own: {blue_target:.2f}); "
+              f"others {base} -> {kept}")
+        assert blue >= blue0 + 0.5 * (blue_target - blue0)
+
+    fails_when_zeroed(check, path)
+
+
 # --- Difference, ADDifT, Multi-ADDifT --------------------------------------------------------
 
 def size_pair(tmp_path: Path, target_size="large", colour="red", shape="circle") -> tuple[str, str]:
