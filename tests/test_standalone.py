@@ -308,6 +308,11 @@ def test_standalone_host(tmp_path, monkeypatch):
     events = []
     host = StandaloneHost(root, config_dir=ldm.write_config_dir("sd1", tmp_path / "c"), on_progress=events.append)
     assert isinstance(host, Host)
+    with pytest.raises(ModelLoadError, match="model file not found: nope.safetensors"):
+        host.check({"model": "nope.safetensors"})  # before anything loads
+    with pytest.raises(ModelLoadError, match="VAE file not found: nope.pt"):
+        host.check({"model": "sub/tiny.SAFETENSORS", "vae": "nope.pt"})
+    host.check({"model": "sub/tiny.SAFETENSORS", "vae": "tiny.vae.safetensors"})
     assert host.list_models() == ["a.ckpt", "b.PT", "c.pth", "d.bin", "diffusers-model", "e.sft",
                                   "sub/tiny.SAFETENSORS"]
     assert host.list_vaes() == ["tiny.vae.safetensors"]

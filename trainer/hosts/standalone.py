@@ -233,18 +233,24 @@ class StandaloneHost:
         self.on_progress = on_progress
         self.stop_event = stop_event if stop_event is not None else threading.Event()
 
+    def check(self, config: Any) -> None:
+        """ModelLoadError when the model or VAE ``config`` names cannot be found (nothing is read)."""
+        self._paths(config)
+
     def load(self, config: Any) -> ModelBundle:
         """Load ``config.model`` (+ ``config.vae``); a ticked ``model_v_pred`` forces v-prediction."""
+        model_path, vae_path = self._paths(config)
+        ticked = bool(config_value(config, "model_v_pred", False))
+        return load_model(model_path, vae_path=vae_path, v_pred=True if ticked else None,
+                          config_dir=self.config_dir, device=self.device, dtype=self.dtype)
+
+    def _paths(self, config: Any) -> tuple[Path, Path | None]:
         model = config_value(config, "model")
         if not model or str(model) == "None":
             raise ModelLoadError("No Model Selected. Choose a checkpoint file or a diffusers folder as the model.")
         vae = config_value(config, "vae")
-        ticked = bool(config_value(config, "model_v_pred", False))
-        return load_model(
-            self.resolve(model, self.ckpt_dirs, "model"),
-            vae_path=self.resolve(vae, self.vae_dirs, "VAE") if vae and str(vae) != "None" else None,
-            v_pred=True if ticked else None, config_dir=self.config_dir, device=self.device, dtype=self.dtype,
-        )
+        vae_path = self.resolve(vae, self.vae_dirs, "VAE") if vae and str(vae) != "None" else None
+        return self.resolve(model, self.ckpt_dirs, "model"), vae_path
 
     @staticmethod
     def resolve(name: str | Path, folders: list[Path], what: str) -> Path:
