@@ -1,7 +1,7 @@
 """The TrainTrain page: Train, Queue and Plot tabs, built from the parameter schema.
 
-``build_ui(host, standalone=...)`` returns a ``gr.Blocks``; the web-UI adapter calls
-``webui_tabs(host)`` from its ``on_ui_tabs`` callback, and ``python -m trainer ui`` serves the
+``build_ui(host, standalone=...)`` returns a ``gr.Blocks``; the web-UI's ``on_ui_tabs`` callback
+(``scripts/traintrain.py``) builds it with a WebUIHost, and ``python -m trainer ui`` serves the
 same page on its own (``trainer/cli/ui.py``) with a :class:`~trainer.hosts.standalone.StandaloneHost`.
 
 Works on gradio 3.41 (AUTOMATIC1111), 4.x (Forge) and 5/6: only ``gr.update``, plain layout
@@ -25,7 +25,7 @@ from trainer.paths import ROOT
 from trainer.training.queue import TABLE_HEADERS
 from trainer.ui.actions import LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
 
-__all__ = ["build_ui", "webui_tabs", "TrainTrainUI", "UiPaths"]
+__all__ = ["build_ui", "TrainTrainUI", "UiPaths"]
 
 _ROW = 3       # text and dropdown widgets per row
 _CH_ROW = 4    # checkboxes per row
@@ -227,9 +227,4 @@ def build_ui(host, *, standalone: bool, paths: UiPaths | None = None, output_dir
     demo.traintrain = ui
     demo.traintrain_widgets = w
     return demo
-
-
-def webui_tabs(host) -> list[tuple[gr.Blocks, str, str]]:
-    """What a web-UI's ``on_ui_tabs`` callback returns: one tab titled TrainTrain."""
-    return [(build_ui(host, standalone=False), "TrainTrain", "traintrain_tab")]
 
