@@ -35,6 +35,19 @@ def _run(cfg, tmp_path, host=None, **kw):
     return run_job(cfg, host=host, logs_dir=tmp_path / "logs", **kw), host
 
 
+def _fail_writing(monkeypatch, io_module, file_name: str, code: int, text: str):
+    """Make the network writer fail with ``OSError(code, text)`` for one file name; returns the real writer."""
+    real_write = io_module.write_bytes
+
+    def failing(path, blob):
+        if Path(path).name == file_name:
+            raise OSError(code, text)
+        return real_write(path, blob)
+
+    monkeypatch.setattr(io_module, "write_bytes", failing)
+    return real_write
+
+
 def _stop_at(n, event_holder):
     def on_progress(event):
         if event.step == n and not event.message:
@@ -171,14 +184,7 @@ def test_failed_final_save_keeps_a_state_that_resume_only_saves(tmp_path, monkey
 
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", save_lora_name="keep")
-    real_write = nio.write_bytes
-
-    def disk_full(path, blob):
-        if Path(path).name == "keep.safetensors":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(path, blob)
-
-    monkeypatch.setattr(nio, "write_bytes", disk_full)
+    real_write = _fail_writing(monkeypatch, nio, "keep.safetensors", errno.ENOSPC, "No space left on device")
     with pytest.raises(SaveFailed) as caught:
         _run(cfg, tmp_path)
     state = tmp_path / "logs" / "state" / "keep.pt"
@@ -468,14 +474,7 @@ def test_stop_save_never_replaces_someone_elses_file_and_a_failing_periodic_save
     assert result.stopped and result.saved == [out / "tiny_2steps-2.safetensors"]
     assert (out / "tiny_2steps.safetensors").read_bytes() == b"user's file"
 
-    real_write = nio.write_bytes
-
-    def read_only(path, blob):
-        if Path(path).name == "mid_2steps.safetensors":
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_write(path, blob)
-
-    monkeypatch.setattr(nio, "write_bytes", read_only)
+    _fail_writing(monkeypatch, nio, "mid_2steps.safetensors", errno.EROFS, "Read-only file system")
     cfg = quick_config(lora_data_directory=str(data), train_iterations="4", save_per_steps="2",
                        save_lora_name="mid")
     with pytest.raises(SaveFailed, match=r"mid_2steps\.safetensors: Read-only file system\. Nothing learned is "

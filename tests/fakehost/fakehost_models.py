@@ -112,10 +112,15 @@ class ConcatTimestepEmbedderND(nn.Module):
     """sgm's size / crop / target-size embedder of SDXL's conditioner (no weights)."""
 
 
+def _scaled_linear(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(betas, alphas_cumprod) of SD's scaled-linear schedule, 0.00085..0.012, in float64."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    return betas, torch.cumprod(1 - betas, 0)
+
+
 def _sgm_denoiser(module: nn.Module, steps: int = 1000) -> None:
     """sgm's ``DiffusionEngine.denoiser`` with its ``sigmas`` buffer (in the state dict)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
-    alphas = torch.cumprod(1 - betas, 0)
+    _, alphas = _scaled_linear(steps)
     module.denoiser = nn.Module()
     module.denoiser.register_buffer("sigmas", ((1 - alphas) / alphas).sqrt().float())
 
@@ -123,8 +128,7 @@ def _sgm_denoiser(module: nn.Module, steps: int = 1000) -> None:
 def _ddpm_schedule(module: nn.Module, steps: int = 1000) -> None:
     """The noise-schedule buffers ldm's ``LatentDiffusion.register_schedule`` adds (they are in its
     state dict): scaled-linear betas 0.00085..0.012 as in SD's configs."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
-    alphas = torch.cumprod(1 - betas, 0)
+    betas, alphas = _scaled_linear(steps)
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas[:-1]])
     variance = betas * (1 - previous) / (1 - alphas)
     values = {"betas": betas, "alphas_cumprod": alphas, "alphas_cumprod_prev": previous,
