@@ -236,7 +236,7 @@ def test_train_queue_and_plot_in_the_browser(served):
         _fill(page, "traintrain_train_iterations", "500")
         page.click("#traintrain_start")
         _wait_text(page, "traintrain_progress", "step 2/500")
-        page.reload(wait_until="networkidle")
+        page.reload(wait_until="load")  # a live run keeps a stream open: the network never idles
         _wait_text(page, "traintrain_progress", "browser_live (LoRA) — main: step")
         assert _text(page, "traintrain_message").startswith("Training browser_live (LoRA), started")
         page.screenshot(path=str(SHOTS / "7_reloaded_during_run.png"))
