@@ -71,7 +71,7 @@ def test_sdxl_time_ids_carry_real_size_and_crop_of_a_non_square_bucket(tmp_path,
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1", train_batch_size="1",
                        image_buckets_step="16", image_min_length="32",
                        **{"image_size(height, width)": "64,80"})
-    run_job(cfg, host=TinyHost("sdxl", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    run_job(cfg, host=TinyHost("sdxl", tmp_path / "o"), logs_dir=tmp_path / "logs")
     shape, ids = seen[0]
     h, w = shape[-2] * 8, shape[-1] * 8
     assert w > h  # a landscape bucket, not a square
@@ -96,7 +96,7 @@ def test_v_prediction_models_train_on_the_v_target(tmp_path, monkeypatch):
     monkeypatch.setattr("trainer.modes.lora.training_target", spy)
     data = image_folder(tmp_path / "data", n=1)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1")
-    run_job(cfg, host=TinyHost("sd2", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    run_job(cfg, host=TinyHost("sd2", tmp_path / "o"), logs_dir=tmp_path / "logs")
     kind, target, velocity, noise = calls[0]
     assert kind == "v_prediction"
     torch.testing.assert_close(target, velocity)

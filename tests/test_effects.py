@@ -43,8 +43,7 @@ def preset(name: str, **changes) -> TrainConfig:
 
 
 def train(world, cfg: TrainConfig, tmp_path: Path) -> Path:
-    res = run_job(cfg, host=tw.WorldHost(world, tmp_path / "out"), logs_dir=tmp_path / "logs",
-                  log=lambda m: None, device="cpu")
+    res = run_job(cfg, host=tw.WorldHost(world, tmp_path / "out"), logs_dir=tmp_path / "logs", device="cpu")
     return res.saved[-1]
 
 

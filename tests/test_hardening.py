@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from helpers import TinyHost, image_folder, quick_config
+from trainer.training.control import TrainControl
 from trainer.training.errors import InputError
 from trainer.training.job import run_job
 
@@ -25,13 +25,8 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def _quiet(*_):
-    return None
-
-
 def _run(cfg, tmp_path, host=None, **kw):
     host = host or TinyHost("sd1", tmp_path / "out")
-    kw.setdefault("log", _quiet)
     return run_job(cfg, host=host, logs_dir=tmp_path / "logs", **kw), host
 
 
@@ -48,11 +43,16 @@ def _fail_writing(monkeypatch, io_module, file_name: str, code: int, text: str):
     return real_write
 
 
-def _stop_at(n, event_holder):
+def _stop_at(n):
+    """A control that asks the run to stop once step ``n`` is done."""
+    control = TrainControl()
+
     def on_progress(event):
         if event.step == n and not event.message:
-            event_holder.set()
-    return on_progress
+            control.stop()
+
+    control.listen(on_progress=on_progress)
+    return control
 
 
 # --- everything is checked before the host's model is touched (issue 12 item 10, issue 11 item 7) ---
@@ -109,7 +109,7 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, case):
     host = TinyHost("sd1", tmp_path / "out")
     with pytest.raises(ValueError if case not in ("300-character name", "existing <name>_<k>steps",
                                                   "missing network_resume") else InputError) as caught:
-        run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=_quiet)
+        run_job(cfg, host=host, logs_dir=tmp_path / "logs")
     assert named in str(caught.value)
     assert host.loads == 0 and host.restored == 0  # the host's model was never touched
     if case == "existing <name>_<k>steps":
@@ -228,7 +228,7 @@ def test_a_second_run_of_the_same_name_is_refused_and_a_crashed_one_does_not_blo
     try:
         host = TinyHost("sd1", tmp_path / "out")
         with pytest.raises(InputError, match=rf"'tiny' is already training \(training 'tiny', process {other.pid} on "):
-            run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=_quiet)
+            run_job(cfg, host=host, logs_dir=tmp_path / "logs")
         assert host.loads == 0
     finally:
         other.send_signal(signal.SIGKILL)  # a crash: its lock file stays behind
@@ -283,8 +283,7 @@ def test_fresh_run_keeps_the_stopped_state_and_cleans_only_its_own_old_temporari
     live.write_bytes(b"y")
     os.utime(live, (time.time() + 3600, time.time() + 3600))
     logged = []
-    result, _ = _run(quick_config(lora_data_directory=str(data), train_iterations="1"), tmp_path,
-                     log=logged.append)
+    result, _ = _run(quick_config(lora_data_directory=str(data), train_iterations="1"), tmp_path, control=TrainControl(on_log=logged.append))
     assert result.saved[-1].is_file()
     assert (state_dir / "tiny.pt").read_bytes() == b"a stopped run"  # not deleted by the fresh run
     assert any("a stopped run of 'tiny' exists" in m and "resume" in m for m in logged)
@@ -307,7 +306,7 @@ def test_torn_and_empty_latent_cache_files_are_recomputed_with_a_warning(tmp_pat
     files[0].write_bytes(files[0].read_bytes()[:100])  # torn
     files[1].write_bytes(b"")  # 0 bytes
     logged = []
-    result, _ = _run(cfg, tmp_path, log=logged.append)
+    result, _ = _run(cfg, tmp_path, control=TrainControl(on_log=logged.append))
     assert result.saved[-1].is_file()
     for f in files:
         assert any(f"latent cache file {f}" in m and "encoding the image again" in m for m in logged), logged
@@ -322,8 +321,7 @@ def stopped_run(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     common = dict(lora_data_directory=str(data), train_iterations="4", logging_save_csv=True,
                   save_lora_name="part", train_lr_scheduler="constant")
-    stop = threading.Event()
-    first, _ = _run(quick_config(**common), tmp_path, stop=stop, on_progress=_stop_at(2, stop))
+    first, _ = _run(quick_config(**common), tmp_path, control=_stop_at(2))
     assert first.stopped and first.steps == 2
     return common, first
 
@@ -337,7 +335,7 @@ def test_resume_refuses_settings_that_cannot_change_and_lists_them(tmp_path, sto
     host = TinyHost("sd1", tmp_path / "out")
     changed = quick_config(**{**common, "network_rank": "8", "network_type": "loha"})
     with pytest.raises(InputError) as caught:
-        run_job(changed, host=host, logs_dir=tmp_path / "logs", resume=True, log=_quiet)
+        run_job(changed, host=host, logs_dir=tmp_path / "logs", resume=True)
     text = str(caught.value)
     assert "network_rank: '4' -> '8'" in text and "network_type: 'lierla' -> 'loha'" in text
     assert "train_iterations" in text  # named among those that may change
@@ -357,7 +355,7 @@ def test_resume_takes_iterations_and_learning_rate_from_the_new_request(tmp_path
     common, first = stopped_run
     logged = []
     new = quick_config(**{**common, "train_iterations": "6", "train_learning_rate": "5e-4"})
-    second, _ = _run(new, tmp_path, resume=True, log=logged.append)
+    second, _ = _run(new, tmp_path, resume=True, control=TrainControl(on_log=logged.append))
     assert not second.stopped and second.steps == 6
     assert any("taken from this request" in m and "train_iterations: '4' -> '6'" in m
                and "train_learning_rate" in m for m in logged), logged
@@ -382,7 +380,7 @@ def test_unusable_state_file_is_named_with_how_to_start_over(tmp_path, content):
     host = TinyHost("sd1", tmp_path / "out")
     with pytest.raises(StateError) as caught:
         run_job(quick_config(lora_data_directory=str(data)), host=host, logs_dir=tmp_path / "logs",
-                resume=True, log=_quiet)
+                resume=True)
     text = str(caught.value)
     assert str(state) in text and "start over" in text and "run without resume" in text
     assert host.loads == 0
@@ -414,8 +412,7 @@ def test_one_program_runs_the_queue_and_a_dead_owners_job_can_be_requeued(tmp_pa
             def lora_dir(self):
                 return {str(tmp_path / 'out')!r}
 
-        JobQueue({str(qfile)!r}).run_pending(host=SlowHost(), logs_dir={str(tmp_path / 'logs')!r},
-                                             log=lambda m: None)
+        JobQueue({str(qfile)!r}).run_pending(host=SlowHost(), logs_dir={str(tmp_path / 'logs')!r})
     """)
     other = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -453,7 +450,7 @@ def test_a_host_can_check_the_model_name_before_anything_loads(tmp_path):
     host = CheckingHost("sd1", tmp_path / "out")
     with pytest.raises(ModelLoadError) as caught:
         run_job(quick_config(lora_data_directory=str(data), model="gone.safetensors"), host=host,
-                logs_dir=tmp_path / "logs", log=_quiet)
+                logs_dir=tmp_path / "logs")
     assert host.loads == 0 and error_exit(caught.value)[0] == 2
     assert not (tmp_path / "out" / ".tiny.lock").exists()  # the run's lock was given back
 
@@ -468,9 +465,7 @@ def test_stop_save_never_replaces_someone_elses_file_and_a_failing_periodic_save
     out = tmp_path / "out"
     out.mkdir()
     (out / "tiny_2steps.safetensors").write_bytes(b"user's file")  # not a planned save: no save_per_steps
-    stop = threading.Event()
-    result, _ = _run(quick_config(lora_data_directory=str(data), train_iterations="4"), tmp_path,
-                     stop=stop, on_progress=_stop_at(2, stop))
+    result, _ = _run(quick_config(lora_data_directory=str(data), train_iterations="4"), tmp_path, control=_stop_at(2))
     assert result.stopped and result.saved == [out / "tiny_2steps-2.safetensors"]
     assert (out / "tiny_2steps.safetensors").read_bytes() == b"user's file"
 

@@ -162,3 +162,30 @@ def test_the_checks_see_what_they_look_for(tmp_path):
 def test_top_level_holds_only_single_purpose_modules():
     top = {p.stem for p in PACKAGE.glob("*.py")}
     assert top == TOP_LEVEL, "put new code in a package (cli, config, training, ui, hosts, network, data, modes)"
+
+
+_IMPORT_EACH = """
+import importlib, sys
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "trainer" or m.startswith("trainer.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        failed.append(f"{name}: {type(error).__name__}: {error}")
+print("\\n".join(failed))
+"""
+
+
+def test_every_module_imports_on_its_own():
+    """Importing any one module first works: a cycle through a package's ``__init__`` (which the
+    graph above cannot see, Python imports it implicitly) fails here."""
+    import subprocess
+    import sys
+
+    names = sorted(n for n in MODULES if n != "trainer.__main__")
+    run = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == ""

@@ -172,8 +172,7 @@ def _child(name: str, workdir: str) -> dict:
     freed = all_weights - sum(v for k, v in est.breakdown.items() if "weights" in k)
     host = _RandomSD15Host()
     started = time.perf_counter()
-    run_job(config, host=host, output_dir=work / "out", logs_dir=work / "logs", device=torch.device("cpu"),
-            log=lambda m: None)
+    run_job(config, host=host, output_dir=work / "out", logs_dir=work / "logs", device=torch.device("cpu"))
     return {"estimate": est.total, "estimate_weights": all_weights,
             "peak": rss("VmHWM"), "after_build": host.rss_after_build, "freed": freed, "phase": est.phase,
             "seconds": time.perf_counter() - started,

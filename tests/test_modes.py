@@ -7,12 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TinyHost, pattern_image, quick_config
+from trainer.training.control import TrainControl
 from trainer.training.job import run_job
 from trainer.modes.base import repeat_cond, unet_forward
-
-
-def _quiet(msg):
-    pass
 
 
 def _network_for(bundle, path):
@@ -48,7 +45,7 @@ def test_ileco_moves_original_prediction_to_target(tmp_path):
                        train_iterations="40", train_learning_rate="1e-2", save_lora_name="ileco",
                        network_element="CrossAttention")
     host = TinyHost("sd1", tmp_path)
-    res = run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=host, logs_dir=tmp_path / "logs")
     meta_path = res.saved[-1]
     bundle = TinyHost("sd1").load(None)
     enc = PromptEncoder(bundle)
@@ -69,7 +66,7 @@ def test_ileco_needs_original_prompt(tmp_path):
 
     cfg = quick_config(mode="iLECO", original_prompt="", target_prompt="x")
     with pytest.raises(ConfigError, match="original prompt"):
-        run_job(cfg, host=TinyHost("sd1", tmp_path), logs_dir=tmp_path / "logs", log=_quiet)
+        run_job(cfg, host=TinyHost("sd1", tmp_path), logs_dir=tmp_path / "logs")
 
 
 def _pair(tmp_path, same=False):
@@ -123,7 +120,7 @@ def test_addift_learns_the_pair_difference(tmp_path, monkeypatch):
     cfg = quick_config(mode="ADDifT", original_image=orig, target_image=target, train_iterations="60",
                        train_batch_size="1", train_learning_rate="3e-3", save_lora_name="addift",
                        train_min_timesteps="500", train_max_timesteps="1000")
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs")
     monkeypatch.setattr(addift.torch, "randn", real_randn)
     bundle = TinyHost("sd1").load(None)
     net = _network_for(bundle, res.saved[-1])
@@ -150,7 +147,7 @@ def test_addift_identical_pair_trains_nothing(tmp_path):
     orig, target = _pair(tmp_path, same=True)
     cfg = quick_config(mode="ADDifT", original_image=orig, target_image=target, train_iterations="10",
                        train_batch_size="1", save_lora_name="same")
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs")
     ups = [v for k, v in load_file(str(res.saved[-1])).items() if k.endswith("lora_up.weight")]
     assert ups and max(v.abs().max().item() for v in ups) < 1e-6
 
@@ -181,7 +178,7 @@ def test_addift_random_schedule_and_reverse_options_run(tmp_path, monkeypatch):
                        addift_timestep_schedule="random", diff_alt_ratio="-2", diff_revert_original_target=True,
                        train_batch_size="1", train_min_timesteps="100", train_max_timesteps="900",
                        save_lora_name="opts")
-    run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=logs.append)
+    run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", control=TrainControl(on_log=logs.append))
     assert any("random draw in [100, 900)" in m for m in logs)
     assert len(calls) == 12  # per step: the base prediction (network off), then the trained one
     steps = [(calls[2 * n], calls[2 * n + 1]) for n in range(6)]
@@ -226,7 +223,7 @@ def test_difference_second_pass_points_from_original_to_target(tmp_path):
     cfg = quick_config(mode="Difference", original_image=orig, target_image=target, train_iterations="40",
                        train_batch_size="2", train_learning_rate="3e-3", save_lora_name="diff",
                        diff_save_1st_pass=True, train_min_timesteps="300", train_max_timesteps="700")
-    res = run_job(cfg, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs")
     assert [p.name for p in res.saved] == ["diff_copy.safetensors", "diff.safetensors"]
     bundle = TinyHost("sd1").load(None)
     net = _network_for(bundle, out / "diff.safetensors")
@@ -244,7 +241,7 @@ def test_difference_first_pass_only_and_load(tmp_path, monkeypatch):
     out = tmp_path / "out"
     only = quick_config(mode="Difference", original_image=orig, target_image=target, train_iterations="3",
                         save_lora_name="first", diff_1st_pass_only=True)
-    res = run_job(only, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(only, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs")
     assert [p.name for p in res.saved] == ["first_copy.safetensors"]  # saved without diff_save_1st_pass
     copy_weights = load_file(str(out / "first_copy.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in copy_weights.items() if k.endswith("lora_up.weight"))
@@ -262,7 +259,7 @@ def test_difference_first_pass_only_and_load(tmp_path, monkeypatch):
     logs = []
     load = quick_config(mode="Difference", original_image=orig, target_image=target, train_iterations="3",
                         save_lora_name="second", diff_load_1st_pass="first_copy")
-    res = run_job(load, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=logs.append)
+    res = run_job(load, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", control=TrainControl(on_log=logs.append))
     assert [p.name for p in res.saved] == ["second.safetensors"]
     assert any("copy network loaded" in m for m in logs)
     assert len(seen) == 3  # pass 1 was skipped: only pass 2's steps ran
@@ -293,7 +290,7 @@ def test_multi_addift_pairs_and_trains(tmp_path):
     cfg = quick_config(mode="Multi-ADDifT", lora_data_directory=str(data), diff_target_name="_closed",
                        train_iterations="6", diff_use_diff_mask=True, save_lora_name="multi",
                        logging_save_csv=True)
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=logs.append)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", control=TrainControl(on_log=logs.append))
     assert res.saved[-1].name == "multi.safetensors"
     assert any("lonely.png" in m for m in logs)
     ups = [v for k, v in load_file(str(res.saved[-1])).items() if k.endswith("lora_up.weight")]
@@ -306,7 +303,7 @@ def test_modes_record_mode_and_prompts_in_metadata(tmp_path):
 
     cfg = quick_config(mode="iLECO", original_prompt="red apple", target_prompt="", train_iterations="2",
                        save_lora_name="meta")
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path), logs_dir=tmp_path / "logs")
     with safe_open(str(res.saved[-1]), "pt") as f:
         meta = f.metadata()
     assert meta["traintrain_mode"] == "iLECO"
@@ -337,22 +334,19 @@ import pytest  # noqa: E402
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["iLECO", "ADDifT", "Difference", "Multi-ADDifT"])
 def test_stop_and_resume_in_every_mode_equals_an_uninterrupted_run(tmp_path, mode):
-    import threading
-
     full = run_job(_mode_config(mode, tmp_path, "full"), host=TinyHost("sd1", tmp_path / "a"),
-                   logs_dir=tmp_path / "logs", log=_quiet)
-    stop = threading.Event()
+                   logs_dir=tmp_path / "logs")
+    stop = TrainControl()
 
     def stop_in_last_pass(event):  # Difference: stop inside pass 2, so resume must restore pass 1
         if event.pass_name == "main" and event.step == 3 and not event.message:
-            stop.set()
+            stop.stop()
 
+    stop.listen(on_progress=stop_in_last_pass)
     cfg = _mode_config(mode, tmp_path, "part")
-    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", stop=stop,
-                    on_progress=stop_in_last_pass, log=_quiet)
+    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", control=stop)
     assert first.stopped and first.steps == 3
-    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True,
-                     log=_quiet)
+    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True)
     assert not second.stopped
     a, b = load_file(str(full.saved[-1])), load_file(str(second.saved[-1]))
     assert a.keys() == b.keys()
@@ -380,7 +374,7 @@ def test_multi_addift_difference_mask_reaches_the_loss(tmp_path, monkeypatch):
     Image.fromarray(changed).save(data / "a_t.png")
     cfg = quick_config(mode="Multi-ADDifT", lora_data_directory=str(data), diff_target_name="_t",
                        train_iterations="2", train_batch_size="1", diff_use_diff_mask=True, save_lora_name="mask")
-    run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+    run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs")
     assert len(masks) == 2
     expected = torch.zeros((1, 1, 8, 8))
     expected[..., :4, :4] = 1.0

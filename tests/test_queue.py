@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 from helpers import TinyHost, image_folder, quick_config
+from trainer.training.control import TrainControl
 from trainer.training.queue import JobQueue, QueueError
 
 
@@ -104,7 +106,7 @@ def test_failing_job_is_marked_and_the_rest_still_run(tmp_path, data):
     queue.add(_cfg(data, "good2"))
     seen = []
     host = TinyHost("sd1", tmp_path / "out")
-    done = queue.run_pending(host=host, logs_dir=tmp_path / "logs", log=lambda m: None,
+    done = queue.run_pending(host=host, logs_dir=tmp_path / "logs",
                              on_item=lambda i: seen.append((i.id, i.status)))
     assert [(i.name, i.status) for i in done] == [("good1", "done"), ("bad", "failed"), ("good2", "done")]
     items = {i.name: i for i in queue.items()}
@@ -123,13 +125,17 @@ def test_stop_ends_the_job_and_the_queue_run_and_a_new_run_continues(tmp_path, d
     queue.add(_cfg(data, "first", train_iterations="3"))
     queue.add(_cfg(data, "second"))
 
+    control = TrainControl()
+
     def stop_at_step_1(event):
         if event.step == 1 and not event.message:
-            queue.stop()
+            control.stop()
 
+    control.listen(on_progress=stop_at_step_1)
     host = TinyHost("sd1", tmp_path / "out")
-    worker = queue.start_worker(host=host, logs_dir=tmp_path / "logs", on_progress=stop_at_step_1,
-                                log=lambda m: None)
+    worker = threading.Thread(target=queue.run_pending,
+                              kwargs=dict(host=host, logs_dir=tmp_path / "logs", control=control))
+    worker.start()
     worker.join(60)
     assert not worker.is_alive()
     first, second = queue.items()
@@ -137,7 +143,7 @@ def test_stop_ends_the_job_and_the_queue_run_and_a_new_run_continues(tmp_path, d
     assert (tmp_path / "out" / "first_1steps.safetensors").is_file()
     assert second.status == "pending"
 
-    done = queue.run_pending(host=host, logs_dir=tmp_path / "logs", log=lambda m: None)
+    done = queue.run_pending(host=host, logs_dir=tmp_path / "logs")
     assert [(i.name, i.status) for i in done] == [("second", "done")]
 
 

@@ -4,7 +4,6 @@ tensors it holds, and every mode reads its images the same way."""
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -14,11 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import TinyHost, image_folder, pattern_image, quick_config
+from trainer.training.control import TrainControl
 from trainer.training.job import run_job
-
-
-def _quiet(msg):
-    pass
 
 
 def _header(path) -> dict:
@@ -36,15 +32,16 @@ def test_ss_steps_is_the_optimizer_step_count_of_every_save(tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     cfg = quick_config(lora_data_directory=str(data), train_iterations="5", save_per_steps="2",
                        save_lora_name="steps")
-    stop = threading.Event()
+    stop = TrainControl()
 
     def stop_at_3(event):
         if event.step == 3 and not event.message:
-            stop.set()
+            stop.stop()
 
-    first = run_job(cfg, host=TinyHost("sd1", out), logs_dir=logs, stop=stop, on_progress=stop_at_3, log=_quiet)
+    stop.listen(on_progress=stop_at_3)
+    first = run_job(cfg, host=TinyHost("sd1", out), logs_dir=logs, control=stop)
     assert first.stopped
-    second = run_job(cfg, host=TinyHost("sd1", out), logs_dir=logs, resume=True, log=_quiet)
+    second = run_job(cfg, host=TinyHost("sd1", out), logs_dir=logs, resume=True)
     saved = [p.name for p in first.saved + second.saved]
     assert saved == ["steps_2steps.safetensors", "steps_3steps.safetensors", "steps_4steps.safetensors",
                      "steps.safetensors"]
@@ -57,7 +54,7 @@ def test_ss_tag_frequency_counts_the_captions_per_dataset_folder(tmp_path):
     data = image_folder(tmp_path / "my_set", n=2)  # captions "pattern number <i>, colourful"
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1", lora_trigger_word="Pat",
                        image_mirroring=True, save_lora_name="tags")
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs")
     # sd-scripts' shape: {folder name: {tag: count}}, lower-cased tags, a mirrored copy not counted again
     assert json.loads(_header(res.saved[-1])["ss_tag_frequency"]) == {
         "my_set": {"pat": 2, "pattern number 0": 1, "pattern number 1": 1, "colourful": 2}}
@@ -73,7 +70,7 @@ def test_multi_addift_writes_the_tag_frequency_of_both_images_of_each_pair(tmp_p
         (data / f"p{i}_t.txt").write_text("face, eyes closed", encoding="utf-8")
     cfg = quick_config(mode="Multi-ADDifT", lora_data_directory=str(data), diff_target_name="_t",
                        train_iterations="1", save_lora_name="pairs")
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs")
     assert json.loads(_header(res.saved[-1])["ss_tag_frequency"]) == {
         "pair_set": {"face": 4, "eyes open": 2, "eyes closed": 2}}
 
@@ -86,11 +83,11 @@ def test_metadata_describes_the_resumed_file_not_the_requested_rank(tmp_path, ne
     small = quick_config(lora_data_directory=str(data), train_iterations="1", network_type=network_type,
                          network_rank="8", network_alpha="2", network_element="CrossAttention",
                          save_lora_name="rank8")
-    first = run_job(small, host=TinyHost("sd1", out), logs_dir=logs, log=_quiet)
+    first = run_job(small, host=TinyHost("sd1", out), logs_dir=logs)
     big = quick_config(lora_data_directory=str(data), train_iterations="1", network_type=network_type,
                        network_rank="16", network_alpha="16", network_resume=str(first.saved[-1]),
                        save_lora_name="resumed")
-    res = run_job(big, host=TinyHost("sd1", out), logs_dir=logs, log=_quiet)
+    res = run_job(big, host=TinyHost("sd1", out), logs_dir=logs)
     tensors, meta = load_file(str(res.saved[-1])), _header(res.saved[-1])
     assert {v.shape[0] for k, v in tensors.items() if k.endswith(rank_key)} == {8}
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "2.0"
@@ -137,8 +134,7 @@ def test_pair_modes_read_images_upright_and_16_bit_like_every_mode(tmp_path, mod
     for name, (a, b) in (("plain", (orig, target)), ("odd", (odd_orig, odd_target))):
         cfg = quick_config(mode=mode, original_image=str(a), target_image=str(b), train_iterations="2",
                            train_batch_size="1", save_lora_name=name)
-        files.append(run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs",
-                             log=_quiet).saved[-1])
+        files.append(run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs").saved[-1])
     plain, odd = load_file(str(files[0])), load_file(str(files[1]))
     assert plain.keys() == odd.keys()
     assert any(v.abs().sum() > 0 for k, v in plain.items() if k.endswith("lora_up.weight"))  # it trained

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers import TinyHost, image_folder, quick_config
+from trainer.training.control import TrainControl
 from trainer.training.errors import JobError
 from trainer.training.job import run_job
 
@@ -30,7 +30,7 @@ def test_lora_mode_loss_falls(tmp_path, network_type):
                        train_max_timesteps="600", save_lora_name=f"fall_{network_type}",
                        lora_trigger_word="pat")
     host = TinyHost("sd1", tmp_path / "out")
-    result = run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=lambda m: None)
+    result = run_job(cfg, host=host, logs_dir=tmp_path / "logs")
     assert result.saved and result.saved[-1].name == f"fall_{network_type}.safetensors"
     assert host.restored == 1
     losses = _losses(result.csv_paths[0])
@@ -49,23 +49,22 @@ def test_stop_and_resume_match_uninterrupted_run(tmp_path):
     common = dict(lora_data_directory=str(data), train_iterations="10", save_overwrite=True,
                   train_lr_scheduler="cosine", logging_save_csv=True)
     full = run_job(quick_config(save_lora_name="full", **common), host=TinyHost("sd1", tmp_path / "a"),
-                   logs_dir=tmp_path / "logs", log=lambda m: None)
+                   logs_dir=tmp_path / "logs")
 
-    stop = threading.Event()
+    stop = TrainControl()
 
     def stop_at_4(event):
         if event.step == 4 and not event.message:
-            stop.set()
+            stop.stop()
 
+    stop.listen(on_progress=stop_at_4)
     cfg = quick_config(save_lora_name="part", **common)
-    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", stop=stop,
-                    on_progress=stop_at_4, log=lambda m: None)
+    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", control=stop)
     assert first.stopped and first.steps == 4
     assert (tmp_path / "b" / "part_4steps.safetensors").is_file()
     assert (tmp_path / "logs" / "state" / "part.pt").is_file()
 
-    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True,
-                     log=lambda m: None)
+    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True)
     assert not second.stopped and second.steps == 10
     assert not (tmp_path / "logs" / "state" / "part.pt").exists()
     a, b = _final_weights(full.saved[-1]), _final_weights(second.saved[-1])
@@ -94,7 +93,7 @@ def test_latents_are_encoded_once_and_disk_cache_matches_memory(tmp_path, monkey
         calls["n"] = 0
         cfg = quick_config(lora_data_directory=str(data), train_iterations="5", image_mirroring=True,
                            cache_latents_to_disk=disk, logging_save_csv=True, save_overwrite=True)
-        res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+        res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs")
         losses.append(_losses(res.csv_paths[0])[0])
         if disk and len(losses) == 3:
             assert calls["n"] == 0  # second disk run: every latent read back
@@ -111,7 +110,7 @@ def test_refuses_to_overwrite_existing_network(tmp_path):
     (out / "tiny.safetensors").write_bytes(b"user's file")
     cfg = quick_config(lora_data_directory=str(data), train_iterations="2")
     with pytest.raises(JobError, match="already exists"):
-        run_job(cfg, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs", log=lambda m: None)
+        run_job(cfg, host=TinyHost("sd1", out), logs_dir=tmp_path / "logs")
     assert (out / "tiny.safetensors").read_bytes() == b"user's file"
 
 
@@ -120,7 +119,7 @@ def test_text_encoder_trained_when_base_selected(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_textencoder_learning_rate="5e-4")
     assert "BASE" in cfg.network_blocks
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs")
     sd = load_file(str(res.saved[-1]))
     te_up = [v for k, v in sd.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
     assert te_up and any(v.abs().sum() > 0 for v in te_up)  # trained away from the zero init
@@ -153,7 +152,7 @@ def test_sdxl_and_v_prediction_train(tmp_path, monkeypatch):
         seen.clear()
         cfg = quick_config(lora_data_directory=str(data), train_iterations="3", save_lora_name=kind,
                            image_buckets_step="16", image_min_length="32")
-        res = run_job(cfg, host=TinyHost(kind, tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+        res = run_job(cfg, host=TinyHost(kind, tmp_path / "o"), logs_dir=tmp_path / "logs")
         targets = [s for s in seen if s[0] == "target"]
         forwards = [s for s in seen if s[0] == "forward"]
         assert len(targets) == len(forwards) == 3
@@ -222,7 +221,7 @@ def test_out_of_memory_saves_what_was_learned_and_says_what_to_do(tmp_path, monk
     host = TinyHost("sd1", tmp_path / "out")
     cfg = quick_config(lora_data_directory=str(data), train_iterations="6", save_lora_name="oom")
     with pytest.raises(TrainingOutOfMemory) as caught:
-        run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=lambda m: None)
+        run_job(cfg, host=host, logs_dir=tmp_path / "logs")
     assert caught.value.saved == tmp_path / "out" / "oom_3steps.safetensors"
     assert caught.value.saved.is_file()
     text = str(caught.value)
@@ -253,7 +252,7 @@ def _first_grads(tmp_path, monkeypatch, **values):
     monkeypatch.setattr(loop, "_one_step", spy)
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1", save_overwrite=True, **values)
-    run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs")
     return grabbed["loss"], grabbed["grads"]
 
 
@@ -308,7 +307,7 @@ def test_bf16_model_precision_trains_with_fp32_network(tmp_path, monkeypatch):
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_model_precision="bf16",
                        logging_save_csv=True, save_precision="fp16")
-    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs", log=lambda m: None)
+    res = run_job(cfg, host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs")
     assert seen["unet"] == {torch.bfloat16} and seen["autocast"] == torch.bfloat16
     assert seen["network"] == seen["grads"] == seen["optimizer"] == {torch.float32}
     assert seen["loss"] == torch.float32  # the element loss is taken in fp32

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from helpers import image_folder, quick_config
+from trainer.training.control import TrainControl
 from trainer.training.job import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,8 +372,7 @@ def test_wrong_names_are_reported_before_the_host_model_moves(webui, tmp_path, m
     for bad, match in (({"model": "nope.safetensors"}, "model: 'nope.safetensors' is not a checkpoint"),
                        ({"vae": "missing.pt"}, "vae: 'missing.pt' is not a VAE")):
         with pytest.raises(ModelLoadError, match=match):
-            run_job(quick_config(lora_data_directory=str(data), **bad), host=host, logs_dir=tmp_path / "logs",
-                    log=lambda m: None)
+            run_job(quick_config(lora_data_directory=str(data), **bad), host=host, logs_dir=tmp_path / "logs")
     assert loads == [] and _placement(shared.sd_model) == "cuda" and not _lock().locked()
 
 
@@ -454,13 +454,16 @@ def test_host_interrupt_is_seen_without_progress_events(webui):
     from modules import shared
 
     host = _host(webui, poll_s=0.02)
+    control = TrainControl()
+    leave = host.follow(control)
     host.load(quick_config(lora_data_directory="x"))
     try:
-        assert not host.should_stop()
+        assert not control.stop_requested
         shared.state.interrupt()
-        assert host.stop_event.wait(2.0)
+        assert control.wait_for_stop(2.0)
     finally:
         host.restore()
+        leave()
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -469,6 +472,7 @@ def _run(webui, tmp_path, host, *, on_step=None, **values):
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_batch_size="1", **values)
     seen = []
+    control = TrainControl()
 
     def on_progress(event):
         if event.message:
@@ -477,9 +481,10 @@ def _run(webui, tmp_path, host, *, on_step=None, **values):
 
         seen.append((event.step, _lock().locked(), _placement(shared.sd_model), shared.state.sampling_step))
         if on_step is not None:
-            on_step(event, host)
+            on_step(event, control)
 
-    result = run_job(cfg, host=host, on_progress=on_progress, logs_dir=tmp_path / "logs", log=lambda m: None)
+    control.listen(on_progress=on_progress)
+    result = run_job(cfg, host=host, logs_dir=tmp_path / "logs", control=control)
     return result, seen
 
 
@@ -533,9 +538,9 @@ def test_stop_and_host_interrupt_end_the_run_after_the_step(webui, tmp_path, how
     from modules import shared
     import networks
 
-    def on_step(event, host):
+    def on_step(event, control):
         if event.step == 1:
-            shared.state.interrupt() if how == "host interrupt" else host.request_stop()
+            shared.state.interrupt() if how == "host interrupt" else control.stop()
 
     host = _host(webui)
     sd_model, before, refreshes = shared.sd_model, _weights(shared.sd_model), networks.refresh_calls

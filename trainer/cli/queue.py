@@ -45,15 +45,18 @@ def queue_command(args) -> int:
 
 def _run_command(queue: JobQueue, args) -> int:
     from trainer.hosts.standalone import StandaloneHost
+    from trainer.training.control import TrainControl
+
+    control = TrainControl(on_log=print)
 
     def on_sigint(signum, frame):
-        queue.stop()
+        control.stop()
         print("\nStopping after this step; the rest of the queue stays pending...")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         host = StandaloneHost(args.models_dir, output_dir=args.output_dir or "output")
-        done = queue.run_pending(host=host, output_dir=args.output_dir, logs_dir=args.logs_dir,
+        done = queue.run_pending(host=host, output_dir=args.output_dir, logs_dir=args.logs_dir, control=control,
                                  on_item=lambda i: print(f"[{i.id}] {i.name}: {i.status} {i.message}".rstrip()))
     finally:
         signal.signal(signal.SIGINT, previous)

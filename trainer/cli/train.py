@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from trainer.training.errors import failure_text, is_input_error
@@ -19,6 +18,7 @@ def train_command(args) -> int:
     """``python -m trainer train CONFIG.json [--set k=v ...] [--output-dir DIR] [--resume]``."""
     from trainer.config import ConfigError, TrainConfig
     from trainer.hosts.standalone import StandaloneHost
+    from trainer.training.control import TrainControl
     from trainer.training.job import run_job
 
     try:
@@ -32,21 +32,20 @@ def train_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir or "output")
-    stop = threading.Event()
+    bar = _ProgressBar()
+    control = TrainControl(on_progress=bar.update, on_log=bar.write)
 
     def on_sigint(signum, frame):
-        if stop.is_set():
+        if control.stop_requested:
             raise KeyboardInterrupt
-        stop.set()
+        control.stop()
         print("\nStopping after this step (press Ctrl-C again to abort without saving)...", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    bar = _ProgressBar()
     try:
         host = StandaloneHost(output_dir=output_dir)
-        result = run_job(config, host=host, output_dir=output_dir, logs_dir=getattr(args, "logs_dir", None),
-                         resume=args.resume, device=args.device, stop=stop, on_progress=bar.update,
-                         log=bar.write)
+        result = run_job(config, host=host, control=control, output_dir=output_dir,
+                         logs_dir=getattr(args, "logs_dir", None), resume=args.resume, device=args.device)
     except KeyboardInterrupt:
         bar.close()
         print("error: aborted; nothing saved", file=sys.stderr)

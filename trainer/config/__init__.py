@@ -4,13 +4,31 @@ before a run (checks.py), the exact enumeration strings (choices.py), and TrainC
 settings of one run, read from and written to the reference's JSON (settings.py).
 
 The names most callers need are importable from here: ``from trainer.config import TrainConfig``.
+They are loaded on first use (PEP 562), so that reading the leaf ``trainer.config.choices`` (as
+``modes`` and ``network`` do) does not pull in ``settings``, which itself reads the mode registry.
 """
 
-from trainer.config.schema import OPTIMIZER_ALIASES, PARAMS, Param, param, params_for_mode
-from trainer.config.settings import TrainConfig, describe, read_settings_json
-from trainer.config.values import ConfigError, parse_step_rules
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError", "OPTIMIZER_ALIASES", "PARAMS", "Param", "TrainConfig", "describe", "param", "params_for_mode",
-    "parse_step_rules", "read_settings_json",
-]
+import importlib
+
+_HOMES = {
+    "OPTIMIZER_ALIASES": "schema", "PARAMS": "schema", "Param": "schema", "param": "schema",
+    "params_for_mode": "schema", "TrainConfig": "settings", "describe": "settings",
+    "read_settings_json": "settings", "ConfigError": "values", "parse_step_rules": "values",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'trainer.config' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"trainer.config.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

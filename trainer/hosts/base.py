@@ -6,8 +6,9 @@ The job runner only talks to this small interface, so modes, the network and the
 know which host they run under:
 
 1. ``load(config)`` hands over a frozen :class:`~trainer.bundle.ModelBundle`;
-2. ``progress(event)`` receives progress events while the loop runs, and ``should_stop()`` is
-   polled between steps;
+2. optionally (see the end of ``Host``), ``follow(control)`` joins the run's ``TrainControl`` (see
+   ``trainer/training/control.py``) to show its progress and turn the host's own Interrupt into
+   ``control.stop()``;
 3. ``restore()`` puts the user's session back as it was (always called, also after an error);
 4. the finished network is saved under ``lora_dir()``.
 
@@ -55,18 +56,15 @@ class Host(Protocol):
         """Names of the selectable VAEs, as ``load`` accepts them in ``config.vae``."""
         ...
 
-    def progress(self, event: Any) -> None:
-        """Receive one progress event from the loop (step, loss, learning rate, messages)."""
-        ...
-
-    def should_stop(self) -> bool:
-        """True once the user asked to stop; the loop then stops (and saves if asked to)."""
-        ...
-
-    def check(self, config: Any) -> None:
-        """Optional: raise ModelLoadError for a model/VAE choice that cannot load, without loading
-        anything (``run_job`` calls it before ``load`` when the host has it)."""
-        ...
+    # Optional, looked up with getattr by run_job (a host without them is still a Host):
+    #
+    # def check(self, config) -> None
+    #     raise ModelLoadError for a model/VAE choice that cannot load, without loading anything;
+    #     run_job calls it before load.
+    # def follow(self, control) -> Callable[[], None]
+    #     join a run's TrainControl for the run (control.listen(on_progress=...) for the host's own
+    #     progress display, control.stop() on the host's Interrupt); returns the function that
+    #     leaves it, which run_job calls when the run ends.
 
 
 def config_value(config: Any, name: str, default: Any = None) -> Any:

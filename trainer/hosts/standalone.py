@@ -18,9 +18,8 @@ config is an error. Everything is loaded on CPU unless ``device`` says otherwise
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -214,15 +213,14 @@ class StandaloneHost:
     ``models_dir`` is the root of SPEC.md §1.4 (checkpoints under ``StableDiffusion`` or
     ``Stable-Diffusion``, VAEs under ``VAE``); ``ckpt_dir`` / ``vae_dir`` override it.
     ``output_dir`` (default ``./output``) is where networks are saved. Models load to
-    ``device``/``dtype`` (default CPU, fp32). ``on_progress`` receives progress events;
-    ``stop_event`` (one is made if not given) is what ``should_stop`` reads.
+    ``device``/``dtype`` (default CPU, fp32). It has no progress display or Interrupt of its
+    own: the caller's ``TrainControl`` carries those.
     """
 
     def __init__(self, models_dir: str | Path | None = None, *, ckpt_dir: str | Path | None = None,
                  vae_dir: str | Path | None = None, output_dir: str | Path | None = None,
                  config_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, on_progress: Callable[[Any], None] | None = None,
-                 stop_event: threading.Event | None = None) -> None:
+                 dtype: torch.dtype = torch.float32) -> None:
         root = Path(models_dir) if models_dir is not None else None
         self.ckpt_dirs = [Path(ckpt_dir)] if ckpt_dir else (
             [root / "StableDiffusion", root / "Stable-Diffusion"] if root else [])
@@ -230,8 +228,6 @@ class StandaloneHost:
         self.output_dir = Path(output_dir) if output_dir is not None else Path.cwd() / "output"
         self.config_dir = config_dir
         self.device, self.dtype = device, dtype
-        self.on_progress = on_progress
-        self.stop_event = stop_event if stop_event is not None else threading.Event()
 
     def check(self, config: Any) -> None:
         """ModelLoadError when the model or VAE ``config`` names cannot be found (nothing is read)."""
@@ -280,19 +276,6 @@ class StandaloneHost:
     def list_vaes(self) -> list[str]:
         """VAE files under the VAE folder, as relative paths."""
         return _list_files(self.vae_dirs, with_diffusers_folders=False)
-
-    def progress(self, event: Any) -> None:
-        """Pass the event to ``on_progress`` if one was given."""
-        if self.on_progress is not None:
-            self.on_progress(event)
-
-    def should_stop(self) -> bool:
-        """True once ``stop_event`` is set."""
-        return self.stop_event.is_set()
-
-    def request_stop(self) -> None:
-        """Ask the running loop to stop (the Stop button / Ctrl-C handler)."""
-        self.stop_event.set()
 
 
 def _list_files(folders: list[Path], *, with_diffusers_folders: bool) -> list[str]:

@@ -2,16 +2,17 @@
 
 A session runs from ``load(config)`` to ``restore()`` (``run_job`` calls the latter in a
 ``finally``, so also after an error or a stop). During a session the host's GPU lock is
-held, the host's job state shows the progress, the host's Interrupt stops the run, and the
-host's own model is offloaded; ``restore()`` puts that model back, refreshes the host's LoRA
+held, the host's job state shows the progress, the host's Interrupt stops the run (both through
+the run's ``TrainControl``, which the host joins in ``follow``), and the host's own model is offloaded; ``restore()`` puts that model back, refreshes the host's LoRA
 list and releases the lock. Every call into the host goes through the adapters of
 ``webui.py`` (the only module importing the host's ``modules``).
 
 Typical use from the tab::
 
     host = WebUIHost()
-    result = run_job(config, host=host, log=...)   # run_job feeds host.progress and asks host.should_stop
-    host.request_stop()                            # from the Stop button
+    control = TrainControl(on_log=...)
+    result = run_job(config, host=host, control=control)   # run_job calls host.follow(control)
+    control.stop()                                         # from the Stop button
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class WebUIHost:
         self.log = log
         self.poll_s = poll_s
         self.hold_gpu_lock = hold_gpu_lock
-        self.stop_event = threading.Event()
+        self._control: Any = None  # the TrainControl of the run this host follows
         self._session: _Session | None = None
         self._guard = threading.Lock()
 
@@ -135,11 +136,24 @@ class WebUIHost:
                 session.adapter.state().end()
             finally:
                 self._session = None
-                self.stop_event.clear()  # a finished run's stop must not count against the next one
                 if session.lock is not None:
                     session.lock.release()
 
-    def progress(self, event: Any) -> None:
+    def follow(self, control: Any) -> Callable[[], None]:
+        """Join a run's control: its progress shows in the host's job state, and the host's
+        Interrupt (checked on every event and by a watcher while the run holds the model) becomes
+        ``control.stop()``. Returns the function that leaves it."""
+        self._control = control
+        stop_listening = control.listen(on_progress=self._progress)
+
+        def leave() -> None:
+            stop_listening()
+            if self._control is control:
+                self._control = None
+
+        return leave
+
+    def _progress(self, event: Any) -> None:
         """Show a loop progress event in the host's job state; a host Interrupt requests a stop."""
         session = self._session
         if session is None:
@@ -151,17 +165,6 @@ class WebUIHost:
         state.textinfo = (f"{getattr(event, 'pass_name', '')}: step {state.sampling_step}/{state.sampling_steps}"
                           + (f", loss {loss:.4f}" if loss == loss else ""))
         self._check_interrupt(session)
-
-    def should_stop(self) -> bool:
-        """True once Stop was requested here or the host's Interrupt was pressed during the run."""
-        session = self._session
-        if session is not None:
-            self._check_interrupt(session)
-        return self.stop_event.is_set()
-
-    def request_stop(self) -> None:
-        """Ask the running loop to stop after the current step (the tab's Stop button)."""
-        self.stop_event.set()
 
     # ------------------------------------------------------------------ session internals
     def _begin(self) -> _Session:
@@ -176,7 +179,6 @@ class WebUIHost:
                 lock.acquire()
             session = _Session(adapter, lock)
             self._session = session
-        self.stop_event.clear()
         try:
             state = adapter.state()
             state.begin(job="TrainTrain")  # also clears an Interrupt left from an earlier generation
@@ -198,7 +200,8 @@ class WebUIHost:
             if not session.interrupted_logged:
                 session.interrupted_logged = True
                 self.log("Interrupted from the web UI: stopping after this step.")
-            self.request_stop()
+            if self._control is not None:
+                self._control.stop()
 
     def _load(self, session: _Session, config: Any) -> Any:
         adapter = session.adapter

@@ -9,13 +9,11 @@ learned plus a resumable state under logs/state/.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 from trainer import paths
+from trainer.training.control import TrainControl
 from trainer.training.errors import InputError
 
 
@@ -70,52 +68,37 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def run_job(config, *, host, output_dir: Path | None = None, logs_dir: Path | None = None,
-            resume: bool = False, device=None, stop: threading.Event | None = None,
-            on_progress: Callable | None = None, log: Callable[[str], None] = print) -> JobResult:
+def run_job(config, *, host, control: TrainControl | None = None, output_dir: Path | None = None,
+            logs_dir: Path | None = None, resume: bool = False, device=None) -> JobResult:
     """Train ``config`` with the model ``host`` provides; see the module docstring.
 
-    Progress events go to ``host.progress(event)`` (when the host has one), then to
-    ``on_progress``; a ``host.should_stop()`` that turns true during the run sets ``stop``
-    (a web-UI's Interrupt), so the run ends after that step as with the caller's own stop.
+    ``control`` carries stop and save-now requests in and progress, messages and previews out
+    (one is made when not given). A host that shows progress or has its own Interrupt
+    (``Host.follow``) joins the same control for the run.
     """
     from trainer.training import preflight
 
+    control = control or TrainControl()
     output_dir = Path(output_dir or host.lora_dir())
     logs_dir = Path(logs_dir or paths.logs_dir())
-    stop = stop or threading.Event()
-    on_progress = _with_host(host, stop, on_progress)
     # Every check that needs no model, before the host's model is touched (a web-UI offloads it).
-    prep = preflight.prepare(config, output_dir=output_dir, logs_dir=logs_dir, resume=resume, log=log)
+    prep = preflight.prepare(config, output_dir=output_dir, logs_dir=logs_dir, resume=resume, log=control.log)
     try:
         check = getattr(host, "check", None)  # a host that can check the model/VAE names without loading
         if callable(check):
             check(prep.config)
-        return _run_prepared(prep, host=host, resume=resume, device=device, stop=stop,
-                             on_progress=on_progress, log=log)
+        follow = getattr(host, "follow", None)
+        leave = follow(control) if callable(follow) else None
+        try:
+            return _run_prepared(prep, host=host, resume=resume, device=device, control=control)
+        finally:
+            if callable(leave):
+                leave()
     finally:
         prep.release()
 
 
-def _with_host(host, stop: threading.Event, on_progress: Callable | None) -> Callable:
-    """The progress callback of a run: the host's ``progress``, then the caller's; then the
-    host's ``should_stop``, unless it already said stop before the run began (a stale request)."""
-    report = getattr(host, "progress", None)
-    asks = getattr(host, "should_stop", None)
-    stale = bool(asks()) if callable(asks) else False
-
-    def progress(event) -> None:
-        if callable(report):
-            report(event)
-        if on_progress is not None:
-            on_progress(event)
-        if callable(asks) and not stale and asks():
-            stop.set()
-
-    return progress
-
-
-def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobResult:
+def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobResult:
     import torch
 
     from trainer.training import loop
@@ -133,13 +116,12 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
     if dist.enabled:
         device = dist.accelerator.device
         dist.check_batch(int(config.train_batch_size))
-        if not dist.is_main:
-            log = lambda msg: None  # noqa: E731 - one voice in the console
     model_dtype = resolve_dtype(config.train_model_precision, device, field_name="train_model_precision")
     lora_dtype = resolve_dtype(config.train_lora_precision, device, field_name="train_lora_precision")
     vae_dtype = resolve_dtype(config.train_VAE_precision, device, field_name="train_VAE_precision")
     save_dtype = resolve_dtype(config.save_precision, device, field_name="save_precision")
 
+    log = control.log if dist.is_main else (lambda msg: None)  # one voice in the console
     log("Preparing the model...")
     bundle = host.load(config)
     result = JobResult("")
@@ -188,8 +170,7 @@ def _run_prepared(prep, *, host, resume, device, stop, on_progress, log) -> JobR
                 files = (len(range(every, total, every)) if every > 0 else 0) + 1
                 check_room(output_dir, task.network, save_dtype, files)
             opts = loop.LoopOptions(
-                save=saver, stem=stem, device=device, model_dtype=model_dtype, stop=stop,
-                on_progress=on_progress, csv=csv, state_path=state_file,
+                save=saver, stem=stem, device=device, model_dtype=model_dtype, control=control, csv=csv, state_path=state_file,
                 resume=state if state and index == state["pass"] else None, dist=dist,
                 estimate=estimate, free_memory=free, keep_other_state=not resume,
                 extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
@@ -256,8 +237,7 @@ def _csv_info(cfg, bundle) -> dict:
             "train_optimizer": cfg.train_optimizer, "save_lora_name": cfg.save_lora_name}
 
 
-def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float, job_config,
-           log: Callable[[str], None] = print):
+def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float, job_config, log):
     """A closure the loop calls to save the task's network under a file stem.
 
     A file this run did not write is never replaced unless ``save_overwrite`` is on: the start

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from trainer.training.control import TrainControl
 from trainer.training.optim import optimizers, schedulers
 from trainer.training.runlog import CsvLog, save_state
 
@@ -63,8 +63,7 @@ class LoopOptions:
     stem: str                                  # output name of this pass, e.g. "name" / "name_copy"
     device: torch.device
     model_dtype: torch.dtype = torch.float32   # autocast dtype (fp32 = no autocast)
-    stop: threading.Event = field(default_factory=threading.Event)
-    on_progress: Callable[[ProgressEvent], None] | None = None
+    control: TrainControl = field(default_factory=TrainControl)  # stop / save-now in, progress out
     csv: CsvLog | None = None
     state_path: Path | None = None             # resumable state is written here on stop
     resume: dict | None = None                 # a state written by an earlier stop of this pass
@@ -232,9 +231,14 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, rate,
                                       (total - done) / rate if rate else 0.0, task.epoch))
 
-        if every > 0 and done % every == 0 and done < total and dist.is_main:
-            saved.append(save_or_keep(f"{opts.stem}_{done}steps", done, final=False))
-        if dist.any(opts.stop.is_set()) and done < total:
+        periodic = every > 0 and done % every == 0
+        asked = opts.control.take_save_request()  # consumed even on the last step: the final save answers it
+        if (periodic or asked) and done < total and dist.is_main:
+            path = save_or_keep(f"{opts.stem}_{done}steps", done, final=False)
+            saved.append(path)
+            if asked:
+                opts.control.log(f"saved {path} (step {done}); training goes on")
+        if dist.any(opts.control.stop_requested) and done < total:
             if not dist.is_main:
                 return LoopResult(done, True, saved, last, notes)
             write_state(done)  # first: a failing network save then loses nothing
@@ -334,5 +338,4 @@ def _apply_fresh_schedule(optimizer, sched_info, fresh: dict) -> None:
 
 
 def _emit(opts: LoopOptions, event: ProgressEvent) -> None:
-    if opts.on_progress is not None:
-        opts.on_progress(event)
+    opts.control.progress(event)

@@ -38,6 +38,7 @@ from typing import Callable
 
 from trainer import paths
 from trainer.atomic import write_text
+from trainer.training.control import TrainControl
 from trainer.training.runlock import LockHeld, RunLock, holder
 
 STATUSES = ("pending", "running", "done", "failed", "stopped")
@@ -83,9 +84,6 @@ class JobQueue:
     def __init__(self, path: str | os.PathLike | None = None, *, recover: bool = False):
         self.path = Path(path) if path is not None else default_queue_file()
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._active_stop: threading.Event | None = None  # the event the current run watches
-        self._worker: threading.Thread | None = None
         self._run_lock = RunLock(self.lock_path, "running the queue")
         if recover:  # write down what reads already show: items of a program that ended
             with self._lock:
@@ -235,29 +233,17 @@ class JobQueue:
 
     # --- running -------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop the current job (it saves what it learned) and end the queue run after it."""
-        self._stop.set()
-        if self._active_stop is not None:
-            self._active_stop.set()
-
-    @property
-    def running(self) -> bool:
-        return self._worker is not None and self._worker.is_alive()
-
     def run_pending(self, *, host, output_dir: Path | None = None, logs_dir: Path | None = None,
-                    device=None, stop: threading.Event | None = None, on_progress: Callable | None = None,
-                    log: Callable[[str], None] = print,
+                    device=None, control: TrainControl | None = None,
                     on_item: Callable[[QueueItem], None] | None = None) -> list[QueueItem]:
         """Train every pending item in order, including items added meanwhile; returns the finished ones.
 
-        A failing job is marked ``failed`` with its error and the next one runs. A stop (``stop``
-        event or :meth:`stop`) ends the current job, marks it ``stopped`` and ends the run.
-        ``on_item`` is called with each item as it starts and again when it has finished.
+        A failing job is marked ``failed`` with its error and the next one runs. ``control.stop()``
+        ends the current job (it saves what it learned), marks it ``stopped`` and ends the run; the
+        same ``control`` carries every job's progress and messages. ``on_item`` is called with each
+        item as it starts and again when it has finished.
         """
-        stop = stop or self._stop
-        if stop is self._stop:
-            self._stop.clear()
+        control = control or TrainControl()
         if self._run_lock.held:
             raise QueueError("the queue is already running in this program; wait for it or press Stop")
         try:
@@ -266,24 +252,23 @@ class JobQueue:
             who = held.owner.describe() if held.owner and held.owner.pid else "another program"
             raise QueueError(f"the queue {self.path} is being run by {who}; wait for it to finish or stop it "
                              "there. One program at a time runs a queue.") from None
-        self._active_stop = stop
         try:
             with self._lock:  # we hold the run lock: an item still "running" on file is not live
                 items = self._read(mark_stale=False)
                 if self._mark_stale(items, force=True):
                     self._write(items)
-            return self._run_loop(host, output_dir, logs_dir, device, stop, on_progress, log, on_item)
+            return self._run_loop(host, output_dir, logs_dir, device, control, on_item)
         finally:
-            self._active_stop = None
             self._run_lock.release()
 
-    def _run_loop(self, host, output_dir, logs_dir, device, stop, on_progress, log, on_item) -> list[QueueItem]:
+    def _run_loop(self, host, output_dir, logs_dir, device, control: TrainControl, on_item) -> list[QueueItem]:
         from trainer.config import TrainConfig
         from trainer.training.errors import is_input_error
         from trainer.training.job import run_job
 
         finished: list[QueueItem] = []
-        while not stop.is_set():
+        log = control.log
+        while not control.stop_requested:
             item = self._claim_next()
             if item is None:
                 break
@@ -292,8 +277,8 @@ class JobQueue:
             status, message = "failed", ""
             try:
                 config = TrainConfig.from_dict(item.config)
-                result = run_job(config, host=host, output_dir=output_dir, logs_dir=logs_dir, device=device,
-                                 stop=stop, on_progress=on_progress, log=log)
+                result = run_job(config, host=host, control=control, output_dir=output_dir, logs_dir=logs_dir,
+                                 device=device)
                 status, message = ("stopped" if result.stopped else "done"), result.message
             except Exception as error:  # one job's failure must not end the queue
                 message = "Error: " + _error_text(error)
@@ -306,17 +291,6 @@ class JobQueue:
             if on_item:
                 on_item(done)
         return finished
-
-    def start_worker(self, **kwargs) -> threading.Thread:
-        """Run :meth:`run_pending` in a background thread (same keywords); QueueError if one runs."""
-        with self._lock:
-            if self.running:
-                raise QueueError("the queue is already running")
-            self._stop.clear()
-            self._worker = threading.Thread(target=self.run_pending, kwargs=kwargs, name="traintrain-queue",
-                                            daemon=True)
-            self._worker.start()
-            return self._worker
 
     def _claim_next(self) -> QueueItem | None:
         with self._lock:

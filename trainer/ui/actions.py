@@ -269,6 +269,10 @@ class TrainTrainUI:
     def stop(self) -> str:
         return self.runner.stop()
 
+    def save_now(self) -> str:
+        """Save ``<name>_<k>steps`` after the current step; the run goes on."""
+        return self.runner.save_now()
+
     def follow(self) -> Iterator[tuple[str, str]]:
         """Progress of the current run (e.g. after the page was reloaded) until it ends."""
         if not self.runner.running and not self.runner.snapshot().progress:

@@ -64,6 +64,7 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
     with gr.Row(elem_id="traintrain_buttons"):
         b["start"] = gr.Button("Start Training", variant="primary", elem_id="traintrain_start")
         b["stop"] = gr.Button("Stop and Save", variant="stop", elem_id="traintrain_stop")
+        b["save_now"] = gr.Button("Save now", elem_id="traintrain_save_now")
         b["queue"] = gr.Button("Add to Queue", elem_id="traintrain_add_queue")
         b["follow"] = gr.Button("Show progress", elem_id="traintrain_show_progress")
     w["resume"] = gr.Checkbox(value=False, label="resume the stopped run",
@@ -169,6 +170,7 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     train["start"].click(ui.start, [w["resume"], *form], [w["progress"], w["message"]], api_name="traintrain_start",
                          show_progress="hidden")
     train["stop"].click(ui.stop, [], [w["progress"]], api_name="traintrain_stop")
+    train["save_now"].click(ui.save_now, [], [w["progress"]], api_name="traintrain_save_now")
     train["follow"].click(ui.follow, [], [w["progress"], w["message"]], show_progress="hidden")
     train["queue"].click(ui.add_to_queue, form, [w["message"], *view], api_name="traintrain_add_queue")
     train["save"].click(ui.save_preset, [w["preset_overwrite"], *form],

@@ -3,8 +3,9 @@ progress the page polls.
 
 Gradio handlers must not block for a whole run, or the page shows nothing until the end
 (the reference's behaviour, SPEC.md §9). So Start and Run queue hand the work to a thread and
-return a generator that reports the progress every ``poll_s`` seconds; Stop sets the event
-``run_job`` watches, the job saves what it learned, and a queue run ends after that job.
+return a generator that reports the progress every ``poll_s`` seconds. Each run gets one
+``TrainControl``: Stop and Save now go in through it, progress and messages come out of it;
+a stopped job saves what it learned, and a queue run ends after that job.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def describe_event(event) -> str:
 class Runner:
     """Runs jobs for the UI in a worker thread; thread-safe.
 
-    ``host`` provides the models; ``run_job`` feeds its ``progress(event)`` and asks its
-    ``should_stop()`` (e.g. a web-UI's Interrupt) during a run.
+    ``host`` provides the models; a host with its own progress display or Interrupt joins each
+    run's control (``Host.follow``).
     """
 
     def __init__(self, host, queue: JobQueue, *, output_dir: Path | None = None, logs_dir: Path | None = None,
@@ -69,7 +70,7 @@ class Runner:
         self.host, self.queue = host, queue
         self.output_dir, self.logs_dir, self.device = output_dir, logs_dir, device
         self.poll_s, self.echo = poll_s, echo
-        self.stop_event = threading.Event()
+        self.control = self._new_control()  # the current (or last) run's
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._label = ""
@@ -94,6 +95,11 @@ class Runner:
             line = f"{self._label} — {self._line}" if self._label and self._line else self._label or self._line
             return Snapshot(line, self._message, self.running)
 
+    def _new_control(self):
+        from trainer.training.control import TrainControl
+
+        return TrainControl(on_progress=self._on_progress, on_log=self._on_log)
+
     def _on_log(self, text: str) -> None:
         self.echo(text)
         with self._lock:
@@ -111,11 +117,13 @@ class Runner:
         with self._lock:
             if self.running:
                 return "A training run is going already; wait for it or press Stop."
-            self.stop_event.clear()
+            self.control = self._new_control()
             self._label, self._line, self._current_name = label, "starting...", name
             self._message = (f"Training {label}, started {time.strftime('%H:%M')}. Stop and Save ends it early "
                              "and keeps what was learned.")
             self._step_line = ""
+
+            control = self.control
 
             def work() -> None:
                 failed = False
@@ -128,7 +136,7 @@ class Runner:
                     self.echo(f"TrainTrain: {failure_text(error)}" if is_input_error(error) else traceback.format_exc())
                     message, failed = "Error: " + _error_text(error), True
                 with self._lock:
-                    ending = "failed" if failed else "stopped" if self.stop_event.is_set() else "finished"
+                    ending = "failed" if failed else "stopped" if control.stop_requested else "finished"
                     self._message = message
                     self._line = f"{self._step_line} ({ending})" if self._step_line else ending
 
@@ -144,9 +152,8 @@ class Runner:
         name = config.save_lora_name or "untitled"
 
         def target() -> str:
-            result = run_job(config, host=self.host, output_dir=self.output_dir, logs_dir=self.logs_dir,
-                             resume=resume, device=self.device, stop=self.stop_event, on_progress=self._on_progress,
-                             log=self._on_log)
+            result = run_job(config, host=self.host, control=self.control, output_dir=self.output_dir,
+                             logs_dir=self.logs_dir, resume=resume, device=self.device)
             return "\n".join([page_message(result), *(f"note: {n}" for n in result.notes)])
 
         return self._begin(f"{name} ({config.mode})", target, name)
@@ -165,11 +172,10 @@ class Runner:
 
         def target() -> str:
             done = self.queue.run_pending(host=self.host, output_dir=self.output_dir, logs_dir=self.logs_dir,
-                                          device=self.device, stop=self.stop_event, on_progress=self._on_progress,
-                                          log=self._on_log, on_item=on_item)
+                                          device=self.device, control=self.control, on_item=on_item)
             lines = [f"[{i.id}] {i.name}: {_page_words(i.message) or i.status}" for i in done]
             left = sum(1 for i in self.queue.items() if i.status == "pending")
-            if left and self.stop_event.is_set():
+            if left and self.control.stop_requested:
                 lines.append(f"Stopped: {left} item(s) still pending; press Run queue to continue.")
             return "\n".join(lines) or "Nothing ran."
 
@@ -179,10 +185,17 @@ class Runner:
         """Ask the current run (and a queue run) to stop after this step; it saves what it learned."""
         if not self.running:
             return "Nothing is training."
-        self.stop_event.set()
+        self.control.stop()
         with self._lock:
             self._line = "stopping after this step (what was learned is saved)..."
         return "Stopping..."
+
+    def save_now(self) -> str:
+        """Save the network after the current step; training goes on."""
+        if not self.running:
+            return "Nothing is training."
+        self.control.save_now()
+        return "Saving after this step; training goes on."
 
     def wait(self, timeout: float | None = None) -> Snapshot:
         """Block until the run ends (or ``timeout``); returns the last snapshot."""
