@@ -220,7 +220,7 @@ def test_reference_fallbacks_warn():
 BAD_VALUES = [
     ("network_rank", "-4",
      'network_rank: "-4" is not allowed; use a whole number ≥ 1 (the UI offers 4, 8, ... 1024)'),
-    ("train_optimizer", "adamx", 'train_optimizer: "adamx" is not a known optimizer; choose one of AdamW, AdamW8bit,'),
+    ("train_optimizer", "adamx", 'train_optimizer: "adamx" is not a known optimizer. Did you mean \'Adam\'? Choose one of AdamW, AdamW8bit,'),
     ("train_optimizer", "----", "separator"),
     ("image_size(height, width)", "768,abc",
      'image_size(height, width): "768,abc" must be one number or two numbers separated by a comma, e.g. "768,512"'),
@@ -424,3 +424,23 @@ def test_saved_json_has_the_usual_file_mode_and_no_temp_file(tmp_path):
     path = TrainConfig(save_lora_name="mode_check").to_json(tmp_path / "deep" / "s.json")
     assert path.stat().st_mode & 0o777 == atomic.new_file_mode()  # not mkstemp's 0o600
     assert [p.name for p in path.parent.iterdir()] == ["s.json"]
+
+
+def test_trainconfig_attributes_are_typed_from_the_schema():
+    """The typed attribute block of TrainConfig is the schema's, so a type checker sees every
+    setting with its type (a Literal of the choices where there are choices)."""
+    from pathlib import Path
+
+    from trainer.config import settings
+    from trainer.config.schema import annotation_lines
+
+    source = Path(settings.__file__).read_text(encoding="utf-8")
+    begin, end = "    # --- begin generated attributes ---\n", "    # --- end generated attributes ---\n"
+    block = source[source.index(begin) + len(begin):source.index(end)].rstrip("\n").splitlines()
+    expected = annotation_lines()
+    assert block == expected, ("TrainConfig's generated attributes differ from the schema; replace the block "
+                               "in trainer/config/settings.py with:\n" + "\n".join(expected))
+    hints = settings.TrainConfig.__annotations__
+    assert set(hints) == {p.name for p in PARAMS} | set(settings._TEXT_FIELDS) | {"mode", "second_pass", "warnings"}
+    config = TrainConfig(network_rank="8", image_size="640,512", network_blocks="BASE,IN01")
+    assert (config.network_rank, config.image_size, config.network_blocks) == (8, (640, 512), ["BASE", "IN01"])

@@ -14,11 +14,10 @@ from trainer.modes.base import repeat_cond, unet_forward
 
 def _network_for(bundle, path):
     """Our network rebuilt from a saved file and applied to ``bundle`` (multiplier settable)."""
-    from trainer.modes.base import network_spec
+    from trainer.network.network import spec_from_config
     from trainer.network.resume import resume_network
 
-    ctx = type("C", (), {"lora_dtype": torch.float32})()
-    net = resume_network(bundle, network_spec(quick_config(), ctx, train_text_encoder=False), str(path))
+    net = resume_network(bundle, spec_from_config(quick_config(), train_text_encoder=False), str(path))
     net.apply_to()
     return net
 

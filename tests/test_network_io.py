@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from network_helpers import randomize, te_out, unet_inputs, unet_out
 from tiny import tiny_bundle, tiny_components
+from trainer.config import TrainConfig
 from trainer.families import get_family
 from trainer.network import (
     NetworkSpec, build_metadata, create_network, load_network_weights, network_state_dict, read_network_file,
@@ -190,7 +191,7 @@ TRAINING = {"ss_training_started_at": "1700000000.5", "ss_output_name": "cat_200
 ])
 def test_metadata(kind, net_type, module, args):
     family = get_family(kind)
-    meta = build_metadata(config_dict=CONFIG, family=family, network_spec=spec(network_type=net_type),
+    meta = build_metadata(config=TrainConfig.from_dict(CONFIG), family=family, network_spec=spec(network_type=net_type),
                           base_model_hash_info={"name": "base.safetensors", "sha256": "ab" * 32, "other": "x",
                                                 "ss_dataset_dirs": "{}"},
                           training_info=TRAINING)
@@ -200,7 +201,7 @@ def test_metadata(kind, net_type, module, args):
     assert meta["ss_training_started_at"] == "1700000000.5" and meta["ss_output_name"] == "cat_200steps"
     assert meta["ss_seed"] == "1234" and meta["ss_optimizer"] == "adamw8bit" and meta["ss_max_train_steps"] == "600"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
-    assert meta["ss_learning_rate"] == "1e-4" and meta["ss_mixed_precision"] == "torch.float32"
+    assert float(meta["ss_learning_rate"]) == 1e-4 and meta["ss_mixed_precision"] == "torch.float32"
     assert meta["ss_base_model_version"] == family.base_model_version and meta["ss_v2"] == "False"
     assert json.loads(meta["ss_tag_frequency"]) == {"1": {"cat": 3}}
     assert meta["ss_sd_model_name"] == "base.safetensors" and meta["ss_new_sd_model_hash"] == "ab" * 32
@@ -209,22 +210,22 @@ def test_metadata(kind, net_type, module, args):
     assert meta["modelspec.architecture"] == family.modelspec_arch(False)
     assert meta["modelspec.title"] == "cat_200steps" and meta["modelspec.resolution"] == "768x512"
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["modelspec.date"].startswith("2023-11-1")
-    assert json.loads(meta["traintrain_config"]) == CONFIG
+    assert json.loads(meta["traintrain_config"]) == TrainConfig.from_dict(CONFIG).to_dict()
 
 
 def test_metadata_needs_start_time_and_name():
     with pytest.raises(ValueError, match="training_info lacks.*ss_training_started_at"):
-        build_metadata(config_dict={}, family=get_family("sd1"), network_spec=spec(), base_model_hash_info=None,
+        build_metadata(config=TrainConfig(), family=get_family("sd1"), network_spec=spec(), base_model_hash_info=None,
                        training_info={"ss_output_name": "x"})
     with pytest.raises(ValueError, match="Unix time"):
-        build_metadata(config_dict={}, family=get_family("sd2"), network_spec=spec(), base_model_hash_info=None,
+        build_metadata(config=TrainConfig(), family=get_family("sd2"), network_spec=spec(), base_model_hash_info=None,
                        training_info={"ss_output_name": "x", "ss_training_started_at": "yesterday"})
 
 
 def test_hashes_match_sd_scripts_definition(sd1, tmp_path):
     net = create_network(sd1, spec(network_type="c3lier", rank=32, conv_rank=32))
     randomize(net)
-    meta = build_metadata(config_dict=CONFIG, family=sd1.family, network_spec=net.spec, base_model_hash_info={},
+    meta = build_metadata(config=TrainConfig.from_dict(CONFIG), family=sd1.family, network_spec=net.spec, base_model_hash_info={},
                           training_info=TRAINING)
     path = save_network(net, tmp_path / "n.safetensors", metadata=meta, dtype=torch.float32)
     blob = path.read_bytes()

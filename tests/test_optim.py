@@ -159,7 +159,7 @@ def test_unknown_optimizer_name_suggests_nearest():
     with pytest.raises(ValueError) as caught:
         build_optimizer("AdamW8bt", _toy().parameters(), lr=LR, device="cpu")
     message = str(caught.value)
-    assert "train_optimizer" in message and "'AdamW8bt'" in message and "Did you mean 'AdamW8bit'" in message
+    assert "train_optimizer" in message and '"AdamW8bt"' in message and "Did you mean 'AdamW8bit'" in message
     assert "Prodigy" in message  # the choices are listed
 
 

@@ -341,13 +341,12 @@ def sample(bundle, prompt: str, *, n: int = 32, seed: int = 0, steps: int = 12, 
 
 def load_network(bundle, path, config=None):
     """A saved network file applied to ``bundle`` (multiplier 0 until set)."""
-    from trainer.modes.base import network_spec
+    from trainer.network.network import spec_from_config
     from trainer.network.resume import resume_network
 
     from helpers import quick_config
 
-    ctx = type("Ctx", (), {"lora_dtype": torch.float32})()
-    net = resume_network(bundle, network_spec(config or quick_config(), ctx, train_text_encoder=True), str(path))
+    net = resume_network(bundle, spec_from_config(config or quick_config(), train_text_encoder=True), str(path))
     net.apply_to()
     net.multiplier = 0.0
     return net

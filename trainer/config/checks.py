@@ -163,8 +163,8 @@ def package_problems(config) -> list[str]:
     network = network_type_problem(config.network_type)
     if network:
         found.append(f"network_type {config.network_type}: {network}")
-    passes = [config] + ([config.second_pass] if getattr(config, "second_pass", None) is not None
-                         and getattr(config, "use_2nd_pass_settings", False) else [])
+    passes = [config] + ([config.second_pass] if config.second_pass is not None
+                         and config.use_2nd_pass_settings else [])
     for name in dict.fromkeys(p.train_optimizer for p in passes):
         try:
             optimizer = availability_problem(name)

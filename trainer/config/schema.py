@@ -329,3 +329,33 @@ def suggest(word: str) -> str:
 
     close = difflib.get_close_matches(word, all_key_spellings(), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+_PY_TYPES = {"str": "str", "int": "int", "float": "float", "bool": "bool", "blocks": "list[str]",
+             "size": "tuple[int, int]", "optional_float": "float | None"}
+
+
+def annotation(p: Param) -> str:
+    """The Python type a TrainConfig attribute of ``p`` has (a Literal of the choices for kind
+    ``choice``): the source of the typed attribute list in ``settings.TrainConfig``."""
+    if p.kind == "choice":
+        return "Literal[" + ", ".join(repr(c) for c in p.choices) + "]"
+    return _PY_TYPES[p.kind]
+
+
+def annotation_lines(indent: str = "    ", width: int = 110) -> list[str]:
+    """``name: type`` for every parameter, in table order (TrainConfig's generated block); a long
+    Literal is wrapped over several lines."""
+    import textwrap
+
+    lines = []
+    for p in PARAMS:
+        line = f"{indent}{p.name}: {annotation(p)}"
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        values = ", ".join(repr(c) for c in p.choices) + ","
+        lines.append(f"{indent}{p.name}: Literal[")
+        lines += textwrap.wrap(values, width, initial_indent=indent * 2, subsequent_indent=indent * 2)
+        lines.append(f"{indent}]")
+    return lines

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from trainer.config.checks import coerce_params, cross_checks, run_problems
 from trainer.config.schema import (
-    EXTENSION_PARAMS, EXTRA_KEYS, IGNORED_KEYS, PARAMS, REFERENCE_PARAMS, Param, find_param, param, suggest,
+    EXTENSION_PARAMS, EXTRA_KEYS, IGNORED_KEYS, PARAMS, REFERENCE_PARAMS, find_param, param, suggest,
 )
 from trainer.config.values import ConfigError, display, show, to_raw
 from trainer.modes import all_modes, get_mode
@@ -36,6 +37,97 @@ class TrainConfig:
     config's values. ``warnings`` lists what was accepted but deserves a look (unknown keys,
     settings without effect); it is not saved and not compared.
     """
+
+    # The attributes, typed for readers and type checkers. Generated from schema.PARAMS
+    # (schema.annotation_lines); tests/test_config.py fails when they differ, and shows the block.
+    # --- begin generated attributes ---
+    network_type: Literal['lierla', 'c3lier', 'loha']
+    network_rank: int
+    network_alpha: float
+    lora_data_directory: str
+    diff_target_name: str
+    lora_trigger_word: str
+    image_size: tuple[int, int]
+    train_iterations: int
+    train_batch_size: int
+    train_learning_rate: float
+    train_optimizer: Literal[
+        'AdamW', 'AdamW8bit', 'AdaFactor', 'Lion', 'Prodigy', 'DadaptAdam', 'DadaptLion', 'DAdaptAdaGrad',
+        'DAdaptAdan', 'DAdaptSGD', 'Adam8bit', 'SGDNesterov8bit', 'Lion8bit', 'PagedAdamW8bit',
+        'PagedLion8bit', 'RAdamScheduleFree', 'AdamWScheduleFree', 'SGDScheduleFree', 'CAME', 'Tiger',
+        'AdamMini', 'PagedAdamW', 'PagedAdamW32bit', 'SGDNesterov', 'Adam',
+    ]
+    train_optimizer_settings: str
+    train_lr_scheduler: Literal[
+        'cosine_annealing', 'cosine_annealing_with_restarts', 'linear', 'cosine', 'cosine_with_restarts',
+        'polynomial', 'constant', 'constant_with_warmup', 'piecewise_constant', 'exponential', 'step',
+        'multi_step', 'reduce_on_plateau', 'cyclic', 'one_cycle',
+    ]
+    train_lr_scheduler_settings: str
+    save_lora_name: str
+    use_gradient_checkpointing: bool
+    network_blocks: list[str]
+    network_resume: str
+    network_strength: float
+    network_conv_rank: int
+    network_conv_alpha: float
+    network_element: Literal['Full', 'CrossAttention', 'SelfAttention']
+    network_train_text_encoder: bool
+    image_buckets_step: int
+    image_num_multiply: int
+    image_min_length: int
+    image_max_ratio: float
+    sub_image_num: int
+    image_mirroring: bool
+    image_use_filename_as_tag: bool
+    image_disable_upscale: bool
+    train_fixed_timsteps_in_batch: bool
+    train_textencoder_learning_rate: float | None
+    train_seed: int
+    train_min_timesteps: int
+    train_max_timesteps: int
+    train_loss_function: Literal['MSE', 'L1', 'Smooth-L1']
+    train_lr_step_rules: str
+    train_lr_warmup_steps: int
+    train_lr_scheduler_num_cycles: int
+    train_lr_scheduler_power: float
+    train_snr_gamma: float
+    save_per_steps: int
+    diff_alt_ratio: float
+    diff_revert_original_target: bool
+    diff_use_diff_mask: bool
+    train_model_precision: Literal['model', 'fp32', 'bf16', 'fp16', 'int8']
+    train_lora_precision: Literal['fp32', 'bf16', 'fp16']
+    save_precision: Literal['model', 'fp32', 'bf16', 'fp16']
+    train_VAE_precision: Literal['fp32', 'bf16', 'fp16']
+    diff_load_1st_pass: str
+    diff_save_1st_pass: bool
+    diff_1st_pass_only: bool
+    logging_save_csv: bool
+    logging_verbose: bool
+    save_overwrite: bool
+    save_as_json: bool
+    model_v_pred: bool
+    use_2nd_pass_settings: bool
+    gradient_accumulation_steps: int
+    train_noise_offset: float
+    train_max_grad_norm: float
+    cache_latents_to_disk: bool
+    addift_timestep_schedule: Literal['fixed', 'random']
+    zero_terminal_snr: bool
+    ileco_latents: Literal['noise', 'trajectory']
+    # --- end generated attributes ---
+    mode: str
+    model: str
+    vae: str
+    te: str
+    original_prompt: str
+    target_prompt: str
+    negative_prompt: str
+    original_image: str
+    target_image: str
+    second_pass: TrainConfig | None
+    warnings: list[str]
 
     def __init__(self, *, mode: str = "LoRA", second_pass: TrainConfig | dict | None = None,
                  warnings: list[str] | None = None, **values: object):

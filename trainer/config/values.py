@@ -10,6 +10,7 @@ and each is a few lines here.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 
@@ -133,7 +134,9 @@ def _choice(p: Param, raw: object) -> str:
         raise ConfigError(f"{p.key}: {show(raw)} is a separator line of the optimizer list, "
                           f"not an optimizer; choose one of {listed}")
     noun = _CHOICE_NOUNS.get(p.name, "value for this setting")
-    raise ConfigError(f"{p.key}: {show(raw)} is not a known {noun}; choose one of {listed}")
+    near = difflib.get_close_matches(str(text).lower(), [c.lower() for c in p.choices], n=1, cutoff=0.5)
+    hint = "".join(f" Did you mean '{c}'?" for c in p.choices if near and c.lower() == near[0])
+    raise ConfigError(f"{p.key}: {show(raw)} is not a known {noun}.{hint} Choose one of {listed}")
 
 
 def _blocks(p: Param, raw: object) -> list[str]:

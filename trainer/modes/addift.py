@@ -29,7 +29,7 @@ from PIL import Image
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import encode_latents_mean, mask_to_latent
 from trainer.training.losses import diffusion_loss
-from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
+from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
 
 TRAIN_MULTIPLIER = 0.25
 
@@ -63,17 +63,15 @@ def load_pixels(path: str, size: tuple[int, int] | None = None, factor: int = 8)
     return torch.from_numpy(pixels)[None].contiguous(), mask, (cw, ch)
 
 
-class AddiftTask:
+class AddiftTask(TrainTask):
     """ADDifT on one image pair, or Multi-ADDifT on bucketed pairs (when ``pairs`` is given)."""
-
-    name = "main"
 
     def __init__(self, cfg, ctx: ModeContext, network, *, single=None, pairs=None):
         self.config, self.ctx, self.network = cfg, ctx, network
         self.single, self.pairs = single, pairs
-        self.schedule = getattr(cfg, "addift_timestep_schedule", "fixed") or "fixed"
+        self.schedule = cfg.addift_timestep_schedule
         self._t = None
-        lo, hi = int(cfg.train_min_timesteps), int(cfg.train_max_timesteps)
+        lo, hi = cfg.train_min_timesteps, cfg.train_max_timesteps
         if self.schedule == "fixed":
             ts = sorted({fixed_timestep(n, lo, hi) for n in range(0, 10, 2)})
             ctx.log(f"ADDifT timesteps: fixed schedule {ts} (compatible with the original extension)")
@@ -90,7 +88,7 @@ class AddiftTask:
 
     def _timestep(self, step: int) -> int:
         cfg = self.config
-        lo, hi = int(cfg.train_min_timesteps), int(cfg.train_max_timesteps)
+        lo, hi = cfg.train_min_timesteps, cfg.train_max_timesteps
         if self.schedule == "fixed":
             return fixed_timestep(step, lo, hi)
         if step % 2 == 0 or self._t is None:
@@ -127,7 +125,7 @@ class AddiftTask:
             z_o, z_t = z_t, z_o
         noise = torch.randn(z_o.shape, dtype=torch.float32).to(ctx.device, z_o.dtype)
         t = torch.full((z_o.shape[0],), self._timestep(step), device=ctx.device, dtype=torch.long)
-        alt = float(cfg.diff_alt_ratio)
+        alt = cfg.diff_alt_ratio
         if step % 2 == 0:
             a, b, m = z_o, z_t, TRAIN_MULTIPLIER
         else:
@@ -144,7 +142,7 @@ class AddiftTask:
         self.network.multiplier = m
         p = unet_forward(bundle, x_b, t, c_t.to(ctx.device), time_ids)
         loss = diffusion_loss(p, y, t, scheduler=sched, kind=cfg.train_loss_function,
-                              snr_gamma=float(cfg.train_snr_gamma),
+                              snr_gamma=cfg.train_snr_gamma,
                               mask=None if mask is None else mask.to(ctx.device))
         self.network.multiplier = 0.0
         return loss

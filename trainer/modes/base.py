@@ -42,16 +42,20 @@ class ModeContext:
         return self._encoder
 
 
-def network_spec(cfg, ctx: ModeContext, *, train_text_encoder: bool):
-    """The NetworkSpec of a config's network settings."""
-    from trainer.network.network import NetworkSpec
+class TrainTask:
+    """The defaults of the task contract (``trainer.training.loop.Task``) that a mode's task
+    inherits: one pass named "main", no epochs, saved at the end, trained, no extra metadata.
+    A task class sets ``config`` and ``network`` and defines ``param_groups``, ``compute_loss``,
+    ``state_dict`` and ``load_state_dict``; it overrides the rest where its pass differs."""
 
-    return NetworkSpec(
-        network_type=cfg.network_type, rank=int(cfg.network_rank), alpha=float(cfg.network_alpha),
-        conv_rank=int(cfg.network_conv_rank), conv_alpha=float(cfg.network_conv_alpha),
-        element=cfg.network_element, blocks=list(cfg.network_blocks), dtype=ctx.lora_dtype,
-        train_text_encoder=train_text_encoder,
-    )
+    name: str = "main"
+    epoch: int | None = None
+    save_final: bool = True      # save ``<stem>.safetensors`` when the pass ends
+    skip_training: bool = False  # the pass only saves (Difference's 1st pass loaded from a file)
+
+    def metadata(self) -> dict[str, str]:
+        """Extra ``traintrain_*`` / ``ss_*`` header entries of this pass's saved files."""
+        return {}
 
 
 def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool, from_file: str | None = None):
@@ -60,10 +64,10 @@ def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool, from_file:
     With ``network_resume`` (or ``from_file``) the modules, ranks and alphas come from that file
     as SPEC.md §6.4 describes (block and element choices give way to the file's modules).
     """
-    from trainer.network.network import create_network
+    from trainer.network.network import create_network, spec_from_config
 
-    spec = network_spec(cfg, ctx, train_text_encoder=train_text_encoder)
-    source = from_file or getattr(cfg, "network_resume", "")
+    spec = spec_from_config(cfg, dtype=ctx.lora_dtype, train_text_encoder=train_text_encoder)
+    source = from_file or cfg.network_resume
     if source:
         from trainer.network.resume import resume_network
 

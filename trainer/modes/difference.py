@@ -22,13 +22,12 @@ from trainer.conditioning import sdxl_time_ids
 from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.addift import _source_size, load_pixels
 from trainer.data.cache import encode_latents_mean
-from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
+from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
 
 
-class ImageTask:
+class ImageTask(TrainTask):
     """Plain noise prediction on one fixed image latent (either pass)."""
 
-    epoch = None
 
     def __init__(self, name: str, cfg, ctx: ModeContext, network, latent, cond, time_ids,
                  frozen=None, save_final: bool = True):
@@ -36,7 +35,6 @@ class ImageTask:
         self.latent, self.cond, self.time_ids = latent, cond, time_ids
         self.frozen = frozen            # the copy network during pass 2
         self.save_final = save_final
-        self.skip_training = False
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train_learning_rate
@@ -44,18 +42,18 @@ class ImageTask:
 
     def compute_loss(self, step: int) -> torch.Tensor:
         cfg, ctx, bundle = self.config, self.ctx, self.ctx.bundle
-        b = int(cfg.train_batch_size)
+        b = cfg.train_batch_size
         z = self.latent.expand(b, -1, -1, -1).to(ctx.device)
-        noise = make_noise(z, float(getattr(cfg, "train_noise_offset", 0.0) or 0.0))
-        t = sample_timesteps(b, int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
-                             fixed_in_batch=bool(cfg.train_fixed_timsteps_in_batch), device=ctx.device)
+        noise = make_noise(z, cfg.train_noise_offset)
+        t = sample_timesteps(b, cfg.train_min_timesteps, cfg.train_max_timesteps,
+                             fixed_in_batch=cfg.train_fixed_timsteps_in_batch, device=ctx.device)
         sched = bundle.noise_scheduler
         target = training_target(sched, z, noise, t, bundle.prediction_type)
         z, noise, t, target = (ctx.shard(v) for v in (z, noise, t, target))
         pred = unet_forward(bundle, sched.add_noise(z, noise, t), t,
                             repeat_cond(self.cond, z.shape[0]).to(ctx.device), self.time_ids)
         return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
-                              snr_gamma=float(cfg.train_snr_gamma))
+                              snr_gamma=cfg.train_snr_gamma)
 
     def metadata(self) -> dict:
         return {"traintrain_original_image": Path(self.config.original_image).name,

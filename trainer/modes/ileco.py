@@ -26,15 +26,13 @@ import torch
 
 from trainer.conditioning import sdxl_time_ids
 from trainer.training.losses import diffusion_loss, sample_timesteps
-from trainer.modes.base import ModeContext, build_network, release_unused, repeat_cond, unet_forward
+from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
 
 TRAJECTORY_STEPS = 20   # DDIM steps of one stored trajectory
 REFRESH_EVERY = 10      # training steps between two trajectory batches
 
 
-class IlecoTask:
-    name = "main"
-    epoch = None
+class IlecoTask(TrainTask):
 
     def __init__(self, cfg, ctx: ModeContext, network):
         if not (cfg.original_prompt or "").strip():
@@ -45,9 +43,9 @@ class IlecoTask:
             self.c_target = ctx.encoder.encode([cfg.target_prompt or ""]).to(ctx.device)
         h, w = cfg.image_size
         f = ctx.bundle.vae_scale_factor
-        self.latent_shape = (int(cfg.train_batch_size), ctx.bundle.unet.config.in_channels, h // f, w // f)
+        self.latent_shape = (cfg.train_batch_size, ctx.bundle.unet.config.in_channels, h // f, w // f)
         self.time_ids = sdxl_time_ids((h, w), (0, 0), (h, w))
-        self.latents = getattr(cfg, "ileco_latents", "noise") or "noise"
+        self.latents = cfg.ileco_latents
         self._traj = None  # (timesteps (S,), latents (S, B, C, H, W), step made at)
         if self.latents == "trajectory":
             ctx.log(f"iLECO latents: the base model's trajectory for the original prompt "
@@ -64,7 +62,7 @@ class IlecoTask:
             x, t = self._trajectory_latents(step)
         else:
             x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
-            t = sample_timesteps(b, int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
+            t = sample_timesteps(b, cfg.train_min_timesteps, cfg.train_max_timesteps,
                                  fixed_in_batch=False, device=ctx.device)
         x, t = ctx.shard(x), ctx.shard(t)
         b = x.shape[0]
@@ -74,7 +72,7 @@ class IlecoTask:
         self.network.multiplier = 1.0
         pred = unet_forward(bundle, x, t, repeat_cond(self.c_orig, b), self.time_ids)
         return diffusion_loss(pred, target, t, scheduler=bundle.noise_scheduler,
-                              kind=cfg.train_loss_function, snr_gamma=float(cfg.train_snr_gamma))
+                              kind=cfg.train_loss_function, snr_gamma=cfg.train_snr_gamma)
 
     def _timestep_grid(self) -> torch.Tensor:
         """The trajectory's timesteps: from the last one (999) down to the range's low end."""

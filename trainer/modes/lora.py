@@ -13,7 +13,7 @@ import torch
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import LatentCache, TextCache
 from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps, training_target
-from trainer.modes.base import ModeContext, build_network, release_unused, unet_forward
+from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, unet_forward
 
 
 def trains_text_encoder(cfg) -> bool:
@@ -43,17 +43,15 @@ def prepare_images(cfg, ctx: ModeContext):
     ctx.log(f"{used} images{skipped} -> {len(specs)} training samples in {len({s.bucket for s in specs})} buckets")
     fam = ctx.bundle.family
     cache = LatentCache(ctx.bundle.vae, scale=fam.latent_scale, shift=fam.latent_shift,
-                        disk_dir=ctx.cache_dir if getattr(cfg, "cache_latents_to_disk", False) else None,
+                        disk_dir=ctx.cache_dir if cfg.cache_latents_to_disk else None,
                         vae_id=str(ctx.bundle.source), warn=lambda m: ctx.log(f"warning: {m}"))
     step = max(1, len(specs) // 10)
     cache.build(specs, progress=lambda i, n: ctx.log(f"caching latents {i}/{n}") if i == n or i % step == 0 else None)
     return items, specs, cache
 
 
-class LoraTask:
+class LoraTask(TrainTask):
     """One LoRA-mode training pass over a bucketed, cached image set."""
-
-    name = "main"
 
     def __init__(self, cfg, ctx: ModeContext, *, specs, cache: LatentCache, network, prompts=None):
         from trainer.data.buckets import BucketBatcher, group_by_bucket
@@ -64,8 +62,8 @@ class LoraTask:
         self.train_te = bool(network.te_modules)
         self.text = None if self.train_te else TextCache(ctx.encoder).build(self.prompts)
         groups = group_by_bucket(specs)
-        self.batcher = BucketBatcher(groups, int(cfg.train_batch_size),
-                                     num_multiply=int(cfg.image_num_multiply), seed=int(cfg.train_seed))
+        self.batcher = BucketBatcher(groups, cfg.train_batch_size,
+                                     num_multiply=cfg.image_num_multiply, seed=cfg.train_seed)
         self._iter = iter(self.batcher)
 
     @property
@@ -89,9 +87,9 @@ class LoraTask:
         cfg, ctx, bundle = self.config, self.ctx, self.ctx.bundle
         idx = self._batch()
         latents = torch.stack([self.cache.latents[i] for i in idx]).to(ctx.device)
-        noise = make_noise(latents, float(getattr(cfg, "train_noise_offset", 0.0) or 0.0))
-        t = sample_timesteps(len(idx), int(cfg.train_min_timesteps), int(cfg.train_max_timesteps),
-                             fixed_in_batch=bool(cfg.train_fixed_timsteps_in_batch), device=ctx.device)
+        noise = make_noise(latents, cfg.train_noise_offset)
+        t = sample_timesteps(len(idx), cfg.train_min_timesteps, cfg.train_max_timesteps,
+                             fixed_in_batch=cfg.train_fixed_timsteps_in_batch, device=ctx.device)
         sched = bundle.noise_scheduler
         noisy = sched.add_noise(latents, noise, t)
         cond = self.conditioning(idx)
@@ -105,7 +103,7 @@ class LoraTask:
         noisy, t, target, cond, time_ids = (ctx.shard(v) for v in (noisy, t, target, cond, time_ids))
         pred = unet_forward(bundle, noisy, t, cond.to(ctx.device), time_ids)
         return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
-                              snr_gamma=float(cfg.train_snr_gamma))
+                              snr_gamma=cfg.train_snr_gamma)
 
     def metadata(self) -> dict:
         """``ss_tag_frequency`` of the images this pass trains on (sd-scripts' per-folder shape)."""

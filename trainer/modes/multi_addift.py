@@ -59,8 +59,8 @@ def prepare_pairs(cfg, ctx: ModeContext) -> dict:
         time_ids.append(sdxl_time_ids(spec.original_size, spec.crop_top_left, (spec.bucket[1], spec.bucket[0])))
     prompts_o = [s.orig.prompt for s in specs]
     prompts_t = [s.target.prompt for s in specs]
-    batcher = BucketBatcher(group_by_bucket(specs), int(cfg.train_batch_size),
-                            num_multiply=int(cfg.image_num_multiply), seed=int(cfg.train_seed))
+    batcher = BucketBatcher(group_by_bucket(specs), cfg.train_batch_size,
+                            num_multiply=cfg.image_num_multiply, seed=cfg.train_seed)
     return {"orig": orig, "target": target, "masks": masks, "time_ids": time_ids,
             "prompts_o": prompts_o, "prompts_t": prompts_t,
             "text": TextCache(ctx.encoder).build(prompts_o + prompts_t),

@@ -105,30 +105,13 @@ def _live_network_fields(network: Any) -> dict[str, str]:
     return fields
 
 
-def _image_size(config: Mapping[str, Any], default: int) -> tuple[int, int]:
-    """(height, width) from the config's ``image_size(height, width)`` ("512" or "512,768")."""
-    raw = config.get("image_size(height, width)", default)
-    parts = raw if isinstance(raw, (list, tuple)) else str(raw).replace(" ", "").split(",")
-    try:
-        sizes = [int(float(p)) for p in parts if str(p) != ""]
-    except ValueError:
-        return default, default
-    if len(sizes) == 1:
-        return sizes[0], sizes[0]
-    return (sizes[0], sizes[1]) if len(sizes) == 2 else (default, default)
-
-
-def _is_true(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
-
-
-def _modelspec(family: Any, config: Mapping[str, Any], title: str, started: float,
+def _modelspec(family: Any, config: Any, title: str, started: float,
                prediction_type: str | None = None) -> dict[str, str]:
     if prediction_type is not None:  # what the loaded model really predicts (a v-pred SD2 checkpoint)
         v_pred = prediction_type == "v_prediction"
     else:
-        v_pred = _is_true(config.get("model_v_pred", False)) or family.default_prediction == "v_prediction"
-    height, width = _image_size(config, family.default_resolution)
+        v_pred = config.model_v_pred or family.default_prediction == "v_prediction"
+    height, width = config.image_size
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_arch(v_pred),
@@ -147,13 +130,15 @@ def _tag_frequency(value: Any) -> str:
     return _text(value if value is not None else {})
 
 
-def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec: Any = None,
+def build_metadata(*, config: Any, family: Any, network_spec: Any = None,
                    base_model_hash_info: Mapping[str, Any] | None, training_info: Mapping[str, Any],
                    network: Any = None, prediction_type: str | None = None) -> dict[str, str]:
     """The header of a saved network (all values strings), without the ``sshs_*`` hashes.
 
     Args:
-        config_dict: the run's settings under the reference's JSON keys (``TrainConfig.to_dict()``).
+        config: the run's ``TrainConfig``: typed values are read from its attributes, and the
+            ``ss_*`` copies of settings and ``traintrain_config`` from ``to_dict()`` (the
+            reference's JSON form, as the settings file says them).
         family: the model ``Family``.
         network_spec: the ``NetworkSpec`` the network was built with (when no ``network`` is given).
         network: the live ``Network`` being saved; when given, rank, alpha, conv rank/alpha, module
@@ -176,11 +161,14 @@ def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec:
     except (TypeError, ValueError):
         raise ValueError(f"training_info ss_training_started_at is {training_info['ss_training_started_at']!r}; "
                          "it must be a Unix time in seconds") from None
+    config_dict = config.to_dict()
     meta = {"ss_session_id": str(random.randint(0, 2**31 - 1))}
     for key, config_key in _FROM_CONFIG.items():
         meta[key] = _text(config_dict.get(config_key, ""))
-    meta["ss_text_encoder_lr"] = _text(config_dict.get("train_textencoder_learning_rate") or meta["ss_learning_rate"])
-    meta["ss_optimizer"] = _text(config_dict.get("train_optimizer", "")).lower()
+    te_lr = config.train_textencoder_learning_rate
+    meta["ss_text_encoder_lr"] = meta["ss_learning_rate"] if te_lr is None else _text(config_dict[
+        "train_textencoder_learning_rate"])
+    meta["ss_optimizer"] = config.train_optimizer.lower()
     if network is not None:
         meta.update(_live_network_fields(network))
     elif network_spec is not None:
@@ -190,13 +178,13 @@ def build_metadata(*, config_dict: Mapping[str, Any], family: Any, network_spec:
         raise ValueError("build_metadata needs the network (or its NetworkSpec)")
     meta["ss_v2"] = str(bool(family.is_v2))
     meta["ss_base_model_version"] = family.base_model_version
-    meta["ss_resolution"] = str(_image_size(config_dict, family.default_resolution))
+    meta["ss_resolution"] = str(tuple(config.image_size))
     meta["ss_tag_frequency"] = _tag_frequency(training_info.get("ss_tag_frequency"))
     for key, value in (base_model_hash_info or {}).items():
         target = _BASE_MODEL_KEYS.get(key)
         if target and value not in (None, ""):
             meta[target] = _text(value)
     meta.update({k: _text(v) for k, v in training_info.items() if k != "ss_tag_frequency"})
-    meta.update(_modelspec(family, config_dict, meta["ss_output_name"], started, prediction_type))
+    meta.update(_modelspec(family, config, meta["ss_output_name"], started, prediction_type))
     meta["traintrain_config"] = json.dumps(dict(config_dict), ensure_ascii=False, default=str)
     return meta

@@ -275,3 +275,15 @@ def create_network(bundle: Any, spec: NetworkSpec) -> Network:
             "select more blocks (lierla needs attention blocks) or another element"
         )
     return Network(bundle.family, spec, chosen)
+
+
+def spec_from_config(cfg: Any, *, dtype: torch.dtype = torch.float32, train_text_encoder: bool,
+                     blocks: tuple | None = None) -> NetworkSpec:
+    """The NetworkSpec of a run's settings (a TrainConfig: typed, already checked): the one place
+    the network settings become a spec. ``blocks`` replaces ``network_blocks`` when given."""
+    return NetworkSpec(
+        network_type=cfg.network_type, rank=cfg.network_rank, alpha=cfg.network_alpha,
+        conv_rank=cfg.network_conv_rank, conv_alpha=cfg.network_conv_alpha, element=cfg.network_element,
+        blocks=tuple(cfg.network_blocks if blocks is None else blocks), dtype=dtype,
+        train_text_encoder=train_text_encoder,
+    )

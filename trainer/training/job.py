@@ -115,7 +115,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
     dist = detect(device)
     if dist.enabled:
         device = dist.accelerator.device
-        dist.check_batch(int(config.train_batch_size))
+        dist.check_batch(config.train_batch_size)
     model_dtype = resolve_dtype(config.train_model_precision, device, field_name="train_model_precision")
     lora_dtype = resolve_dtype(config.train_lora_precision, device, field_name="train_lora_precision")
     vae_dtype = resolve_dtype(config.train_VAE_precision, device, field_name="train_VAE_precision")
@@ -138,7 +138,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         if config.use_gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
             bundle.unet.train()  # diffusers checkpoints only in train mode; SD has no dropout
-        if getattr(config, "zero_terminal_snr", False):
+        if config.zero_terminal_snr:
             from trainer.training.losses import rescale_zero_terminal_snr
 
             rescale_zero_terminal_snr(bundle.noise_scheduler)
@@ -165,8 +165,8 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                              _csv_info(task.config, bundle), len(task.param_groups()), append=bool(state))
                 result.csv_paths.append(csv.path)
             saver = _saver(task, bundle, output_dir, save_dtype, seed, started, config, log)
-            if dist.is_main and not getattr(task, "skip_training", False):
-                every, total = int(task.config.save_per_steps or 0), int(task.config.train_iterations)
+            if dist.is_main and not task.skip_training:
+                every, total = task.config.save_per_steps, task.config.train_iterations
                 files = (len(range(every, total, every)) if every > 0 else 0) + 1
                 check_room(output_dir, task.network, save_dtype, files)
             opts = loop.LoopOptions(
@@ -177,7 +177,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                              "csv": {task.name: str(csv.path)} if csv else {}},
             )
             try:
-                if not getattr(task, "skip_training", False):
+                if not task.skip_training:
                     out = loop.run(task, opts)
                 else:
                     keep = task.save_final and dist.is_main
@@ -252,9 +252,9 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
         training = {"ss_output_name": stem, "ss_seed": str(seed), "ss_training_started_at": str(started),
                     "ss_steps": str(int(steps)), "traintrain_mode": job_config.mode,
                     "traintrain_pass": task.name}
-        training.update(getattr(task, "metadata", lambda: {})())
+        training.update(task.metadata())
         # rank, alpha and module count come from the live network (a resumed file's ranks win over the config's)
-        meta = build_metadata(config_dict=job_config.to_dict(), family=bundle.family, network=task.network,
+        meta = build_metadata(config=job_config, family=bundle.family, network=task.network,
                               base_model_hash_info=bundle.metadata, training_info=training,
                               prediction_type=bundle.prediction_type)
         path = output_dir / f"{stem}.safetensors"
@@ -266,7 +266,7 @@ def _saver(task, bundle, output_dir: Path, save_dtype, seed: int, started: float
         overwrite = job_config.save_overwrite or path in written
         try:
             saved = save_network(task.network, path, metadata=meta, dtype=save_dtype,
-                                 strength=float(cfg.network_strength), overwrite=overwrite)
+                                 strength=cfg.network_strength, overwrite=overwrite)
         except OSError as error:
             if isinstance(error, FileExistsError):
                 raise

@@ -15,12 +15,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
 
 from trainer.training.control import TrainControl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.config import TrainConfig
 from trainer.training.optim import optimizers, schedulers
 from trainer.training.runlog import CsvLog, save_state
 
@@ -29,14 +32,17 @@ class Task(Protocol):
     """What a mode gives the loop for one training pass."""
 
     name: str                 # "main", or "copy" for Difference's first pass
-    config: object            # the effective TrainConfig of this pass
+    config: TrainConfig       # the effective settings of this pass
     network: torch.nn.Module  # the trainable network (already applied to the model)
     epoch: int | None         # current data epoch, when the task has epochs
+    save_final: bool          # save the network when the pass ends
+    skip_training: bool       # the pass has nothing to train and only saves (the job checks it)
 
     def param_groups(self) -> list[dict]: ...
     def compute_loss(self, step: int) -> torch.Tensor: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def metadata(self) -> dict[str, str]: ...  # extra header entries of this pass's files
 
 
 @dataclass
@@ -130,10 +136,10 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
 
     dist = opts.dist or SINGLE
     cfg = task.config
-    total = int(cfg.train_iterations)
-    accum = max(1, int(getattr(cfg, "gradient_accumulation_steps", 1) or 1))
-    max_norm = float(getattr(cfg, "train_max_grad_norm", 0.0) or 0.0)
-    every = int(cfg.save_per_steps or 0)
+    total = cfg.train_iterations
+    accum = max(1, cfg.gradient_accumulation_steps)
+    max_norm = cfg.train_max_grad_norm
+    every = cfg.save_per_steps
 
     opt_info = optimizers.build_optimizer(
         cfg.train_optimizer, task.param_groups(), lr=cfg.train_learning_rate,
@@ -142,8 +148,8 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
     )
     sched_info = schedulers.build_scheduler(
         cfg.train_lr_scheduler, opt_info, num_training_steps=total,
-        warmup_steps=int(cfg.train_lr_warmup_steps or 0), num_cycles=int(cfg.train_lr_scheduler_num_cycles or 1),
-        power=float(cfg.train_lr_scheduler_power or 1.0), step_rules=cfg.train_lr_step_rules or "",
+        warmup_steps=cfg.train_lr_warmup_steps, num_cycles=cfg.train_lr_scheduler_num_cycles or 1,
+        power=cfg.train_lr_scheduler_power, step_rules=cfg.train_lr_step_rules,
         settings=optimizers.parse_settings(cfg.train_lr_scheduler_settings, field="train_lr_scheduler_settings"),
     )
     notes = list(opt_info.notes) + list(sched_info.notes)
@@ -246,7 +252,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, message="stopped"))
             return LoopResult(done, True, saved, last, notes)
 
-    if getattr(task, "save_final", True) and dist.is_main:
+    if task.save_final and dist.is_main:
         saved.append(save_or_keep(opts.stem, total, final=True))
     dist.barrier()
     return LoopResult(total, False, saved, last, notes)

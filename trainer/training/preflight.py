@@ -115,7 +115,7 @@ def _name_max(folder: Path) -> int:
 
 def _check_name_length(config, name: str, output_dir: Path) -> None:
     """The longest file name the run writes (a periodic save's temporary file) must fit."""
-    longest_steps = max(int(config.train_iterations), 1)
+    longest_steps = max(config.train_iterations, 1)
     longest = f".{name}_copy_{longest_steps}steps.safetensors{_LONGEST_TMP_TAIL}"
     limit = _name_max(Path(output_dir))
     if len(longest.encode("utf-8")) > limit:
@@ -209,7 +209,7 @@ def planned_files(config, output_dir: Path, *, from_pass: int = 0, from_step: in
         if index < from_pass:
             continue
         stem = f"{name}{suffix}"
-        every, total = int(cfg.save_per_steps or 0), int(cfg.train_iterations)
+        every, total = int(cfg.save_per_steps or 0), cfg.train_iterations
         first = from_step if index == from_pass else 0
         if every > 0:
             out += [output_dir / f"{stem}_{k}steps.safetensors" for k in range(every, total, every) if k > first]

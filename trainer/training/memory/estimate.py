@@ -227,13 +227,11 @@ def network_parameters(config: Any, model: Any) -> tuple[int, int]:
 
     ``model`` is a bundle or a family name; the text-encoder count assumes BASE trains.
     """
-    from trainer.network.network import NetworkSpec, find_targets, select_targets
+    from trainer.network.network import find_targets, select_targets, spec_from_config
 
     bundle = model if getattr(model, "unet", None) is not None else _meta_bundle(family_name(model))
-    spec = NetworkSpec(network_type=config.network_type, rank=int(config.network_rank),
-                       alpha=float(config.network_alpha), conv_rank=int(config.network_conv_rank),
-                       conv_alpha=float(config.network_conv_alpha), element=config.network_element,
-                       blocks=tuple(dict.fromkeys(["BASE", *config.network_blocks])), train_text_encoder=True)
+    spec = spec_from_config(config, train_text_encoder=True,
+                            blocks=tuple(dict.fromkeys(["BASE", *config.network_blocks])))
     targets = find_targets(bundle.family, bundle.unet, list(bundle.text_encoders), spec.network_type)
     totals = [0, 0]
     for target in select_targets(targets, spec):

@@ -32,7 +32,6 @@ Changes from the reference, each reported in `OptimizerInfo.notes` or as an erro
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 from collections.abc import Iterable
@@ -161,22 +160,16 @@ class OptimizerInfo:
 
 
 def resolve_optimizer_name(name: str) -> str:
-    """The canonical spelling of an optimizer name, matched case-insensitively.
+    """The canonical spelling of an optimizer name, parsed as the settings parse it (one parser
+    for the name, in ``trainer.config.values``), for callers that pass a name themselves.
 
     Raises:
-        ValueError: an unknown name, with the nearest choice and the full list.
+        ValueError (ConfigError): an unknown name, with the nearest choice and the full list.
     """
-    by_lower = {choice.lower(): choice for choice in OPTIMIZERS}
-    text = str(name).strip()
-    if text.lower() in by_lower:
-        return by_lower[text.lower()]
-    choices = ", ".join(OPTIMIZERS)
-    if text and set(text) == {"-"}:
-        raise ValueError(f"`train_optimizer`: '{text}' is a separator of the optimizer list, not an optimizer. "
-                         f"Choices: {choices}.")
-    near = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.5)
-    hint = f" Did you mean '{by_lower[near[0]]}'?" if near else ""
-    raise ValueError(f"`train_optimizer`: unknown optimizer '{text}'.{hint} Choices: {choices}.")
+    from trainer.config.schema import param
+    from trainer.config.values import to_typed
+
+    return to_typed(param("train_optimizer"), name)
 
 
 def _installed(name: str) -> bool:

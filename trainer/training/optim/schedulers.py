@@ -30,7 +30,6 @@ Changes from the reference:
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,7 +37,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim import lr_scheduler
 
-from trainer.config.choices import LR_SCHEDULERS
 from trainer.compat import scheduler_function
 from trainer.training.optim.settings import (
     SCHEDULER_FIELD,
@@ -135,13 +133,12 @@ class SchedulerInfo:
 
 
 def resolve_scheduler_name(name: str) -> str:
-    """The canonical spelling of an LR scheduler name (case-insensitive); ValueError with the nearest if unknown."""
-    text = str(name).strip().lower()
-    if text in LR_SCHEDULERS:
-        return text
-    near = difflib.get_close_matches(text, LR_SCHEDULERS, n=1, cutoff=0.5)
-    hint = f" Did you mean '{near[0]}'?" if near else ""
-    raise ValueError(f"`train_lr_scheduler`: unknown scheduler '{name}'.{hint} Choices: {', '.join(LR_SCHEDULERS)}.")
+    """The canonical spelling of an LR scheduler name, parsed as the settings parse it (one parser,
+    in ``trainer.config.values``); ValueError (ConfigError) with the nearest if unknown."""
+    from trainer.config.schema import param
+    from trainer.config.values import to_typed
+
+    return to_typed(param("train_lr_scheduler"), name)
 
 
 def _check_steps(num_training_steps: int, warmup_steps: int) -> None:
