@@ -206,11 +206,11 @@ def build_tasks(cfg, ctx: ModeContext):
 
         pairs = prepare_pairs(cfg, ctx)
         release_unused(ctx, vae=True, text_encoders=True)  # latents and captions are cached
-        net = build_network(cfg, ctx, train_text_encoder=False)
+        net = build_network(cfg, ctx)
         yield AddiftTask(cfg, ctx, net, pairs=pairs)
         return
     single = prepare_single(cfg, ctx)
     release_unused(ctx, vae=True, text_encoders=True)
-    net = build_network(cfg, ctx, train_text_encoder=False)
+    net = build_network(cfg, ctx)
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules")
     yield AddiftTask(cfg, ctx, net, single=single)

@@ -58,15 +58,24 @@ class TrainTask:
         return {}
 
 
-def build_network(cfg, ctx: ModeContext, *, train_text_encoder: bool, from_file: str | None = None):
-    """Create the network for ``cfg`` and inject it.
+def trains_text_encoder(cfg) -> bool:
+    """Whether a run's network includes the text encoder: its mode allows it (the registry's
+    ``text_encoder``) and ``network_blocks`` holds BASE."""
+    from trainer.modes import get_mode
+
+    return get_mode(cfg.mode).text_encoder and "BASE" in cfg.network_blocks
+
+
+def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
+    """Create the network for ``cfg`` and inject it (on the text encoder too where
+    ``trains_text_encoder``).
 
     With ``network_resume`` (or ``from_file``) the modules, ranks and alphas come from that file
     as SPEC.md §6.4 describes (block and element choices give way to the file's modules).
     """
     from trainer.network.network import create_network, spec_from_config
 
-    spec = spec_from_config(cfg, dtype=ctx.lora_dtype, train_text_encoder=train_text_encoder)
+    spec = spec_from_config(cfg, dtype=ctx.lora_dtype, train_text_encoder=trains_text_encoder(cfg))
     source = from_file or cfg.network_resume
     if source:
         from trainer.network.resume import resume_network

@@ -106,7 +106,7 @@ def build_tasks(cfg, ctx: ModeContext):
     loaded = None
     if cfg.diff_load_1st_pass and resume_pass == 0:
         loaded = find_first_pass(cfg.diff_load_1st_pass, ctx.extras.get("search_dirs", []))
-    copy_net = build_network(cfg, ctx, train_text_encoder=False, from_file=loaded)
+    copy_net = build_network(cfg, ctx, from_file=loaded)
     ctx.log(f"copy network: {len(copy_net.unet_modules)} U-Net modules")
     pass1 = ImageTask("copy", cfg, ctx, copy_net, z_a, cond, time_ids, save_final=save_copy)
     if loaded is not None:
@@ -120,6 +120,6 @@ def build_tasks(cfg, ctx: ModeContext):
     copy_net.requires_grad_(False)
     copy_net.multiplier = 1.0
     cfg2 = cfg.pass2()
-    diff_net = build_network(cfg2, ctx, train_text_encoder=False)
+    diff_net = build_network(cfg2, ctx)
     ctx.log(f"difference network: {len(diff_net.unet_modules)} U-Net modules")
     yield ImageTask("main", cfg2, ctx, diff_net, z_b, cond, time_ids, frozen=copy_net)

@@ -134,7 +134,7 @@ class IlecoTask(TrainTask):
 
 
 def build_tasks(cfg, ctx: ModeContext):
-    net = build_network(cfg, ctx, train_text_encoder=False)
+    net = build_network(cfg, ctx)
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules")
     task = IlecoTask(cfg, ctx, net)
     release_unused(ctx, vae=True, text_encoders=True)  # both prompts are encoded

@@ -16,10 +16,6 @@ from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, unet_forward
 
 
-def trains_text_encoder(cfg) -> bool:
-    return "BASE" in list(cfg.network_blocks)
-
-
 def prepare_images(cfg, ctx: ModeContext):
     """Discover, plan and cache the images of ``cfg.lora_data_directory``."""
     from trainer.data.images import discover_images
@@ -123,7 +119,7 @@ def build_tasks(cfg, ctx: ModeContext):
     """LoRA mode has one pass."""
     _, specs, cache = prepare_images(cfg, ctx)
     release_unused(ctx, vae=True)
-    net = build_network(cfg, ctx, train_text_encoder=trains_text_encoder(cfg))
+    net = build_network(cfg, ctx)
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules, {len(net.te_modules)} text-encoder modules")
     task = LoraTask(cfg, ctx, specs=specs, cache=cache, network=net)
     if not task.train_te:
