@@ -478,3 +478,20 @@ def test_ui_command_beyond_localhost_warns_takes_a_login_and_limits_load_json(tm
     # On 127.0.0.1 without --allow-dir nothing is limited and nothing is printed.
     assert main(["ui"]) == 0 and "Warning" not in capsys.readouterr().err
     assert served["demo"].traintrain.load_json(str(elsewhere / "x.json"), "", "", "None")[-1].startswith("Loaded ")
+
+
+def test_network_type_help_says_when_loha_cannot_train_here(monkeypatch):
+    import sys
+
+    from trainer.compat import install_command
+    from trainer.config import param
+    from trainer.ui.form import help_text
+
+    p = param("network_type")
+    assert help_text(p) == p.help  # lycoris-lora is installed here
+    for name in [m for m in sys.modules if m == "lycoris" or m.startswith("lycoris.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lycoris", None)  # not installed
+    text = help_text(p)
+    assert text.startswith(p.help) and "loha is not available here" in text
+    assert install_command("lycoris-lora>=3.0") in text and "lierla is not" not in text

@@ -66,9 +66,21 @@ def dropdown_choices(p: Param) -> list[str]:
     return [fmt_number(c) if not isinstance(c, str) else c for c in p.choices]
 
 
+def help_text(p: Param) -> str:
+    """The widget's help line; for network_type it also says which choices cannot train here
+    (LoHa without lycoris-lora) and what to install, before the user picks one and presses Start."""
+    if p.name != "network_type":
+        return p.help
+    from trainer.compat import network_type_problem
+
+    missing = [f"{choice} is not available here: {problem}" for choice in p.choices
+               if (problem := network_type_problem(choice))]
+    return " ".join([p.help, *missing])
+
+
 def make_widget(p: Param, value: object, prefix: str = "", visible: bool = True):
     """The gradio component for one parameter (label = key, help as ``info``)."""
-    common = dict(label=label(p), info=p.help, elem_id=elem_id(p.name, prefix), visible=visible)
+    common = dict(label=label(p), info=help_text(p), elem_id=elem_id(p.name, prefix), visible=visible)
     if p.ui == "DD":
         # Numeric dropdowns offer common values; others in range are valid, so typing is allowed.
         return gr.Dropdown(choices=dropdown_choices(p), value=value, allow_custom_value=p.kind != "choice",
