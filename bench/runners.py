@@ -55,6 +55,7 @@ def run_ours(spec: BenchSpec) -> Measurement:
     import torch
 
     from trainer.hosts.standalone import StandaloneHost
+    from trainer.training.control import TrainControl
     from trainer.training.job import run_job
 
     config = ours_config(spec)
@@ -72,7 +73,7 @@ def run_ours(spec: BenchSpec) -> Measurement:
             found["modules"] = message
     meter.start()
     run_job(config, host=host, output_dir=work / "output", logs_dir=work / "logs", device=torch.device(spec.device),
-            on_progress=on_progress, log=log)
+            control=TrainControl(on_progress=on_progress, on_log=log))
     m = meter.finish()
     m.notes.append(found.get("modules", ""))
     m.modules, m.trainable_params = _our_network_size(config, spec)
