@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import TinyHost, image_folder, quick_config
-from trainer.conditioning import CHUNK, PromptEncoder, split_chunks
+from trainer.bundle import TextOptions
+from trainer.conditioning import CHUNK, PromptEncoder, parse_emphasis, split_chunks
 
 
 def test_split_chunks_at_75_and_back_to_last_comma():
@@ -17,6 +18,78 @@ def test_split_chunks_at_75_and_back_to_last_comma():
     far = [1] * 40 + [9] + [1] * 50           # comma too far back: plain split
     assert [len(c) for c in split_chunks(far, 9)] == [75, 16]
     assert split_chunks([], 9) == [[]]
+
+
+def test_emphasis_is_parsed_as_the_web_uis_document_it():
+    # the examples of AUTOMATIC1111's prompt_parser.parse_prompt_attention documentation
+    assert parse_emphasis("normal text") == [("normal text", 1.0)]
+    assert parse_emphasis("an (important) word") == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert parse_emphasis("(unbalanced") == [("unbalanced", 1.1)]
+    assert parse_emphasis(r"\(literal\]") == [("(literal]", 1.0)]
+    assert parse_emphasis("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
+    got = parse_emphasis("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    want = [("a ", 1.0), ("house", 1.1 * 1.1 * 1.3), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+            (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [w for _, w in got] == pytest.approx([w for _, w in want])
+    assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
+    assert parse_emphasis("") == [("", 1.0)]
+    assert parse_emphasis("x:y a) b] (c:z)") == [("x:y a) b] ", 1.0), ("c:z", 1.1)]
+
+
+def test_break_starts_a_new_chunk_and_weights_travel_with_their_tokens():
+    ids, weights = [1, 2, None, 3], [1.0, 1.2, 1.0, 0.9]
+    assert split_chunks(ids, None, weights) == [[(1, 1.0), (2, 1.2)], [(3, 0.9)]]
+    assert split_chunks([None], None, [1.0]) == [[]]  # as the hosts: a lone BREAK gives one empty chunk
+
+
+def _encode_alone(bundle, prompt, index=0):
+    tok = bundle.tokenizers[index]
+    row = tok(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return bundle.text_encoders[index](row, output_hidden_states=True)
+
+
+def test_emphasis_weights_the_hidden_states_and_keeps_the_chunks_mean():
+    bundle = TinyHost("sd1").load(None)
+    tok = bundle.tokenizers[0]
+    plain = _encode_alone(bundle, "a red apple").last_hidden_state[0]
+    with torch.no_grad():
+        cond = PromptEncoder(bundle).encode(["a (red:1.5) apple"]).hidden[0]
+    red = len(tok("a", add_special_tokens=False).input_ids) + 1  # after BOS and "a"
+    weights = torch.ones(77)
+    weights[red] = 1.5
+    expected = plain * weights[:, None]
+    expected = expected * (plain.mean() / expected.mean())
+    torch.testing.assert_close(cond, expected)
+    # "No norm" weights without restoring the mean; "Ignore" and "None" leave the states alone
+    with torch.no_grad():
+        no_norm = PromptEncoder(bundle, TextOptions(emphasis="No norm")).encode(["a (red:1.5) apple"]).hidden[0]
+        ignored = PromptEncoder(bundle, TextOptions(emphasis="Ignore")).encode(["a (red:1.5) apple"]).hidden[0]
+        literal = PromptEncoder(bundle, TextOptions(emphasis="None")).encode(["a (red:1.5) apple"]).hidden[0]
+    torch.testing.assert_close(no_norm, plain * weights[:, None])
+    torch.testing.assert_close(ignored, plain)
+    torch.testing.assert_close(literal, _encode_alone(bundle, "a (red:1.5) apple").last_hidden_state[0])
+
+
+def test_clip_skip_takes_an_earlier_layer_through_the_final_norm_on_sd1():
+    bundle = TinyHost("sd1").load(None)
+    with torch.no_grad():
+        cond = PromptEncoder(bundle, TextOptions(clip_skip=2)).encode(["a red apple"]).hidden[0]
+        out = _encode_alone(bundle, "a red apple")
+        encoder = bundle.text_encoders[0]
+        expected = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-2])[0]
+    torch.testing.assert_close(cond, expected)
+    assert not torch.allclose(cond, out.last_hidden_state[0])
+
+
+def test_sdxl_clip_skip_follows_the_host():
+    bundle = TinyHost("sdxl").load(None)
+    with torch.no_grad():
+        forge = PromptEncoder(bundle, TextOptions(clip_skip=3)).encode(["a red apple"]).hidden[0]
+        a1111 = PromptEncoder(bundle, TextOptions(clip_skip=3, clip_skip_sdxl=False)).encode(["a red apple"]).hidden[0]
+    torch.testing.assert_close(forge[:, 32:], _encode_alone(bundle, "a red apple", 1).hidden_states[-3][0])
+    torch.testing.assert_close(a1111[:, 32:], _encode_alone(bundle, "a red apple", 1).hidden_states[-2][0])
 
 
 @pytest.mark.slow

@@ -23,6 +23,11 @@ def test_listeners_are_called_and_removed_and_a_save_request_is_taken_once():
     remove()
     control.progress("e2")
     assert events == ["e1"] and lines == ["hello"] and previews == [(4, ["a.png"])]
+    order = []
+    control.listen(on_progress=lambda e: order.append("caller"))
+    control.listen(on_progress=lambda e: order.append("host"), first=True)  # a host's own display goes first
+    control.progress("e3")
+    assert order == ["host", "caller"]
 
     assert not control.take_save_request()
     control.save_now()

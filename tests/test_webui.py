@@ -253,8 +253,12 @@ def test_loaded_model_is_handed_over_and_put_back(webui):
     sd_model = shared.sd_model
     before = _weights(sd_model)
     refreshes = networks.refresh_calls
+    shared.opts.CLIP_stop_at_last_layers, shared.opts.emphasis = 2, "No norm"  # the host's prompt settings
     bundle = host.load(quick_config(model="", lora_data_directory="x"))
     try:
+        options = bundle.text_options
+        assert (options.clip_skip, options.emphasis) == (2, "No norm")
+        assert options.clip_skip_sdxl == (webui.flavour == "forge")  # A1111 keeps SDXL on the penultimate layer
         assert _lock().locked() and _placement(sd_model) == "cpu"
         assert shared.state.job == "TrainTrain"
         parts = webui.parts["base"]

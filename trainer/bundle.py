@@ -14,6 +14,32 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainer.families import Family
 
 
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How prompts are read, as the host that will generate with the network reads them.
+
+    ``emphasis``: the web-UIs' option of that name: "Original" weights ``(word:1.2)``/``[word]``
+    and restores the chunk's mean, "No norm" weights without restoring, "Ignore" parses the syntax
+    but weights nothing, "None" reads brackets as plain text. ``clip_skip``: 1 = the last CLIP
+    layer (SD1; the hosts' "Clip skip"). ``clip_skip_sdxl``: whether ``clip_skip`` above 2 picks
+    an earlier layer on SDXL too (Forge and the standalone program) or SDXL always uses the
+    penultimate layer (AUTOMATIC1111).
+    """
+
+    emphasis: str = "Original"
+    clip_skip: int = 1
+    clip_skip_sdxl: bool = True
+
+    def __post_init__(self):
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis {self.emphasis!r} is not one of {', '.join(EMPHASIS_MODES)}")
+        if not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ValueError(f"clip skip {self.clip_skip!r} must be a whole number >= 1")
+
+
 @dataclass
 class ModelBundle:
     """Frozen base model parts, ready to train a network on.
@@ -33,6 +59,7 @@ class ModelBundle:
     prediction_type: str = "epsilon"
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    text_options: TextOptions = field(default_factory=TextOptions)
 
     @property
     def device(self) -> "torch.device":

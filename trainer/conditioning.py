@@ -13,18 +13,33 @@ as A1111 and Forge encode prompts when the LoRA is used:
   output after the final layer norm is the penultimate layer the hosts use.
 - SDXL: the penultimate hidden layer (no final norm) of both encoders, concatenated to 2048
   features; the pooled vector is CLIP-G's projected EOS embedding of the first chunk.
+- Emphasis, as the hosts' default "Original" emphasis reads it: ``(word)`` x1.1, ``[word]``
+  /1.1, ``(word:1.3)``, ``\(`` for a literal bracket, ``BREAK`` to start a new chunk; each text
+  piece is tokenised on its own, and a chunk's hidden states are multiplied by their tokens'
+  weights, then rescaled to the chunk's mean before weighting (per prompt: generation encodes one
+  prompt at a time). ``bundle.text_options`` says which emphasis and clip skip the host uses.
+- Clip skip n > 1: SD1 takes hidden layer -n through the final layer norm (both hosts); SDXL
+  takes layer -max(n, 2) where the host does (Forge, standalone), else the penultimate (A1111).
 
-transformers' tokenizer has no A1111-style chunking, hence the small hand-written splitter.
+transformers' tokenizer has no A1111-style chunking or emphasis, hence the small hand-written
+splitter and parser (diffusers has neither; compel is a different syntax).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
+from trainer.bundle import TextOptions
+
 CHUNK = 75
 COMMA_BACKTRACK = 20
+BREAK = ("BREAK", -1.0)  # a parsed BREAK: the next piece starts a new chunk
+_SPECIAL = "\\()[]"
+_WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
 @dataclass
@@ -61,12 +76,93 @@ class Conditioning:
         return Conditioning(torch.cat(hidden), pooled)
 
 
-def split_chunks(token_ids: list[int], comma_id: int | None) -> list[list[int]]:
-    """Split prompt token ids (no BOS/EOS) into chunks of at most 75, as the web-UIs do."""
-    chunks: list[list[int]] = []
-    current: list[int] = []
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """A prompt as (text, weight) pieces, read as the web-UIs read emphasis.
+
+    ``(a)`` multiplies a's weight by 1.1, ``[a]`` divides it by 1.1, ``(a:1.3)`` multiplies it by
+    1.3; brackets nest and multiply; one left open applies to the rest of the prompt; a closing
+    bracket without an opening one is text. ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are the
+    literal characters (any other backslash is dropped). ``BREAK`` as a word becomes the
+    :data:`BREAK` piece. Neighbouring pieces of equal weight are joined; "" gives ``[("", 1.0)]``.
+    """
+    pieces: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            nxt = text[i + 1] if i + 1 < len(text) else ""
+            pieces.append([nxt if nxt and nxt in _SPECIAL else "", 1.0])
+            i += 2 if nxt and nxt in _SPECIAL else 1
+            continue
+        weight = _WEIGHT.match(text, i) if ch == ":" else None
+        if ch == "(":
+            round_open.append(len(pieces))
+        elif ch == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open and _is_number(weight.group(1)):
+            scale(round_open.pop(), float(weight.group(1)))
+            i = weight.end()
+            continue
+        elif ch == ")" and round_open:
+            scale(round_open.pop(), 1.1)
+        elif ch == "]" and square_open:
+            scale(square_open.pop(), 1 / 1.1)
+        elif ch in ")]:":
+            pieces.append([ch, 1.0])
+        else:
+            end = i
+            while end < len(text) and text[end] not in "\\()[]:":
+                end += 1
+            for n, part in enumerate(_BREAK_WORD.split(text[i:end])):
+                if n:
+                    pieces.append(list(BREAK))
+                pieces.append([part, 1.0])
+            i = end
+            continue
+        i += 1
+    for start in round_open:
+        scale(start, 1.1)
+    for start in square_open:
+        scale(start, 1 / 1.1)
+    merged: list[list] = []
+    for piece in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == piece[1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(t, w) for t, w in merged]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_chunks(token_ids: list[int], comma_id: int | None,
+                 weights: list[float] | None = None) -> list[list[int]] | list[list[tuple[int, float]]]:
+    """Split prompt token ids (no BOS/EOS) into chunks of at most 75, as the web-UIs do.
+
+    With ``weights`` (one per id; a ``None`` id is a BREAK: the chunk ends there) the chunks
+    hold (id, weight) pairs."""
+    items = list(zip(token_ids, weights)) if weights is not None else [(t, 1.0) for t in token_ids]
+    chunks: list[list[tuple[int, float]]] = []
+    current: list[tuple[int, float]] = []
     last_comma = -1
-    for tok in token_ids:
+    for tok, weight in items:
+        if tok is None:  # BREAK
+            chunks.append(current)
+            current, last_comma = [], -1
+            continue
         if comma_id is not None and tok == comma_id:
             last_comma = len(current)
         if len(current) == CHUNK:
@@ -78,64 +174,107 @@ def split_chunks(token_ids: list[int], comma_id: int | None) -> list[list[int]]:
                 chunks.append(current)
                 current = []
             last_comma = -1
-        current.append(tok)
+        current.append((tok, weight))
     if current or not chunks:
         chunks.append(current)
+    if weights is None:
+        return [[t for t, _ in chunk] for chunk in chunks]
     return chunks
 
 
 class PromptEncoder:
     """Encodes prompts with a bundle's text encoders, chunked as the hosts do."""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, options: TextOptions | None = None):
         self.family = bundle.family
         self.tokenizers = bundle.tokenizers
         self.encoders = bundle.text_encoders
+        self.options = options or getattr(bundle, "text_options", None) or TextOptions()
         tok = self.tokenizers[0]
         self._comma = tok.convert_tokens_to_ids(",</w>")
         if self._comma == tok.unk_token_id:
             self._comma = None
 
-    def _chunk_ids(self, tokenizer, prompt: str) -> list[list[int]]:
-        ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        return split_chunks(ids, self._comma)
+    def _chunk_ids(self, tokenizer, prompt: str) -> list[list[tuple[int, float]]]:
+        """The prompt's chunks of (token id, weight), emphasis and BREAK read as the host reads them."""
+        pieces = [(prompt, 1.0)] if self.options.emphasis == "None" else parse_emphasis(prompt)
+        texts = [text for text, _ in pieces]
+        encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        ids: list[int | None] = []
+        weights: list[float] = []
+        for (text, weight), piece_ids in zip(pieces, encoded):
+            if (text, weight) == BREAK:
+                ids.append(None)
+                weights.append(1.0)
+                continue
+            ids += piece_ids
+            weights += [weight] * len(piece_ids)
+        return split_chunks(ids, self._comma, weights)
 
     @staticmethod
-    def _wrap(tokenizer, chunk: list[int]) -> list[int]:
+    def _wrap(tokenizer, chunk: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
         pad = tokenizer.pad_token_id
-        body = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
-        return body + [pad] * (CHUNK + 2 - len(body))
+        body = [tokenizer.bos_token_id, *(t for t, _ in chunk), tokenizer.eos_token_id]
+        weights = [1.0, *(w for _, w in chunk), 1.0]
+        fill = CHUNK + 2 - len(body)
+        return body + [pad] * fill, weights + [1.0] * fill
 
-    def _batch_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        """(B, k, 77) token ids; shorter prompts are padded with empty chunks."""
+    def _batch_ids(self, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, k, 77) token ids and their emphasis weights; shorter prompts are padded with empty chunks."""
         per_prompt = [self._chunk_ids(tokenizer, p) for p in prompts]
         k = max(len(c) for c in per_prompt)
-        rows = []
+        rows, weight_rows = [], []
         for chunks in per_prompt:
             chunks = chunks + [[]] * (k - len(chunks))
-            rows.append([self._wrap(tokenizer, c) for c in chunks])
-        return torch.tensor(rows, dtype=torch.long)
+            wrapped = [self._wrap(tokenizer, c) for c in chunks]
+            rows.append([ids for ids, _ in wrapped])
+            weight_rows.append([w for _, w in wrapped])
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32)
+
+    def _emphasise(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Apply the emphasis weights to hidden states (B, k, 77, D), chunk by chunk of each prompt."""
+        if self.options.emphasis in ("None", "Ignore") or bool((weights == 1.0).all()):
+            return z
+        weighted = z * weights.to(z.device, z.dtype)[..., None]
+        if self.options.emphasis == "No norm":
+            return weighted
+        before = z.mean(dim=(-2, -1), keepdim=True)
+        return weighted * (before / weighted.mean(dim=(-2, -1), keepdim=True))
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """Encode a list of prompts; gradients flow when a text-encoder network is active."""
         device = next(self.encoders[0].parameters()).device
         if self.family.name == "sdxl":
             return self._encode_sdxl(prompts, device)
-        ids = self._batch_ids(self.tokenizers[0], prompts).to(device)
+        ids, weights = self._batch_ids(self.tokenizers[0], prompts)
         b, k, n = ids.shape
-        out = self.encoders[0](ids.view(b * k, n)).last_hidden_state
-        return Conditioning(out.reshape(b, k * n, -1))
+        encoder = self.encoders[0]
+        skip = self.options.clip_skip if self.family.name == "sd1" else 1
+        if skip > 1:
+            out = encoder(ids.view(b * k, n).to(device), output_hidden_states=True)
+            z = _final_layer_norm(encoder)(out.hidden_states[-skip])
+        else:
+            z = encoder(ids.view(b * k, n).to(device)).last_hidden_state
+        z = self._emphasise(z.reshape(b, k, n, -1), weights)
+        return Conditioning(z.reshape(b, k * n, -1))
 
     def _encode_sdxl(self, prompts: list[str], device) -> Conditioning:
         hidden, pooled = [], None
+        layer = -max(self.options.clip_skip, 2) if self.options.clip_skip_sdxl else -2
         for i, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.encoders)):
-            ids = self._batch_ids(tokenizer, prompts).to(device)
+            ids, weights = self._batch_ids(tokenizer, prompts)
             b, k, n = ids.shape
-            out = encoder(ids.view(b * k, n), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2].reshape(b, k * n, -1))
+            out = encoder(ids.view(b * k, n).to(device), output_hidden_states=True)
+            z = self._emphasise(out.hidden_states[layer].reshape(b, k, n, -1), weights)
+            hidden.append(z.reshape(b, k * n, -1))
             if i == 1:
                 pooled = out.text_embeds.reshape(b, k, -1)[:, 0]
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+
+def _final_layer_norm(encoder):
+    """A CLIP text model's final layer norm (transformers 5 dropped the ``text_model`` level)."""
+    return getattr(getattr(encoder, "text_model", encoder), "final_layer_norm")
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size, device=None, dtype=None) -> torch.Tensor:

@@ -249,6 +249,11 @@ _EXTENSION_ROWS = [
      "them from the base model's own denoising of the original prompt, at the sampled timestep, "
      "as LECO and ESD do, so the later sampling steps are trained too; about twice the compute "
      "per step.", dict(choices=("noise", "trajectory"))),
+    ("clip_skip", "int", 0, "TX", "all",
+     "Clip skip used to read captions and prompts: 0 follows the web UI's own Clip skip setting "
+     "(1 in the standalone program); 2 reads the CLIP layer before the last, as many anime models "
+     "are used. Set it to what you will generate with. SDXL uses at least 2 and on AUTOMATIC1111 "
+     "always 2.", dict(minimum=0, maximum=12)),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)

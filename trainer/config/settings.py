@@ -116,6 +116,7 @@ class TrainConfig:
     addift_timestep_schedule: Literal['fixed', 'random']
     zero_terminal_snr: bool
     ileco_latents: Literal['noise', 'trajectory']
+    clip_skip: int
     # --- end generated attributes ---
     mode: str
     model: str

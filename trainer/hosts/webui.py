@@ -121,6 +121,22 @@ class _HostCalls:
         sd_models.list_models()
         sd_vae.refresh_vae_list()
 
+    def text_options(self) -> Any:
+        """How the host reads prompts now (its Emphasis and Clip skip settings), so that captions
+        and prompts train as they will be generated. AUTOMATIC1111 uses the penultimate layer
+        on SDXL whatever Clip skip says; Forge applies it there too."""
+        from modules import shared
+
+        from trainer.bundle import EMPHASIS_MODES, TextOptions
+
+        emphasis = str(getattr(shared.opts, "emphasis", "Original"))
+        try:
+            skip = max(1, int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1)))
+        except (TypeError, ValueError):
+            skip = 1
+        return TextOptions(emphasis=emphasis if emphasis in EMPHASIS_MODES else "Original", clip_skip=skip,
+                           clip_skip_sdxl=self.CLIP_SKIP_SDXL)
+
     def refresh_loras(self) -> bool:
         """Re-read the host's LoRA list (the built-in Lora extension's module); False if absent."""
         networks = sys.modules.get("networks")
@@ -133,6 +149,8 @@ class _HostCalls:
 
 class A1111Adapter(_HostCalls):
     """AUTOMATIC1111 1.7-1.10: LDM model objects, moved to the CPU and back."""
+
+    CLIP_SKIP_SDXL = False
 
     name = "AUTOMATIC1111"
 
@@ -193,6 +211,8 @@ class A1111Adapter(_HostCalls):
 
 class ForgeAdapter(_HostCalls):
     """Forge (gradio 4): diffusion engines with patchers; memory handled by backend.memory_management."""
+
+    CLIP_SKIP_SDXL = True
 
     name = "Forge"
     _CLIP_SLOTS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}

@@ -107,6 +107,7 @@ class WebUIHost:
         session = self._begin()
         try:
             session.bundle = self._load(session, config)
+            session.bundle.text_options = session.adapter.text_options()  # prompts read as the host reads them
             return session.bundle
         except BaseException:
             self.restore()
@@ -144,7 +145,7 @@ class WebUIHost:
         Interrupt (checked on every event and by a watcher while the run holds the model) becomes
         ``control.stop()``. Returns the function that leaves it."""
         self._control = control
-        stop_listening = control.listen(on_progress=self._progress)
+        stop_listening = control.listen(on_progress=self._progress, first=True)  # the host's display first
 
         def leave() -> None:
             stop_listening()

@@ -71,13 +71,15 @@ class TrainControl:
 
     def listen(self, *, on_progress: Callable[[Any], None] | None = None,
                on_log: Callable[[str], None] | None = None,
-               on_preview: Callable[[int, Sequence[Path]], None] | None = None) -> Callable[[], None]:
-        """Add listeners; returns a function that removes them again."""
+               on_preview: Callable[[int, Sequence[Path]], None] | None = None,
+               first: bool = False) -> Callable[[], None]:
+        """Add listeners (``first``: before the ones already there, as a host showing the run in
+        its own UI does); returns a function that removes them again."""
         added = [(lst, fn) for lst, fn in ((self._progress, on_progress), (self._log, on_log),
                                            (self._preview, on_preview)) if fn is not None]
         with self._lock:
             for lst, fn in added:
-                lst.append(fn)
+                lst.insert(0, fn) if first else lst.append(fn)
 
         def remove() -> None:
             with self._lock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from trainer import paths
 from trainer.training.control import TrainControl
@@ -124,6 +124,8 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
     log = control.log if dist.is_main else (lambda msg: None)  # one voice in the console
     log("Preparing the model...")
     bundle = host.load(config)
+    if config.clip_skip:  # the run's own clip skip wins over the host's setting
+        bundle.text_options = replace(bundle.text_options, clip_skip=config.clip_skip)
     result = JobResult("")
     try:
         estimate, free = _memory_plan(config, bundle, device, log)

@@ -30,7 +30,7 @@ cmd_opts = SimpleNamespace(
 )
 opts = Options({
     "sd_model_checkpoint": None, "sd_vae": "Automatic", "sd_checkpoints_limit": 1,
-    "sd_checkpoints_keep_in_cpu": True, "CLIP_stop_at_last_layers": 1,
+    "sd_checkpoints_keep_in_cpu": True, "CLIP_stop_at_last_layers": 1, "emphasis": "Original",
     "forge_additional_modules": [], "forge_unet_storage_dtype": "Automatic",
 })
 state = shared_state.State()
