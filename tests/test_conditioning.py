@@ -37,10 +37,12 @@ def test_emphasis_is_parsed_as_the_web_uis_document_it():
     assert parse_emphasis("x:y a) b] (c:z)") == [("x:y a) b] ", 1.0), ("c:z", 1.1)]
 
 
-def test_break_starts_a_new_chunk_and_weights_travel_with_their_tokens():
-    ids, weights = [1, 2, None, 3], [1.0, 1.2, 1.0, 0.9]
-    assert split_chunks(ids, None, weights) == [[(1, 1.0), (2, 1.2)], [(3, 0.9)]]
-    assert split_chunks([None], None, [1.0]) == [[]]  # as the hosts: a lone BREAK gives one empty chunk
+def test_break_starts_a_new_chunk_and_an_embedding_stays_in_one_chunk():
+    assert split_chunks([(1, 1.0), (2, 1.2), None, (3, 0.9)], None) == [[(1, 1.0), (2, 1.2)], [(3, 0.9)]]
+    assert split_chunks([None], None) == [[]]  # as the hosts: a lone BREAK gives one empty chunk
+    block = [(0, 1.0, "v1"), (0, 1.0, "v2"), (0, 1.0, "v3")]
+    chunks = split_chunks([1] * 73 + [block, 2], None)
+    assert [len(c) for c in chunks] == [73, 4] and chunks[1][:3] == block
 
 
 def _encode_alone(bundle, prompt, index=0):
@@ -174,3 +176,70 @@ def test_v_prediction_models_train_on_the_v_target(tmp_path, monkeypatch):
     assert kind == "v_prediction"
     torch.testing.assert_close(target, velocity)
     assert not torch.allclose(target, noise)
+
+
+def _token_rows(bundle, index, words):
+    encoder, tok = bundle.text_encoders[index], bundle.tokenizers[index]
+    table = getattr(encoder, "text_model", encoder).embeddings.token_embedding.weight.detach()
+    return table[tok(words, add_special_tokens=False).input_ids].clone()
+
+
+def test_an_embedding_named_in_a_prompt_puts_its_vectors_in_place_of_the_name(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    bundle = TinyHost("sd1").load(None)
+    folder = tmp_path / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    # an embedding whose two vectors are the token embeddings of "red apple" reads as those words
+    torch.save({"string_to_param": {"*": _token_rows(bundle, 0, "red apple")}, "name": "fruitword"},
+               folder / "sub" / "fruitword.pt")
+    save_file({"emb_params": torch.zeros(1, 7)}, str(folder / "otherwidth.safetensors"))
+    torch.save({"string_to_param": {"*": torch.nn.Linear(2, 2)}}, folder / "needscode.pt")
+    encoder = PromptEncoder(bundle, replace(bundle.text_options, embeddings_dir=str(folder)))
+    assert set(encoder.embeddings) == {"fruitword"}
+    assert any("otherwidth" in n and "another model" in n for n in encoder.notes)
+    assert any("needscode" in n for n in encoder.notes)
+    with torch.no_grad():
+        named = encoder.encode(["a fruitword, (fruitword:1.2)"]).hidden
+        spelled = encoder.encode(["a red apple, (red apple:1.2)"]).hidden
+        plain = PromptEncoder(bundle).encode(["a fruitword, (fruitword:1.2)"]).hidden
+    torch.testing.assert_close(named, spelled)
+    assert not torch.allclose(named, plain)
+
+
+def test_sdxl_embeddings_give_each_encoder_its_own_vectors(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    bundle = TinyHost("sdxl").load(None)
+    save_file({"clip_l": _token_rows(bundle, 0, "red apple"), "clip_g": _token_rows(bundle, 1, "red apple")},
+              str(tmp_path / "fruitword.safetensors"))
+    encoder = PromptEncoder(bundle, replace(bundle.text_options, embeddings_dir=str(tmp_path)))
+    with torch.no_grad():
+        named, spelled = encoder.encode(["a fruitword"]), encoder.encode(["a red apple"])
+    torch.testing.assert_close(named.hidden, spelled.hidden)
+    torch.testing.assert_close(named.pooled, spelled.pooled)
+
+
+@pytest.mark.slow
+def test_a_run_reads_its_embeddings_folder_and_a_missing_one_is_named_before_loading(tmp_path):
+    from trainer.training.control import TrainControl
+    from trainer.training.errors import InputError
+    from trainer.training.job import run_job
+
+    data = image_folder(tmp_path / "data", n=2)
+    host = TinyHost("sd1", tmp_path / "out")
+    with pytest.raises(InputError, match="embeddings_dir: .*nowhere is not a folder"):
+        run_job(quick_config(lora_data_directory=str(data), embeddings_dir=str(tmp_path / "nowhere")),
+                host=host, logs_dir=tmp_path / "logs")
+    assert host.loads == 0
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}}, folder / "patternword.pt")
+    lines = []
+    result = run_job(quick_config(lora_data_directory=str(data), embeddings_dir=str(folder), train_iterations="2"),
+                     host=host, logs_dir=tmp_path / "logs", control=TrainControl(on_log=lines.append))
+    assert result.saved and any(f"1 textual-inversion embedding(s) from {folder}" in line for line in lines)

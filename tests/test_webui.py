@@ -259,6 +259,7 @@ def test_loaded_model_is_handed_over_and_put_back(webui):
         options = bundle.text_options
         assert (options.clip_skip, options.emphasis) == (2, "No norm")
         assert options.clip_skip_sdxl == (webui.flavour == "forge")  # A1111 keeps SDXL on the penultimate layer
+        assert options.embeddings_dir == shared.cmd_opts.embeddings_dir  # the host's textual inversions
         assert _lock().locked() and _placement(sd_model) == "cpu"
         assert shared.state.job == "TrainTrain"
         parts = webui.parts["base"]

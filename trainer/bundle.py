@@ -26,12 +26,14 @@ class TextOptions:
     but weights nothing, "None" reads brackets as plain text. ``clip_skip``: 1 = the last CLIP
     layer (SD1; the hosts' "Clip skip"). ``clip_skip_sdxl``: whether ``clip_skip`` above 2 picks
     an earlier layer on SDXL too (Forge and the standalone program) or SDXL always uses the
-    penultimate layer (AUTOMATIC1111).
+    penultimate layer (AUTOMATIC1111). ``embeddings_dir``: the folder of textual-inversion
+    embeddings (the web UI's ``--embeddings-dir``) whose file names a prompt may use as words.
     """
 
     emphasis: str = "Original"
     clip_skip: int = 1
     clip_skip_sdxl: bool = True
+    embeddings_dir: str = ""  # textual-inversion embeddings a prompt may name ("" = none)
 
     def __post_init__(self):
         if self.emphasis not in EMPHASIS_MODES:

@@ -148,38 +148,96 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def split_chunks(token_ids: list[int], comma_id: int | None,
-                 weights: list[float] | None = None) -> list[list[int]] | list[list[tuple[int, float]]]:
-    """Split prompt token ids (no BOS/EOS) into chunks of at most 75, as the web-UIs do.
+def split_chunks(units: list, comma_id: int | None) -> list[list]:
+    """Split a prompt's tokens (no BOS/EOS) into chunks of at most 75, as the web-UIs do.
 
-    With ``weights`` (one per id; a ``None`` id is a BREAK: the chunk ends there) the chunks
-    hold (id, weight) pairs."""
-    items = list(zip(token_ids, weights)) if weights is not None else [(t, 1.0) for t in token_ids]
-    chunks: list[list[tuple[int, float]]] = []
-    current: list[tuple[int, float]] = []
+    A unit is one token (an id, or an ``(id, ...)`` tuple carrying more about it), ``None`` for a
+    BREAK (the chunk ends there), or a list of tokens that must stay in one chunk (an
+    embedding's vectors). A chunk that fills up moves what follows its last comma to the next
+    chunk when that comma lies within the last 20 tokens."""
+    chunks: list[list] = []
+    current: list = []
     last_comma = -1
-    for tok, weight in items:
-        if tok is None:  # BREAK
-            chunks.append(current)
-            current, last_comma = [], -1
-            continue
-        if comma_id is not None and tok == comma_id:
-            last_comma = len(current)
-        if len(current) == CHUNK:
-            if last_comma >= 0 and CHUNK - last_comma <= COMMA_BACKTRACK:
-                carry = current[last_comma + 1:]
-                chunks.append(current[: last_comma + 1])
-                current = carry
-            else:
-                chunks.append(current)
-                current = []
-            last_comma = -1
-        current.append((tok, weight))
-    if current or not chunks:
+
+    def close() -> None:
+        nonlocal current, last_comma
         chunks.append(current)
-    if weights is None:
-        return [[t for t, _ in chunk] for chunk in chunks]
+        current, last_comma = [], -1
+
+    for unit in units:
+        if unit is None:
+            close()
+            continue
+        first = unit[0] if isinstance(unit, list) else unit
+        tok = first[0] if isinstance(first, tuple) else first
+        if comma_id is not None and tok == comma_id and not isinstance(unit, list):
+            last_comma = len(current)
+        elif len(current) == CHUNK and last_comma >= 0 and CHUNK - last_comma <= COMMA_BACKTRACK:
+            carry = current[last_comma + 1:]
+            current = current[: last_comma + 1]
+            close()
+            current = carry
+        if len(current) == CHUNK or isinstance(unit, list) and len(current) + len(unit) > CHUNK:
+            close()
+        current += unit if isinstance(unit, list) else [unit]
+    if current or not chunks:
+        close()
     return chunks
+
+
+EMBEDDING_FILES = (".pt", ".bin", ".safetensors")
+
+
+def load_embeddings(folder, widths: list[int]) -> tuple[dict[str, list[torch.Tensor]], list[str]]:
+    """Textual-inversion embeddings under ``folder`` (and its sub-folders), as the web UIs read
+    them: name = file stem; a file holds one (n, width) tensor (A1111's ``string_to_param``, a
+    single-tensor ``emb_params``/diffusers file) or, for SDXL, ``clip_l`` and ``clip_g``.
+
+    ``widths`` are the text encoders' embedding widths. Returns ({name: one (n, width) tensor per
+    encoder}, notes on files that were skipped and why). ``.pt`` files are read with
+    ``weights_only`` (no code runs); one that needs more is skipped with a note.
+    """
+    from pathlib import Path
+
+    found: dict[str, list[torch.Tensor]] = {}
+    notes: list[str] = []
+    root = Path(folder)
+    if not folder or not root.is_dir():
+        return found, notes
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in EMBEDDING_FILES and p.is_file()):
+        try:
+            if path.suffix.lower() == ".safetensors":
+                from safetensors.torch import load_file
+
+                data = load_file(str(path))
+            else:
+                data = torch.load(str(path), map_location="cpu", weights_only=True)
+            vectors = _embedding_vectors(data, widths)
+        except Exception as error:  # one bad file must not stop the others (the hosts skip it too)
+            notes.append(f"embedding {path.name} skipped: {type(error).__name__}: {error}")
+            continue
+        if vectors is None:
+            notes.append(f"embedding {path.name} skipped: made for another model (its width does not fit)")
+            continue
+        found[path.stem] = vectors
+    return found, notes
+
+
+def _embedding_vectors(data, widths: list[int]) -> list[torch.Tensor] | None:
+    if isinstance(data, dict) and "string_to_param" in data:
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)
+        tensors = list(params.values())
+    elif isinstance(data, dict) and "clip_l" in data and "clip_g" in data:
+        tensors = [data["clip_l"], data["clip_g"]]
+    elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
+        tensors = list(data.values())
+    else:
+        raise ValueError("not a textual-inversion embedding")
+    tensors = [t.detach().float().reshape(-1, t.shape[-1]) for t in tensors]
+    if len(tensors) != len(widths) or any(t.shape[-1] != w for t, w in zip(tensors, widths)):
+        return None
+    return tensors
 
 
 class PromptEncoder:
@@ -194,42 +252,86 @@ class PromptEncoder:
         self._comma = tok.convert_tokens_to_ids(",</w>")
         if self._comma == tok.unk_token_id:
             self._comma = None
+        widths = [_token_embedding(e).weight.shape[-1] for e in self.encoders]
+        self.embeddings, self.notes = load_embeddings(self.options.embeddings_dir, widths)
+        # name -> its token ids, per tokenizer, longest first (a longer name wins, as in the hosts)
+        self._names = [sorted(((t(name, add_special_tokens=False).input_ids, name) for name in self.embeddings),
+                              key=lambda item: -len(item[0])) for t in self.tokenizers]
 
-    def _chunk_ids(self, tokenizer, prompt: str) -> list[list[tuple[int, float]]]:
-        """The prompt's chunks of (token id, weight), emphasis and BREAK read as the host reads them."""
+    def _chunk_ids(self, index: int, prompt: str) -> list[list[tuple[int, float, torch.Tensor | None]]]:
+        """The prompt's chunks of (token id, weight, embedding vector or None) for text encoder
+        ``index``: emphasis, BREAK, embeddings and the 75-token chunks as the hosts make them (an
+        embedding is never split across chunks; its positions carry placeholder id 0)."""
+        tokenizer = self.tokenizers[index]
         pieces = [(prompt, 1.0)] if self.options.emphasis == "None" else parse_emphasis(prompt)
-        texts = [text for text, _ in pieces]
-        encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        ids: list[int | None] = []
-        weights: list[float] = []
-        for (text, weight), piece_ids in zip(pieces, encoded):
+        encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False, truncation=False,
+                            verbose=False).input_ids
+        units: list = []
+        for (text, weight), ids in zip(pieces, encoded):
             if (text, weight) == BREAK:
-                ids.append(None)
-                weights.append(1.0)
+                units.append(None)
                 continue
-            ids += piece_ids
-            weights += [weight] * len(piece_ids)
-        return split_chunks(ids, self._comma, weights)
+            pos = 0
+            while pos < len(ids):
+                match = self._embedding_at(index, ids, pos)
+                if match is None:
+                    units.append((ids[pos], weight, None))
+                    pos += 1
+                else:
+                    name_length, vectors = match
+                    units.append([(0, weight, v) for v in vectors])
+                    pos += name_length
+        return split_chunks(units, self._comma)
+
+    def _embedding_at(self, index: int, ids: list[int], pos: int):
+        for name_ids, name in self._names[index]:
+            if name_ids and ids[pos:pos + len(name_ids)] == name_ids:
+                return len(name_ids), self.embeddings[name][index]
+        return None
 
     @staticmethod
-    def _wrap(tokenizer, chunk: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+    def _wrap(tokenizer, chunk: list) -> tuple[list[int], list[float], list]:
         pad = tokenizer.pad_token_id
-        body = [tokenizer.bos_token_id, *(t for t, _ in chunk), tokenizer.eos_token_id]
-        weights = [1.0, *(w for _, w in chunk), 1.0]
+        body = [tokenizer.bos_token_id, *(t for t, _, _ in chunk), tokenizer.eos_token_id]
+        weights = [1.0, *(w for _, w, _ in chunk), 1.0]
+        vectors = [None, *(v for _, _, v in chunk), None]
         fill = CHUNK + 2 - len(body)
-        return body + [pad] * fill, weights + [1.0] * fill
+        return body + [pad] * fill, weights + [1.0] * fill, vectors + [None] * fill
 
-    def _batch_ids(self, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, k, 77) token ids and their emphasis weights; shorter prompts are padded with empty chunks."""
-        per_prompt = [self._chunk_ids(tokenizer, p) for p in prompts]
+    def _batch_ids(self, index: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(B, k, 77) token ids, their emphasis weights, and the (row, position, vector) of every
+        embedding position; shorter prompts are padded with empty chunks."""
+        tokenizer = self.tokenizers[index]
+        per_prompt = [self._chunk_ids(index, p) for p in prompts]
         k = max(len(c) for c in per_prompt)
-        rows, weight_rows = [], []
-        for chunks in per_prompt:
+        rows, weight_rows, fixes = [], [], []
+        for b, chunks in enumerate(per_prompt):
             chunks = chunks + [[]] * (k - len(chunks))
             wrapped = [self._wrap(tokenizer, c) for c in chunks]
-            rows.append([ids for ids, _ in wrapped])
-            weight_rows.append([w for _, w in wrapped])
-        return torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32)
+            rows.append([ids for ids, _, _ in wrapped])
+            weight_rows.append([w for _, w, _ in wrapped])
+            fixes += [(b * k + c, n, v) for c, (_, _, vs) in enumerate(wrapped) for n, v in enumerate(vs)
+                      if v is not None]
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32), fixes
+
+    def _run(self, index: int, ids: torch.Tensor, fixes: list, **kwargs):
+        """Run text encoder ``index`` on (N, 77) ids, its token embeddings replaced by the
+        embedding vectors at ``fixes`` (as the hosts' embedding hook does)."""
+        encoder = self.encoders[index]
+        if not fixes:
+            return encoder(ids, **kwargs)
+
+        def put_vectors(module, args, out):
+            rows = torch.tensor([r for r, _, _ in fixes], device=out.device)
+            cols = torch.tensor([c for _, c, _ in fixes], device=out.device)
+            values = torch.stack([v for _, _, v in fixes]).to(out.device, out.dtype)
+            return out.index_put((rows, cols), values)
+
+        handle = _token_embedding(encoder).register_forward_hook(put_vectors)
+        try:
+            return encoder(ids, **kwargs)
+        finally:
+            handle.remove()
 
     def _emphasise(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Apply the emphasis weights to hidden states (B, k, 77, D), chunk by chunk of each prompt."""
@@ -246,30 +348,34 @@ class PromptEncoder:
         device = next(self.encoders[0].parameters()).device
         if self.family.name == "sdxl":
             return self._encode_sdxl(prompts, device)
-        ids, weights = self._batch_ids(self.tokenizers[0], prompts)
+        ids, weights, fixes = self._batch_ids(0, prompts)
         b, k, n = ids.shape
-        encoder = self.encoders[0]
         skip = self.options.clip_skip if self.family.name == "sd1" else 1
         if skip > 1:
-            out = encoder(ids.view(b * k, n).to(device), output_hidden_states=True)
-            z = _final_layer_norm(encoder)(out.hidden_states[-skip])
+            out = self._run(0, ids.view(b * k, n).to(device), fixes, output_hidden_states=True)
+            z = _final_layer_norm(self.encoders[0])(out.hidden_states[-skip])
         else:
-            z = encoder(ids.view(b * k, n).to(device)).last_hidden_state
+            z = self._run(0, ids.view(b * k, n).to(device), fixes).last_hidden_state
         z = self._emphasise(z.reshape(b, k, n, -1), weights)
         return Conditioning(z.reshape(b, k * n, -1))
 
     def _encode_sdxl(self, prompts: list[str], device) -> Conditioning:
         hidden, pooled = [], None
         layer = -max(self.options.clip_skip, 2) if self.options.clip_skip_sdxl else -2
-        for i, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.encoders)):
-            ids, weights = self._batch_ids(tokenizer, prompts)
+        for i in range(len(self.encoders)):
+            ids, weights, fixes = self._batch_ids(i, prompts)
             b, k, n = ids.shape
-            out = encoder(ids.view(b * k, n).to(device), output_hidden_states=True)
+            out = self._run(i, ids.view(b * k, n).to(device), fixes, output_hidden_states=True)
             z = self._emphasise(out.hidden_states[layer].reshape(b, k, n, -1), weights)
             hidden.append(z.reshape(b, k * n, -1))
             if i == 1:
                 pooled = out.text_embeds.reshape(b, k, -1)[:, 0]
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+
+def _token_embedding(encoder):
+    """A CLIP text model's token embedding (with or without transformers 4's ``text_model`` level)."""
+    return getattr(encoder, "text_model", encoder).embeddings.token_embedding
 
 
 def _final_layer_norm(encoder):

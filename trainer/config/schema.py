@@ -254,6 +254,9 @@ _EXTENSION_ROWS = [
      "(1 in the standalone program); 2 reads the CLIP layer before the last, as many anime models "
      "are used. Set it to what you will generate with. SDXL uses at least 2 and on AUTOMATIC1111 "
      "always 2.", dict(minimum=0, maximum=12)),
+    ("embeddings_dir", "str", "", "TX", "all",
+     "Folder of textual-inversion embeddings that captions and prompts may name, as in the web UI "
+     "(the file name is the word). Blank: the web UI's embeddings folder; none standalone.", {}),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)

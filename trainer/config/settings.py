@@ -117,6 +117,7 @@ class TrainConfig:
     zero_terminal_snr: bool
     ileco_latents: Literal['noise', 'trajectory']
     clip_skip: int
+    embeddings_dir: str
     # --- end generated attributes ---
     mode: str
     model: str

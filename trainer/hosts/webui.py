@@ -135,7 +135,8 @@ class _HostCalls:
         except (TypeError, ValueError):
             skip = 1
         return TextOptions(emphasis=emphasis if emphasis in EMPHASIS_MODES else "Original", clip_skip=skip,
-                           clip_skip_sdxl=self.CLIP_SKIP_SDXL)
+                           clip_skip_sdxl=self.CLIP_SKIP_SDXL,
+                           embeddings_dir=str(getattr(shared.cmd_opts, "embeddings_dir", "") or ""))
 
     def refresh_loras(self) -> bool:
         """Re-read the host's LoRA list (the built-in Lora extension's module); False if absent."""

@@ -39,6 +39,11 @@ class ModeContext:
     def encoder(self) -> PromptEncoder:
         if self._encoder is None:
             self._encoder = PromptEncoder(self.bundle)
+            for note in self._encoder.notes:
+                self.log(f"warning: {note}")
+            if self._encoder.embeddings:
+                self.log(f"{len(self._encoder.embeddings)} textual-inversion embedding(s) from "
+                         f"{self.bundle.text_options.embeddings_dir}: prompts may name them")
         return self._encoder
 
 

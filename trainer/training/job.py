@@ -124,8 +124,11 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
     log = control.log if dist.is_main else (lambda msg: None)  # one voice in the console
     log("Preparing the model...")
     bundle = host.load(config)
-    if config.clip_skip:  # the run's own clip skip wins over the host's setting
+    if config.clip_skip:  # the run's own clip skip and embeddings folder win over the host's
         bundle.text_options = replace(bundle.text_options, clip_skip=config.clip_skip)
+    if config.embeddings_dir:
+        bundle.text_options = replace(bundle.text_options,
+                                      embeddings_dir=str(Path(config.embeddings_dir).expanduser()))
     result = JobResult("")
     try:
         estimate, free = _memory_plan(config, bundle, device, log)

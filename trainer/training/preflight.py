@@ -284,6 +284,9 @@ def check_inputs(config, output_dir: Path) -> dict:
         if not Path(config.network_resume).expanduser().is_file():
             raise InputError(f"network_resume: {config.network_resume} does not exist; give the path of a "
                              "saved network file (.safetensors or .pt), or leave it empty")
+    if config.embeddings_dir and not Path(config.embeddings_dir).expanduser().is_dir():
+        raise InputError(f"embeddings_dir: {config.embeddings_dir} is not a folder; give the folder of your "
+                         "textual-inversion embeddings, or leave it empty")
     return plan
 
 

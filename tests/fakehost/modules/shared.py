@@ -26,6 +26,7 @@ class Options:
 # lora_dir is added by the built-in Lora extension's preload.py, default <models_path>/Lora.
 cmd_opts = SimpleNamespace(
     lora_dir=os.path.join(paths.models_path, "Lora"), ckpt_dir=None, vae_dir=None, ckpt=None,
+    embeddings_dir=os.path.join(paths.data_path, "embeddings"),
     lowvram=False, medvram=False, no_half=True, skip_install=False,
 )
 opts = Options({
