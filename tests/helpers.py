@@ -21,7 +21,12 @@ class TinyHost:
 
     def load(self, config):
         self.loads += 1
-        self.bundle = tiny_bundle(self.kind, self.seed)
+        if self.kind in ("flux", "zimage"):
+            from tiny_dit import tiny_dit_bundle
+
+            self.bundle = tiny_dit_bundle(self.kind, self.seed)
+        else:
+            self.bundle = tiny_bundle(self.kind, self.seed)
         return self.bundle
 
     def restore(self) -> None:

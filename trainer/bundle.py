@@ -49,7 +49,10 @@ class ModelBundle:
     ``text_encoders`` / ``tokenizers`` hold one entry for SD1/SD2 (CLIP-L or OpenCLIP-H as
     transformers' ``CLIPTextModel``) and two for SDXL (``CLIPTextModel`` and
     ``CLIPTextModelWithProjection``), in the order kohya names them (te1, te2).
-    ``prediction_type`` is ``"epsilon"`` or ``"v_prediction"``.
+    ``prediction_type`` is ``"epsilon"`` or ``"v_prediction"``; ``"flow"`` for the flow-matching
+    transformers (Flux: ``unet`` is a ``FluxTransformer2DModel``, text encoders CLIP-L and T5;
+    Z-Image: a ``ZImageTransformer2DModel`` and Qwen3), whose ``noise_scheduler`` is diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` (its config gives the timestep shift).
     """
 
     family: "Family"
@@ -71,6 +74,13 @@ class ModelBundle:
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell (8 for every SD family)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the denoiser works on (4 for SD, 16 for Flux and Z-Image)."""
+        if self.family.is_dit:
+            return self.family.latent_channels
+        return int(self.unet.config.in_channels)
 
     @property
     def is_v_prediction(self) -> bool:

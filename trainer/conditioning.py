@@ -23,6 +23,16 @@ as A1111 and Forge encode prompts when the LoRA is used:
 
 transformers' tokenizer has no A1111-style chunking or emphasis, hence the small hand-written
 splitter and parser (diffusers has neither; compel is a different syntax).
+
+The flow-matching transformers are encoded as their diffusers pipelines (and the UIs, which follow
+the original code) encode, with no chunking or emphasis:
+
+- Flux: T5's last hidden state of the prompt padded to 512 tokens (the model's ``max_sequence_length``,
+  or the tokenizer's ``model_max_length`` if smaller) is the context; CLIP-L's pooled output of the
+  77-token prompt is the pooled vector.
+- Z-Image: the prompt wrapped in the Qwen3 chat template (user turn, generation prompt, thinking on),
+  the encoder's second-to-last hidden layer, real tokens only (``mask`` marks them; padding tokens
+  are never seen by the model).
 """
 
 from __future__ import annotations
@@ -44,25 +54,39 @@ _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 @dataclass
 class Conditioning:
-    """Encoder hidden states (B, 77*k, D) and, for SDXL, the pooled embedding (B, 1280)."""
+    """Encoder hidden states (B, 77*k, D) and, for SDXL, the pooled embedding (B, 1280).
+
+    ``mask`` (B, L) bool marks the real tokens of variable-length contexts (Z-Image); None means
+    every position counts."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         return Conditioning(
             self.hidden.to(device=device, dtype=dtype),
             None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+            None if self.mask is None else self.mask.to(device=device),
         )
 
     def index(self, idx) -> "Conditioning":
-        return Conditioning(self.hidden[idx], None if self.pooled is None else self.pooled[idx])
+        return Conditioning(self.hidden[idx], None if self.pooled is None else self.pooled[idx],
+                            None if self.mask is None else self.mask[idx])
 
     @staticmethod
     def cat(items: list["Conditioning"], pad: "Conditioning | None" = None) -> "Conditioning":
         """Concatenate along the batch; shorter prompts are padded with ``pad`` (the encoded
         empty prompt, one 77-token chunk), as the hosts pad with empty chunks."""
         longest = max(c.hidden.shape[1] for c in items)
+        if items[0].mask is not None:  # variable-length contexts: zero padding, masked out
+            hidden, masks = [], []
+            for c in items:
+                extra = longest - c.hidden.shape[1]
+                hidden.append(torch.nn.functional.pad(c.hidden, (0, 0, 0, extra)))
+                masks.append(torch.nn.functional.pad(c.mask, (0, extra), value=False))
+            pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])
+            return Conditioning(torch.cat(hidden), pooled, torch.cat(masks))
         hidden = []
         for c in items:
             h = c.hidden
@@ -249,6 +273,10 @@ class PromptEncoder:
         self.encoders = bundle.text_encoders
         self.options = options or getattr(bundle, "text_options", None) or TextOptions()
         tok = self.tokenizers[0]
+        self._comma = None
+        self.embeddings, self.notes, self._names = {}, [], [[] for _ in self.tokenizers]
+        if self.family.flow:  # T5 / Qwen3 prompts: no comma chunking, no textual-inversion embeddings
+            return
         self._comma = tok.convert_tokens_to_ids(",</w>")
         if self._comma == tok.unk_token_id:
             self._comma = None
@@ -346,6 +374,10 @@ class PromptEncoder:
     def encode(self, prompts: list[str]) -> Conditioning:
         """Encode a list of prompts; gradients flow when a text-encoder network is active."""
         device = next(self.encoders[0].parameters()).device
+        if self.family.name == "flux":
+            return self._encode_flux(prompts, device)
+        if self.family.name == "zimage":
+            return self._encode_zimage(prompts, device)
         if self.family.name == "sdxl":
             return self._encode_sdxl(prompts, device)
         ids, weights, fixes = self._batch_ids(0, prompts)
@@ -373,6 +405,35 @@ class PromptEncoder:
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
+    def _encode_flux(self, prompts: list[str], device) -> Conditioning:
+        clip_tok, t5_tok = self.tokenizers
+        clip, t5 = self.encoders
+        ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        length = min(FLUX_T5_LENGTH, int(t5_tok.model_max_length))
+        ids = t5_tok(prompts, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+        hidden = t5(ids, output_hidden_states=False)[0]
+        return Conditioning(hidden, pooled)
+
+    def _encode_zimage(self, prompts: list[str], device) -> Conditioning:
+        tokenizer, encoder = self.tokenizers[0], self.encoders[0]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the Z-Image text encoder's tokenizer has no chat template; use the tokenizer files "
+                             "that come with the Qwen3 text encoder (tokenizer_config.json holds the template)")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=True) for p in prompts]
+        # Right padding to the longest prompt: the encoder is causal, so the real tokens' states are
+        # the same as with the pipeline's padding to 512, and the padding is dropped by the mask.
+        batch = tokenizer(texts, padding="longest", max_length=ZIMAGE_TEXT_LENGTH, truncation=True,
+                          padding_side="right", return_tensors="pt")
+        mask = batch.attention_mask.to(device).bool()
+        hidden = encoder(input_ids=batch.input_ids.to(device), attention_mask=mask,
+                         output_hidden_states=True).hidden_states[-2]
+        return Conditioning(hidden * mask.unsqueeze(-1).to(hidden.dtype), None, mask)
+
+
 def _token_embedding(encoder):
     """A CLIP text model's token embedding (with or without transformers 4's ``text_model`` level)."""
     return getattr(encoder, "text_model", encoder).embeddings.token_embedding
@@ -381,6 +442,10 @@ def _token_embedding(encoder):
 def _final_layer_norm(encoder):
     """A CLIP text model's final layer norm (transformers 5 dropped the ``text_model`` level)."""
     return getattr(getattr(encoder, "text_model", encoder), "final_layer_norm")
+
+
+FLUX_T5_LENGTH = 512       # FluxPipeline's max_sequence_length (dev; the longest schnell takes is 256)
+ZIMAGE_TEXT_LENGTH = 512   # ZImagePipeline's max_sequence_length
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size, device=None, dtype=None) -> torch.Tensor:

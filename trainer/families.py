@@ -1,4 +1,5 @@
-"""Model family descriptors: SD1.x, SD2.x (eps and v) and SDXL.
+"""Model family descriptors: SD1.x, SD2.x (eps and v), SDXL, and the flow-matching transformers
+Flux.1 (dev/schnell) and Z-Image (Turbo).
 
 One frozen ``Family`` per family says everything the rest of the trainer must not hard-code:
 block ids, kohya key prefixes and naming, latent scaling, prediction type and metadata names.
@@ -31,14 +32,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from trainer.config.choices import BLOCKID26
+from trainer.config.choices import BLOCKID26, FLUX_BLOCK_IDS, ZIMAGE_BLOCK_IDS
 
 SDXL_BLOCK_IDS = ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(9))
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str                       # "sd1" | "sd2" | "sdxl"
+    name: str                       # "sd1" | "sd2" | "sdxl" | "flux" | "zimage"
     title: str                      # for messages
     base_model_version: str         # ss_base_model_version
     is_v2: bool                     # ss_v2
@@ -52,6 +53,19 @@ class Family:
     modelspec_architecture: str = "stable-diffusion-v1"  # without the "/lora" adapter suffix
     modelspec_implementation: str = "diffusers"
     default_resolution: int = 512
+    # Flow-matching transformer families (Flux, Z-Image); SD families keep the defaults.
+    denoiser: str = "unet"          # config subfolder of the denoiser: "unet" | "transformer"
+    flow: bool = False              # trained with the flow-matching objective (training/losses.py)
+    latent_channels: int = 4
+    output_sign: float = 1.0        # the model predicts output_sign * (noise - x0)
+    model_time: str = "sigma"       # what the model is given: "sigma" (Flux) | "one_minus_sigma" (Z-Image)
+    file_naming: str = "kohya"      # "kohya" (lora_unet_...) | "diffusion_model" (diffusion_model.<diffusers path>)
+    text_encoder_ids: tuple = ()    # block ids of the text encoders (DiT families: no modules there)
+
+    @property
+    def is_dit(self) -> bool:
+        """True for the transformer families (no U-Net, no LDM block layout)."""
+        return self.denoiser == "transformer"
 
     def unet_lora_name(self, diffusers_path: str, ldm_path: str) -> str:
         """kohya module name of a U-Net module, e.g. ``lora_unet_mid_block_attentions_0_proj_in``."""
@@ -83,11 +97,30 @@ SDXL = Family(
     modelspec_implementation="https://github.com/Stability-AI/generative-models", default_resolution=1024,
 )
 
-FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+# Flux.1: kohya's Flux layout (sd-scripts' networks/lora_flux.py names the BFL module tree:
+# lora_unet_double_blocks_<i>_img_attn_qkv ...); ss_base_model_version and modelspec as sd-scripts writes them.
+FLUX = Family(
+    "flux", "Flux.1", "flux1", False, FLUX_BLOCK_IDS, ("lora_te1", "lora_te3"), 0.3611, latent_shift=0.1159,
+    default_prediction="flow", modelspec_architecture="flux-1-dev",
+    modelspec_implementation="https://github.com/black-forest-labs/flux", default_resolution=1024,
+    denoiser="transformer", flow=True, latent_channels=16, text_encoder_ids=("CLIP", "T5"),
+)
+# Z-Image (Turbo): files keyed by the diffusers module path under ``diffusion_model.`` (split q/k/v),
+# the layout diffusers' ZImage loader and ComfyUI's Lumina2/Z-Image key map both read. The model's output
+# is the negative velocity and it is given 1 - sigma (see training/losses.py).
+ZIMAGE = Family(
+    "zimage", "Z-Image", "zimage", False, ZIMAGE_BLOCK_IDS, ("lora_te",), 0.3611, latent_shift=0.1159,
+    default_prediction="flow", modelspec_architecture="z-image",
+    modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image", default_resolution=1024,
+    denoiser="transformer", flow=True, latent_channels=16, output_sign=-1.0, model_time="one_minus_sigma",
+    file_naming="diffusion_model", text_encoder_ids=("QWEN3",),
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, FLUX, ZIMAGE)}
 
 
 def get_family(name: str) -> Family:
-    """The family descriptor called ``name`` ("sd1", "sd2", "sdxl")."""
+    """The family descriptor called ``name`` ("sd1", "sd2", "sdxl", "flux", "zimage")."""
     try:
         return FAMILIES[name]
     except KeyError:

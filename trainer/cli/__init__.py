@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-ratio", type=float, default=2.0, help="largest aspect ratio (default 2)")
 
     lay = sub.add_parser("layout", help="list the modules a network setting trains on a full-size model")
-    lay.add_argument("--family", required=True, choices=["sd1", "sd2", "sdxl"])
+    lay.add_argument("--family", required=True, choices=["sd1", "sd2", "sdxl", "flux", "zimage"])
     lay.add_argument("--network-type", default="lierla", help="lierla, c3lier or loha")
     lay.add_argument("--element", default="Full", help="Full, CrossAttention or SelfAttention")
     lay.add_argument("--blocks", default=None, help="comma-separated block ids, e.g. BASE,IN04,M00 (default all)")

@@ -2,7 +2,8 @@
 
 The network is created with the chosen type, element and blocks on the family's architecture
 built on the meta device (``trainer.hosts.meta.meta_bundle``: no weights, seconds), and every module
-is printed with its kohya name and the shape of its weight delta.
+is printed with its saved name (kohya's, or Z-Image's ``diffusion_model.<path>``) and the shape of
+its weight delta (Flux's fused ``qkv``/``linear1`` modules: the fused layer's shape).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from trainer.hosts.meta import meta_bundle
 
 
 def _shape(module) -> tuple:
-    w = module.org_module.weight
-    return tuple(w.shape)
+    return tuple(module.weight_shape)  # a fused transformer module: the fused layer's shape
 
 
 def layout_command(family: str, network_type: str, element: str, blocks: str | None) -> int:
@@ -42,7 +42,7 @@ def layout_command(family: str, network_type: str, element: str, blocks: str | N
         return 2
     params = 0
     for m in net.all_modules:
-        print(f"{m.lora_name}  {list(_shape(m))}  rank {m.rank}  block {getattr(m, 'block', '') or 'BASE'}")
+        print(f"{m.file_name}  {list(_shape(m))}  rank {m.rank}  block {getattr(m, 'block', '') or 'BASE'}")
         params += sum(p.numel() for p in m.parameters())
     print("# parameters counted at rank 4; they scale linearly with the rank")
     print(f"modules: {len(net.all_modules)}  parameters: {params}")

@@ -41,3 +41,7 @@ BUCKET_STEPS = (0, 64, 128, 192, 256, 320, 384, 448, 512, 576)
 
 # The block ids the UI shows and presets store (SD1/SD2 layout; BASE = text encoder(s)).
 BLOCKID26 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
+# Flow-matching transformer families (SPEC.md §3.2): text encoders, IN (embedders), double-stream
+# blocks D00-D18 / single-stream blocks S.., OUT (final layer).
+FLUX_BLOCK_IDS = ("CLIP", "T5", "IN") + tuple(f"D{i:02d}" for i in range(19)) + tuple(f"S{i:02d}" for i in range(38)) + ("OUT",)
+ZIMAGE_BLOCK_IDS = ("QWEN3", "IN") + tuple(f"S{i:02d}" for i in range(30)) + ("OUT",)

@@ -124,8 +124,7 @@ class TextCache:
             chunk = todo[i:i + batch]
             cond = self.encoder.encode(chunk)
             for j, p in enumerate(chunk):
-                self._store[p] = Conditioning(cond.hidden[j:j + 1].cpu(),
-                                              None if cond.pooled is None else cond.pooled[j:j + 1].cpu())
+                self._store[p] = cond.index(slice(j, j + 1)).to("cpu")
         return self
 
     def get(self, prompts: list[str]) -> Conditioning:

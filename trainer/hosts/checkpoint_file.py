@@ -7,8 +7,9 @@ ever runs. Original Stable Diffusion ``.ckpt`` files also pickle PyTorch-Lightni
 state next to the weights; those objects are replaced by inert placeholders (never imported or
 executed) so that such files still load.
 
-``detect_family`` names the model family from the keys (SPEC.md §1.2) or raises
-:class:`ModelLoadError` saying what the file looks like instead (a LoRA, a VAE, SD3, Flux...).
+``detect_family`` names the model family from the keys (SPEC.md §1.2: SD1/SD2/SDXL, and the Flux and
+Z-Image transformers, as BFL/original or diffusers-named files) or raises :class:`ModelLoadError`
+saying what the file looks like instead (a LoRA, a VAE, SD3...).
 The key patterns are facts of the public LDM / kohya / diffusers formats; diffusers offers no
 function that answers "what is this file, and if not a model, what then", hence this module.
 """
@@ -46,9 +47,12 @@ ZTSNR_KEY = "ztsnr"
 
 _DIT_MARKERS = {  # family name -> key suffixes (with or without the LDM prefix)
     "SD3 / SD3.5": ("joint_blocks.0.context_block.adaLN_modulation.1.bias",),
-    "Flux": ("double_blocks.0.img_attn.norm.key_norm.scale",),
-    "Z-Image": ("context_refiner.0.attention.k_norm.weight",),
+    # original (BFL) keys, then diffusers' names of a transformer saved on its own
+    "Flux": ("double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"),
+    "Z-Image": ("context_refiner.0.attention.k_norm.weight", "context_refiner.0.attention.norm_k.weight"),
 }
+# The transformer families the trainer supports, by marker name.
+DIT_FAMILIES = {"Flux": "flux", "Z-Image": "zimage"}
 _NETWORK_KEY = re.compile(
     r"(lora_down|lora_up|lora_A\.|lora_B\.|lora\.down|lora\.up|hada_w1|hada_w2|lokr_w1|lokr_w2|"
     r"^lora_unet_|^lora_te\d?_|\.diff_b$|\.oft_)"
@@ -206,14 +210,21 @@ def _dit_family(ckpt: CheckpointFile) -> str | None:
     return None
 
 
+def transformer_family(ckpt: CheckpointFile) -> str | None:
+    """``"flux"`` or ``"zimage"`` when the file holds that transformer (SPEC.md §1.2 keys), else None."""
+    return DIT_FAMILIES.get(_dit_family(ckpt) or "")
+
+
 def describe_non_model(ckpt: CheckpointFile) -> str:
     """What a file without SD1/SD2/SDXL base-model keys looks like, in words for a message."""
     keys = list(ckpt.shapes)
     if not keys:
         return "it contains no tensors"
     dit = _dit_family(ckpt)
+    if dit in DIT_FAMILIES:
+        return f"it is a {dit} transformer, which is trained from its own family's files, not as an SD checkpoint"
     if dit:
-        return f"it is a {dit} model, which is not supported (supported: SD1.x, SD2.x, SDXL base)"
+        return f"it is a {dit} model, which is not supported (supported: SD1.x, SD2.x, SDXL base, Flux.1, Z-Image)"
     if any(_NETWORK_KEY.search(k) for k in keys) or "ss_network_module" in ckpt.metadata:
         return ("it looks like a LoRA / LyCORIS network file (keys like "
                 f"{_first(k for k in keys if _NETWORK_KEY.search(k))!r}), not a base model; "
@@ -256,8 +267,12 @@ def require_unet(ckpt: CheckpointFile) -> None:
 
 
 def detect_family(ckpt: CheckpointFile) -> str:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the keys; ModelLoadError naming the problem otherwise."""
+    """``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"flux"`` or ``"zimage"`` from the keys; ModelLoadError
+    naming the problem otherwise."""
     name = ckpt.path.name
+    dit = transformer_family(ckpt)
+    if dit is not None:
+        return dit
     require_unet(ckpt)
     channels = ckpt.unet_in_channels()
     if channels is not None and channels != 4:

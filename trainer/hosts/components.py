@@ -47,7 +47,7 @@ TEXT_ENCODERS = {
 def shipped_config_dir(family: str) -> Path:
     """The config folder the package ships for ``family``."""
     folder = ASSETS / family
-    if not (folder / "unet" / "config.json").is_file():
+    if not ((folder / "unet" / "config.json").is_file() or (folder / "transformer" / "config.json").is_file()):
         raise ModelLoadError(f"no shipped configs for model family {family!r} in {ASSETS}")
     return folder
 

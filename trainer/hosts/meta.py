@@ -19,6 +19,18 @@ def meta_parts(family_name: str) -> dict:
     from trainer.hosts.ldm_convert import text_encoder_class
 
     folder = shipped_config_dir(family_name)
+    if (folder / "transformer").is_dir():
+        from trainer.hosts.dit_parts import transformer_class, text_encoder_for
+
+        with torch.device("meta"):
+            config = read_json(folder / "transformer" / "config.json")
+            parts = {"unet": transformer_class(config).from_config(config),
+                     "vae": AutoencoderKL.from_config(read_json(folder / "vae" / "config.json")),
+                     "text_encoders": []}
+            for name in ("text_encoder", "text_encoder_2"):
+                if (folder / name).is_dir():
+                    parts["text_encoders"].append(text_encoder_for(folder / name / "config.json"))
+        return parts
     with torch.device("meta"):
         parts = {"unet": UNet2DConditionModel.from_config(read_json(folder / "unet" / "config.json")),
                  "vae": AutoencoderKL.from_config(read_json(folder / "vae" / "config.json")),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trainer.bundle import ModelBundle
-from trainer.families import get_family
+from trainer.families import FAMILIES, get_family
 from trainer.hosts.base import ModelLoadError, config_value
 from trainer.hosts.checkpoint_file import (
     CHECKPOINT_SUFFIXES, UNET_PREFIX, V_PRED_KEY, ZTSNR_KEY, CheckpointFile, describe_non_model, detect_family,
@@ -38,8 +38,7 @@ from trainer.hosts.ldm_convert import build_text_encoder, build_unet, build_vae,
 __all__ = ["load_model", "load_vae", "StandaloneHost", "ModelLoadError"]
 
 _UNSUPPORTED_PIPELINES = {
-    "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux", "ZImagePipeline": "Z-Image",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
+    "StableDiffusion3Pipeline": "SD3", "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
 }
 
 
@@ -57,8 +56,8 @@ def load_model(path: str | Path, *, vae_path: str | Path | None = None, v_pred: 
     source = Path(path)
     if not source.exists():
         raise ModelLoadError(f"model file not found: {source}")
-    if family is not None and family not in TEXT_ENCODERS:
-        raise ModelLoadError(f"family must be one of {', '.join(TEXT_ENCODERS)} (or None to detect), not {family!r}")
+    if family is not None and family not in FAMILIES:
+        raise ModelLoadError(f"family must be one of {', '.join(FAMILIES)} (or None to detect), not {family!r}")
     if vae_path is not None and str(vae_path) in ("", "None"):
         vae_path = None
     if source.is_dir():
@@ -81,10 +80,14 @@ def load_model(path: str | Path, *, vae_path: str | Path | None = None, v_pred: 
 def _load_single_file(path: Path, *, v_pred: bool | None, family: str | None, config_dir: str | Path | None,
                       dtype: torch.dtype, own_vae: bool) -> ModelBundle:
     ckpt = CheckpointFile(path, "model")
-    if family:  # the user's word wins over the keys (odd merges); the file must still be a model
-        require_unet(ckpt)
     name = family or detect_family(ckpt)
     fam = get_family(name)
+    if fam.is_dit:
+        raise ModelLoadError(
+            f"{path.name} is a single-file {fam.title} transformer; it needs its text encoder(s) and VAE as well. "
+            f"Give the diffusers model folder (model_index.json with transformer/, vae/, text_encoder*/, tokenizer*/)")
+    if family:  # the user's word wins over the keys (odd merges); the file must still be a model
+        require_unet(ckpt)
     folders = ConfigFolders(name, config_dir)
     source = path.name
     if own_vae and not any(k.startswith("first_stage_model.") for k in ckpt.shapes):
@@ -123,7 +126,11 @@ def _drop(state: dict, prefix: str) -> None:
 
 
 def _folder_family(folder: Path, index: dict) -> str:
+    from trainer.hosts.dit_parts import PIPELINES
+
     pipeline = str(index.get("_class_name", ""))
+    if pipeline in PIPELINES:
+        return PIPELINES[pipeline]
     if pipeline in _UNSUPPORTED_PIPELINES or "text_encoder" not in index:
         what = _UNSUPPORTED_PIPELINES.get(pipeline, pipeline or "this pipeline")
         raise ModelLoadError(f"{folder} is a {what} model, which is not supported (supported: SD1.x, SD2.x, SDXL base)")
@@ -152,6 +159,12 @@ def _load_diffusers_folder(folder: Path, *, v_pred: bool | None, family: str | N
     detected = _folder_family(folder, read_json(folder / "model_index.json"))
     name = family or detected
     fam = get_family(name)
+    if fam.is_dit:
+        from trainer.hosts.dit_parts import load_dit_folder
+
+        parts = load_dit_folder(folder, name, dtype)
+        return ModelBundle(family=fam, prediction_type="flow", source=str(folder), **parts,
+                           metadata={"family_source": "option" if family else "model_index", "config_dir": str(folder)})
     local = dict(local_files_only=True)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **local)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import encode_latents_mean, mask_to_latent
-from trainer.training.losses import diffusion_loss
+from trainer.training.losses import add_noise, diffusion_loss
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
 
 TRAIN_MULTIPLIER = 0.25
@@ -135,7 +135,7 @@ class AddiftTask(TrainTask):
         sched = bundle.noise_scheduler
         a, b, noise, t, c_o, c_t, mask, time_ids = (
             ctx.shard(v) for v in (a, b, noise, t, c_o, c_t, mask, time_ids))
-        x_a, x_b = sched.add_noise(a, noise, t), sched.add_noise(b, noise, t)
+        x_a, x_b = add_noise(sched, a, noise, t), add_noise(sched, b, noise, t)
         with torch.no_grad():
             self.network.multiplier = 0.0
             y = unet_forward(bundle, x_a, t, c_o.to(ctx.device), time_ids)

@@ -80,7 +80,11 @@ def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
     """
     from trainer.network.network import create_network, spec_from_config
 
-    spec = spec_from_config(cfg, dtype=ctx.lora_dtype, train_text_encoder=trains_text_encoder(cfg))
+    fam = ctx.bundle.family
+    if fam.flow:
+        flow_notes(cfg, ctx)
+    spec = spec_from_config(cfg, dtype=ctx.lora_dtype,
+                            train_text_encoder=trains_text_encoder(cfg) and not fam.is_dit)
     source = from_file or cfg.network_resume
     if source:
         from trainer.network.resume import resume_network
@@ -92,6 +96,22 @@ def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
     net.to(ctx.device)
     net.apply_to()
     return net
+
+
+def flow_notes(cfg, ctx: ModeContext) -> None:
+    """Say which settings mean nothing on a flow-matching family, and what the blocks select."""
+    from trainer.network.network import effective_blocks
+
+    fam = ctx.bundle.family
+    if cfg.train_snr_gamma > 0:
+        ctx.log(f"warning: train_snr_gamma = {cfg.train_snr_gamma} is ignored: min-SNR weighting belongs to the "
+                f"DDPM noise schedule, and {fam.title} is trained with flow matching")
+    if any(b in ("BASE", *fam.text_encoder_ids) for b in cfg.network_blocks):
+        ctx.log(f"note: the {fam.title} text encoder(s) are not trained; prompts are encoded once and cached")
+    blocks = list(cfg.network_blocks)
+    if effective_blocks(fam, blocks) != tuple(blocks):
+        ctx.log(f"note: network_blocks names no {fam.title} block ({' '.join(fam.block_ids[:4])} ...), "
+                "so every block is trained")
 
 
 def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = False) -> None:
@@ -113,7 +133,10 @@ def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = 
 
 def unet_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                  time_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the UNet; SDXL gets its pooled embedding and size/crop time ids."""
+    """Run the UNet; SDXL gets its pooled embedding and size/crop time ids. The flow-matching
+    transformers (Flux, Z-Image) go through ``transformer_forward``."""
+    if bundle.family.flow:
+        return transformer_forward(bundle, noisy, timesteps, cond)
     kwargs = {}
     if bundle.family.name == "sdxl":
         if time_ids is None:
@@ -127,4 +150,68 @@ def unet_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Con
 def repeat_cond(cond: Conditioning, n: int) -> Conditioning:
     """Repeat a single-prompt conditioning ``n`` times along the batch."""
     return Conditioning(cond.hidden.expand(n, -1, -1),
-                        None if cond.pooled is None else cond.pooled.expand(n, -1))
+                        None if cond.pooled is None else cond.pooled.expand(n, -1),
+                        None if cond.mask is None else cond.mask.expand(n, -1))
+
+
+# Flux-dev is guidance-distilled: it takes the guidance scale as an input. Networks are trained at
+# guidance 1 (the model's plain conditional prediction); schnell has no such input.
+FLUX_TRAIN_GUIDANCE = 1.0
+
+
+def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """Run a flow-matching transformer on (B, C, H, W) latents at timesteps t = σ·1000; returns the
+    velocity ε − x0 the loss compares with (training/losses.py).
+
+    What the model is given follows its diffusers inference pipeline, checked against the pipeline's
+    own scheduler in the tests: the scheduler's timesteps are σ·1000 for both families;
+    ``FluxPipeline`` gives the transformer ``t / 1000`` = σ (the model multiplies by 1000 itself) and
+    steps with its output as it is; ``ZImagePipeline`` gives ``(1000 − t) / 1000`` = 1 − σ and steps
+    with the negated output. So Flux gets σ and predicts ε − x0; Z-Image gets 1 − σ and predicts
+    x0 − ε. (The reference gives Z-Image σ·1000, which is both scaled and reversed against its
+    inference, SPEC.md §4.6 and §11; a network trained that way learns a schedule the UIs never use.)
+    """
+    fam = bundle.family
+    model = bundle.unet
+    dtype = noisy.dtype
+    sigma = timesteps.float() / float(bundle.noise_scheduler.config.num_train_timesteps)
+    model_t = (sigma if fam.model_time == "sigma" else 1.0 - sigma).to(noisy.device, dtype)
+    if fam.name == "flux":
+        out = _flux_forward(model, noisy, model_t, cond)
+    elif fam.name == "zimage":
+        out = _zimage_forward(model, noisy, model_t, cond)
+    else:  # pragma: no cover - a new flow family must say how it is called
+        raise ValueError(f"no transformer call for the {fam.title} family")
+    return out * fam.output_sign
+
+
+def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux latents need an even height and width, got {h}x{w} (images must be multiples of 16 px)")
+    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    img_ids[..., 1] = torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+    hidden = cond.hidden.to(x.device, x.dtype)
+    txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype)
+    guidance = None
+    if getattr(model.config, "guidance_embeds", False):
+        guidance = torch.full((b,), FLUX_TRAIN_GUIDANCE, device=x.device, dtype=torch.float32)
+    out = model(hidden_states=packed, timestep=t, guidance=guidance,
+                pooled_projections=cond.pooled.to(x.device, x.dtype), encoder_hidden_states=hidden,
+                txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def _zimage_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    hidden = cond.hidden.to(x.device, x.dtype)
+    mask = cond.mask
+    if mask is None:
+        caps = list(hidden.unbind(0))
+    else:
+        mask = mask.to(x.device)
+        caps = [hidden[i][mask[i]] for i in range(hidden.shape[0])]
+    frames = list(x.unsqueeze(2).unbind(0))  # (C, F=1, H, W) per sample
+    out = model(frames, t, caps, return_dict=False)[0]
+    return torch.stack(list(out), dim=0).squeeze(2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps, training_target
+from trainer.training.losses import add_noise, diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.addift import _source_size, load_pixels
 from trainer.data.cache import encode_latents_mean
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
@@ -45,12 +45,13 @@ class ImageTask(TrainTask):
         b = cfg.train_batch_size
         z = self.latent.expand(b, -1, -1, -1).to(ctx.device)
         noise = make_noise(z, cfg.train_noise_offset)
-        t = sample_timesteps(b, cfg.train_min_timesteps, cfg.train_max_timesteps,
-                             fixed_in_batch=cfg.train_fixed_timsteps_in_batch, device=ctx.device)
         sched = bundle.noise_scheduler
+        t = sample_timesteps(b, cfg.train_min_timesteps, cfg.train_max_timesteps,
+                             fixed_in_batch=cfg.train_fixed_timsteps_in_batch, device=ctx.device,
+                             scheduler=sched, latent_hw=tuple(z.shape[-2:]))
         target = training_target(sched, z, noise, t, bundle.prediction_type)
         z, noise, t, target = (ctx.shard(v) for v in (z, noise, t, target))
-        pred = unet_forward(bundle, sched.add_noise(z, noise, t), t,
+        pred = unet_forward(bundle, add_noise(sched, z, noise, t), t,
                             repeat_cond(self.cond, z.shape[0]).to(ctx.device), self.time_ids)
         return diffusion_loss(pred, target, t, scheduler=sched, kind=cfg.train_loss_function,
                               snr_gamma=cfg.train_snr_gamma)

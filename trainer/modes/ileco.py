@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.training.losses import diffusion_loss, sample_timesteps
+from trainer.training.losses import diffusion_loss, flow_sigma, is_flow, sample_timesteps
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
 
 TRAJECTORY_STEPS = 20   # DDIM steps of one stored trajectory
@@ -43,7 +43,7 @@ class IlecoTask(TrainTask):
             self.c_target = ctx.encoder.encode([cfg.target_prompt or ""]).to(ctx.device)
         h, w = cfg.image_size
         f = ctx.bundle.vae_scale_factor
-        self.latent_shape = (cfg.train_batch_size, ctx.bundle.unet.config.in_channels, h // f, w // f)
+        self.latent_shape = (cfg.train_batch_size, ctx.bundle.latent_channels, h // f, w // f)
         self.time_ids = sdxl_time_ids((h, w), (0, 0), (h, w))
         self.latents = cfg.ileco_latents
         self._traj = None  # (timesteps (S,), latents (S, B, C, H, W), step made at)
@@ -63,7 +63,8 @@ class IlecoTask(TrainTask):
         else:
             x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
             t = sample_timesteps(b, cfg.train_min_timesteps, cfg.train_max_timesteps,
-                                 fixed_in_batch=False, device=ctx.device)
+                                 fixed_in_batch=False, device=ctx.device, scheduler=bundle.noise_scheduler,
+                                 latent_hw=self.latent_shape[-2:])
         x, t = ctx.shard(x), ctx.shard(t)
         b = x.shape[0]
         with torch.no_grad():
@@ -85,6 +86,8 @@ class IlecoTask(TrainTask):
         the latent before every step. Written out here so it uses the run's own noise schedule
         (zero-terminal-SNR rescaling included) and prediction type."""
         ctx, bundle = self.ctx, self.ctx.bundle
+        if is_flow(bundle.noise_scheduler):
+            return self._make_flow_trajectory()
         acp = bundle.noise_scheduler.alphas_cumprod.to(ctx.device, torch.float32)
         grid = self._timestep_grid()
         x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
@@ -103,6 +106,26 @@ class IlecoTask(TrainTask):
                 x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
             a_prev = acp[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), device=ctx.device)
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return grid.to(ctx.device), torch.stack(kept)
+
+    @torch.no_grad()
+    def _make_flow_trajectory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow-matching models: Euler steps of the velocity (the flow scheduler's own step),
+        from σ = 1 down the same timestep grid, network off."""
+        ctx, bundle = self.ctx, self.ctx.bundle
+        sched = bundle.noise_scheduler
+        grid = self._timestep_grid()
+        x = torch.randn(self.latent_shape, dtype=torch.float32).to(ctx.device)
+        b = x.shape[0]
+        cond = repeat_cond(self.c_orig, b)
+        self.network.multiplier = 0.0
+        kept = []
+        sigmas = flow_sigma(sched, grid.float()).tolist() + [0.0]
+        for i, t in enumerate(grid.tolist()):
+            kept.append(x)
+            tt = torch.full((b,), t, device=ctx.device, dtype=torch.long)
+            velocity = unet_forward(bundle, x, tt, cond, self.time_ids).float()
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity
         return grid.to(ctx.device), torch.stack(kept)
 
     def _trajectory_latents(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

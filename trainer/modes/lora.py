@@ -12,7 +12,7 @@ import torch
 
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import LatentCache, TextCache
-from trainer.training.losses import diffusion_loss, make_noise, sample_timesteps, training_target
+from trainer.training.losses import add_noise, diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, unet_forward
 
 
@@ -84,10 +84,11 @@ class LoraTask(TrainTask):
         idx = self._batch()
         latents = torch.stack([self.cache.latents[i] for i in idx]).to(ctx.device)
         noise = make_noise(latents, cfg.train_noise_offset)
-        t = sample_timesteps(len(idx), cfg.train_min_timesteps, cfg.train_max_timesteps,
-                             fixed_in_batch=cfg.train_fixed_timsteps_in_batch, device=ctx.device)
         sched = bundle.noise_scheduler
-        noisy = sched.add_noise(latents, noise, t)
+        t = sample_timesteps(len(idx), cfg.train_min_timesteps, cfg.train_max_timesteps,
+                             fixed_in_batch=cfg.train_fixed_timsteps_in_batch, device=ctx.device,
+                             scheduler=sched, latent_hw=tuple(latents.shape[-2:]))
+        noisy = add_noise(sched, latents, noise, t)
         cond = self.conditioning(idx)
         time_ids = None
         if bundle.family.name == "sdxl":

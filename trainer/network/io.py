@@ -54,8 +54,16 @@ def network_state_dict(net: Any, dtype: torch.dtype, strength: float = 1.0) -> d
                 value = value * math.sqrt(strength)
             elif strength != 1.0 and suffix == "hada_w1_a":
                 value = value * strength
-            out[f"{module.lora_name}.{suffix}"] = value.to(device="cpu", dtype=dtype).contiguous()
+            out[f"{getattr(module, 'file_name', module.lora_name)}.{suffix}"] = value.to(device="cpu", dtype=dtype).contiguous()
     return out
+
+
+def internal_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's tensors under the network's own module names (Z-Image files are keyed by
+    ``diffusion_model.<path>``, see network/dit.py; every other layout already matches)."""
+    from trainer.network.dit import internal_key
+
+    return {internal_key(k): v for k, v in state.items()}
 
 
 def _data_offset(blob: bytes) -> int:
@@ -162,6 +170,7 @@ def load_network_weights(net: Any, source: str | os.PathLike | Mapping[str, torc
     shape differs (another rank) always raises.
     """
     state = read_network_file(source)[0] if isinstance(source, (str, os.PathLike)) else dict(source)
+    state = internal_keys(state)
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

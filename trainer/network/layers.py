@@ -45,33 +45,59 @@ class NetworkModule(nn.Module):
     network's ``state_dict``, ``parameters`` and ``.to()`` never touch the base model.
     """
 
-    def __init__(self, lora_name: str, org_module: nn.Module, rank: int, alpha: float | None):
+    def __init__(self, lora_name: str, org_module, rank: int, alpha: float | None):
         super().__init__()
-        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(
-                f"{lora_name}: only Linear and Conv2d layers can be wrapped, got {type(org_module).__name__}"
-            )
+        parts = list(org_module) if isinstance(org_module, (list, tuple)) else [org_module]
+        if not parts:
+            raise ValueError(f"{lora_name}: no layer to wrap")
+        for part in parts:
+            if not isinstance(part, (nn.Linear, nn.Conv2d)):
+                raise TypeError(
+                    f"{lora_name}: only Linear and Conv2d layers can be wrapped, got {type(part).__name__}"
+                )
+        if len(parts) > 1 and (not all(isinstance(p, nn.Linear) for p in parts)
+                               or len({p.in_features for p in parts}) != 1):
+            raise ValueError(f"{lora_name}: a fused module needs Linear layers with one input width")
         if int(rank) < 1:
             raise ValueError(f"{lora_name}: rank must be at least 1, got {rank}")
         self.lora_name = lora_name
+        self.file_name = lora_name  # the module's name in a saved file (network/dit.py may differ)
         self.rank = int(rank)
         alpha_value = effective_alpha(alpha, self.rank)
-        self.register_buffer("alpha", torch.tensor(alpha_value, device=org_module.weight.device))
+        self.register_buffer("alpha", torch.tensor(alpha_value, device=parts[0].weight.device))
         self.scale = alpha_value / self.rank
         self.multiplier = 1.0
-        self._org = [org_module]
-        self._org_forward = None
-        self._had_own_forward = False
+        self._org = parts
+        # Output rows of each part in the fused weight (one part: all rows).
+        sizes = [p.weight.shape[0] for p in parts]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._rows = [slice(a, a + n) for a, n in zip(starts, sizes)]
+        self._org_forwards: list = [None] * len(parts)
+        self._wrappers: list = [None] * len(parts)
+        self._had_own_forward = [False] * len(parts)
 
     @property
     def org_module(self) -> nn.Module:
-        """The wrapped base layer."""
+        """The wrapped base layer (the first part of a fused module)."""
         return self._org[0]
+
+    @property
+    def org_modules(self) -> list:
+        """Every wrapped base layer; more than one for a fused module (q, k, v of one ``qkv``)."""
+        return list(self._org)
+
+    @property
+    def weight_shape(self) -> tuple:
+        """Shape of the (fused) base weight this module's ΔW has."""
+        first = self._org[0].weight
+        if len(self._org) == 1:
+            return tuple(first.shape)
+        return (sum(p.weight.shape[0] for p in self._org), first.shape[1])
 
     @property
     def injected(self) -> bool:
         """True while this module wraps its layer's forward."""
-        return self._org_forward is not None
+        return self._org_forwards[0] is not None
 
     def sync_scale(self) -> None:
         """Recompute α/r after the ``alpha`` buffer was overwritten (loading a file)."""
@@ -84,46 +110,55 @@ class NetworkModule(nn.Module):
             self.sync_scale()
 
     def inject(self) -> None:
-        """Replace the wrapped layer's forward with this module's (stacking on any earlier wrapper)."""
+        """Replace the wrapped layers' forward with this module's (stacking on any earlier wrapper)."""
         if self.injected:
             raise RuntimeError(f"{self.lora_name} is already applied")
-        org = self.org_module
-        self._had_own_forward = "forward" in org.__dict__
-        self._org_forward = org.forward
-        org.forward = self.forward
+        for i, org in enumerate(self._org):
+            self._had_own_forward[i] = "forward" in org.__dict__
+            self._org_forwards[i] = org.forward
+            wrapper = self.forward if len(self._org) == 1 else functools.partial(self._forward_part, i)
+            self._wrappers[i] = wrapper
+            org.forward = wrapper
 
     @property
     def outermost(self) -> bool:
         """True when no later wrapper sits on top of this one (it can be restored now)."""
-        return self.org_module.__dict__.get("forward") == self.forward
+        return all(org.__dict__.get("forward") == w for org, w in zip(self._org, self._wrappers))
 
     def restore(self) -> None:
-        """Give the wrapped layer back the forward it had before ``inject``."""
+        """Give the wrapped layers back the forward they had before ``inject``."""
         if not self.injected:
             return
-        org = self.org_module
         if not self.outermost:
             raise RuntimeError(
                 f"{self.lora_name}: another network was applied on top of this one and is still active; "
                 "remove networks in the reverse order of applying them"
             )
-        if self._had_own_forward:
-            org.forward = self._org_forward
-        else:
-            del org.__dict__["forward"]
-        self._org_forward = None
+        for i, org in enumerate(self._org):
+            if self._had_own_forward[i]:
+                org.forward = self._org_forwards[i]
+            else:
+                del org.__dict__["forward"]
+            self._org_forwards[i] = None
+            self._wrappers[i] = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._org_forward is None:
+        return self._forward_part(0, x, *args, **kwargs)
+
+    def _forward_part(self, part: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        org_forward = self._org_forwards[part]
+        if org_forward is None:
             raise RuntimeError(f"{self.lora_name} is not applied to its layer; call apply_to() first")
-        out = self._org_forward(x, *args, **kwargs)
+        out = org_forward(x, *args, **kwargs)
         if self.multiplier == 0:
             return out  # exactly the base output, and no work
-        delta = self.delta(x)
+        rows = None if len(self._org) == 1 else self._rows[part]
+        delta = self.delta(x, rows)
         return out + (delta * (self.multiplier * self.scale)).to(out.dtype)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The unscaled contribution Δ(x) (without α/r and the multiplier)."""
+    def delta(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """The unscaled contribution Δ(x) (without α/r and the multiplier); ``rows``: the output
+        rows of one part of a fused module."""
         raise NotImplementedError
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
@@ -142,6 +177,7 @@ class LoRAModule(NetworkModule):
     def __init__(self, lora_name: str, org_module: nn.Module, rank: int, alpha: float | None,
                  dtype: torch.dtype = torch.float32):
         super().__init__(lora_name, org_module, rank, alpha)
+        org_module = self.org_module
         device = org_module.weight.device
         factory = dict(bias=False, device=device, dtype=dtype)
         if isinstance(org_module, nn.Conv2d):
@@ -150,12 +186,15 @@ class LoRAModule(NetworkModule):
             self.lora_up = nn.Conv2d(self.rank, org_module.out_channels, 1, 1, **factory)
         else:
             self.lora_down = nn.Linear(org_module.in_features, self.rank, **factory)
-            self.lora_up = nn.Linear(self.rank, org_module.out_features, **factory)
+            self.lora_up = nn.Linear(self.rank, self.weight_shape[0], **factory)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+    def delta(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if rows is None:
+            return self.lora_up(h)
+        return F.linear(h, self.lora_up.weight[rows])
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight,
@@ -180,9 +219,9 @@ class LoHaModule(NetworkModule):
             require(LYCORIS)  # missing or too old: a message that names the install command
             raise
 
-        weight = org_module.weight
-        self.tucker = is_kxk_conv(org_module)
-        shape = tuple(weight.shape) if self.tucker else tuple(weight.shape[:2])
+        weight = self.org_module.weight
+        self.tucker = is_kxk_conv(self.org_module)
+        shape = self.weight_shape if self.tucker else tuple(self.weight_shape[:2])
         w1d, w1u, w2d, w2u, t1, t2 = weight_gen(torch.empty(shape, device="meta"), self.rank, tucker=self.tucker)
         to = dict(device=weight.device, dtype=dtype)
         self.hada_w1_a = nn.Parameter(w1u.to(**to))
@@ -198,10 +237,12 @@ class LoHaModule(NetworkModule):
         one = torch.ones((), dtype=self.hada_w1_a.dtype, device=self.hada_w1_a.device)
         t1, t2 = (self.hada_t1, self.hada_t2) if self.tucker else (None, None)
         dw = _loha_diff_weight()(self.hada_w1_b, self.hada_w1_a, self.hada_w2_b, self.hada_w2_a, t1, t2, gamma=one)
-        return dw.reshape(self.org_module.weight.shape)
+        return dw.reshape(self.weight_shape)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         dw = self.diff_weight().to(x.dtype)
+        if rows is not None:
+            dw = dw[rows]
         org = self.org_module
         if isinstance(org, nn.Conv2d):
             return F.conv2d(x, dw, None, org.stride, org.padding, org.dilation, org.groups)

@@ -112,7 +112,7 @@ def _modelspec(family: Any, config: Any, title: str, started: float,
     else:
         v_pred = config.model_v_pred or family.default_prediction == "v_prediction"
     height, width = config.image_size
-    return {
+    spec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_arch(v_pred),
         "modelspec.implementation": family.modelspec_implementation,
@@ -121,6 +121,9 @@ def _modelspec(family: Any, config: Any, title: str, started: float,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
+    if getattr(family, "flow", False):  # flow-matching families: sd-scripts writes no prediction type
+        del spec["modelspec.prediction_type"]
+    return spec
 
 
 def _tag_frequency(value: Any) -> str:

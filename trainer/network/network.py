@@ -15,6 +15,11 @@ Module selection follows kohya's networks (SPEC §6.1):
 
 Linear and 1×1 conv modules use rank/alpha; k×k convs use conv_rank/conv_alpha, each falling back
 to rank/alpha when 0.
+
+The transformer families (Flux, Z-Image) take their targets, names, block ids and element meaning
+from ``network/dit.py``; their networks have only Linear modules (every network type), some of them
+fused over several diffusers layers. When none of the selected blocks is a block id of such a family
+(a setting saved with the SD block list), every block of the family is trained.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from trainer.config.choices import BLOCKID26, NETWORK_ELEMENTS, NETWORK_TYPES
+from trainer.config.choices import BLOCKID26, FLUX_BLOCK_IDS, NETWORK_ELEMENTS, NETWORK_TYPES, ZIMAGE_BLOCK_IDS
 from trainer.families import (
     Family, block_id_of, ldm_module_paths, te_classes, unet_attention_classes, unet_conv_classes,
 )
 from trainer.network.layers import MODULE_KINDS, NetworkModule, is_kxk_conv
 
 _ELEMENT_TOKEN = {"CrossAttention": "attn2", "SelfAttention": "attn1"}
+KNOWN_BLOCK_IDS = tuple(dict.fromkeys(BLOCKID26 + FLUX_BLOCK_IDS + ZIMAGE_BLOCK_IDS))
 
 
 @dataclass
@@ -63,9 +69,11 @@ class NetworkSpec:
         if isinstance(self.blocks, str):
             raise ValueError(f"`network_blocks` must be a list of block ids, got the string {self.blocks!r}")
         self.blocks = tuple(self.blocks)
-        unknown = [b for b in self.blocks if b not in BLOCKID26]
+        unknown = [b for b in self.blocks if b not in KNOWN_BLOCK_IDS]
         if unknown:
-            raise ValueError(f"`network_blocks` has unknown block id(s) {unknown}; allowed: {' '.join(BLOCKID26)}")
+            raise ValueError(f"`network_blocks` has unknown block id(s) {unknown}; allowed: {' '.join(BLOCKID26)} "
+                             f"(Flux: {FLUX_BLOCK_IDS[0]} ... {FLUX_BLOCK_IDS[-1]}, Z-Image: {ZIMAGE_BLOCK_IDS[0]} ... "
+                             f"{ZIMAGE_BLOCK_IDS[-1]})")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise ValueError(f"network dtype must be a floating torch.dtype, got {self.dtype!r}")
 
@@ -98,13 +106,26 @@ class Target:
 
     lora_name: str
     path: str           # module path inside its model (diffusers U-Net or transformers CLIP)
-    block: str | None   # IN04, M00, OUT02, BASE (text encoders)
+    block: str | None   # IN04, M00, OUT02, BASE (text encoders); D00, S12 on transformers
     layer: nn.Module
     is_te: bool
+    layers: tuple = ()      # every layer of a fused module (transformers), else empty
+    file_name: str = ""     # the name in a saved file when it differs from lora_name
+    elements: tuple | None = None  # element tokens of a transformer module (None: read the name)
+
+    @property
+    def wrapped(self):
+        """What the module wraps: the layer, or the parts of a fused layer."""
+        return self.layers if len(self.layers) > 1 else self.layer
 
 
 def find_targets(family: Family, unet: nn.Module, text_encoders: list, network_type: str) -> list[Target]:
     """Every layer ``network_type`` can wrap, ignoring the block and element filters."""
+    if family.is_dit:
+        from trainer.network.dit import dit_targets
+
+        return [Target(t.lora_name, t.paths[0], t.block, t.layers[0], False, t.layers, t.file_name, t.elements)
+                for t in dit_targets(family.name, unet)]
     classes = unet_attention_classes()
     if network_type != "lierla":
         classes = classes + unet_conv_classes()
@@ -136,16 +157,26 @@ def _layers_inside(model: nn.Module, containers: tuple, kinds: tuple = (nn.Linea
                 yield path, child
 
 
-def select_targets(targets: list[Target], spec: NetworkSpec) -> list[Target]:
+def effective_blocks(family: Family, blocks) -> tuple:
+    """The blocks a network trains: ``blocks``, or every block of a transformer family when ``blocks``
+    names none of that family's ids (a setting saved with the SD block list)."""
+    blocks = tuple(blocks)
+    if family.is_dit and not set(blocks) & set(family.block_ids):
+        return tuple(family.block_ids)
+    return blocks
+
+
+def select_targets(targets: list[Target], spec: NetworkSpec, family: Family | None = None) -> list[Target]:
     """Apply the block and element filters of ``spec``."""
     token = _ELEMENT_TOKEN.get(spec.element)
+    blocks = effective_blocks(family, spec.blocks) if family is not None else spec.blocks
     kept = []
     for t in targets:
         if t.is_te and not spec.wants_text_encoder:
             continue
-        if not t.is_te and t.block not in spec.blocks:
+        if not t.is_te and t.block not in blocks:
             continue
-        if token is not None and token not in t.lora_name:
+        if token is not None and token not in (t.lora_name if t.elements is None else t.elements):
             continue
         kept.append(t)
     return kept
@@ -165,7 +196,8 @@ class Network(nn.Module):
         self.te_modules: list[NetworkModule] = []
         for t in targets:
             rank, alpha = (ranks or {}).get(t.lora_name) or spec.rank_alpha(t.layer)
-            module = kind(t.lora_name, t.layer, rank, alpha, dtype=spec.dtype)
+            module = kind(t.lora_name, t.wrapped, rank, alpha, dtype=spec.dtype)
+            module.file_name = t.file_name or t.lora_name
             module.block = t.block
             self.add_module(t.lora_name, module)
             (self.te_modules if t.is_te else self.unet_modules).append(module)
@@ -267,7 +299,7 @@ def create_network(bundle: Any, spec: NetworkSpec) -> Network:
     Raises ValueError when the filters leave no module at all.
     """
     targets = find_targets(bundle.family, bundle.unet, list(bundle.text_encoders or []), spec.network_type)
-    chosen = select_targets(targets, spec)
+    chosen = select_targets(targets, spec, bundle.family)
     if not chosen:
         raise ValueError(
             f"no layer of this {bundle.family.title} model gets a module with network_type={spec.network_type}, "

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer.network.io import load_network_weights, read_network_file
+from trainer.network.io import internal_keys, load_network_weights, read_network_file
 from trainer.network.network import Network, NetworkSpec, Target, find_targets, select_targets
 
 
@@ -32,7 +32,7 @@ def _rank_alpha(state: Mapping[str, torch.Tensor], name: str, loha: bool) -> tup
 def _candidates(bundle: Any, spec: NetworkSpec) -> list[Target]:
     targets = find_targets(bundle.family, bundle.unet, list(bundle.text_encoders or []), spec.network_type)
     if spec.network_type == "loha":
-        return select_targets(targets, spec)
+        return select_targets(targets, spec, bundle.family)
     return [t for t in targets if not t.is_te or spec.wants_text_encoder]
 
 
@@ -54,7 +54,7 @@ def _check_file_fits(bundle: Any, spec: NetworkSpec, names: set[str], loha_file:
 
 
 def _is_lierla_layer(target: Target) -> bool:
-    return target.is_te or ".attentions." in target.path
+    return target.is_te or target.elements is not None or ".attentions." in target.path
 
 
 def resume_network(bundle: Any, spec: NetworkSpec,
@@ -65,6 +65,7 @@ def resume_network(bundle: Any, spec: NetworkSpec,
     """
     where = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
     state = read_network_file(source)[0] if isinstance(source, (str, os.PathLike)) else dict(source)
+    state = internal_keys(state)
     names = _module_names(state)
     loha = any(".hada_" in key for key in state)
     _check_file_fits(bundle, spec, names, loha, where)

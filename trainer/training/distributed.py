@@ -56,7 +56,7 @@ class Dist:
         if hasattr(x, "hidden"):  # Conditioning
             from trainer.conditioning import Conditioning
 
-            return Conditioning(self.shard(x.hidden), self.shard(x.pooled))
+            return Conditioning(self.shard(x.hidden), self.shard(x.pooled), self.shard(x.mask))
         n = x.shape[0] // self.world
         return x[self.rank * n:(self.rank + 1) * n]
 

@@ -1,0 +1,127 @@
+"""The parts of the flow-matching transformer families (Flux.1, Z-Image): classes from configs,
+and loading the transformer, text encoders, tokenizers and VAE from what users download.
+
+- Flux: ``FluxTransformer2DModel``, CLIP-L (``CLIPTextModel``) + T5-XXL (``T5EncoderModel``),
+  16-channel ``AutoencoderKL``. Z-Image: ``ZImageTransformer2DModel``, Qwen3-4B (``Qwen3Model``:
+  the pipeline reads its second-to-last hidden layer), the same VAE.
+- Single-file transformers (the usual download: BFL keys ``double_blocks.*`` for Flux, the original
+  ``layers.*.attention.qkv`` keys for Z-Image, with or without ``model.diffusion_model.``) are
+  converted with diffusers' own single-file converters (``convert_flux_transformer_checkpoint_to_
+  diffusers``, ``convert_z_image_transformer_checkpoint_to_diffusers``) and the shipped configs.
+- Text encoders and tokenizers come with the user's files: a diffusers model folder
+  (``text_encoder*/``, ``tokenizer*/``), or a text-encoder folder in transformers' format (config,
+  weights and tokenizer files, as ``save_pretrained`` writes them). The T5 and Qwen3 tokenizers are
+  several MB each, so the package does not ship them; the CLIP-L tokenizer of Flux is the shipped
+  CLIP BPE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.hosts.base import ModelLoadError
+
+_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "ZImageTransformer2DModel": "zimage"}
+
+
+def transformer_class(config: dict) -> Any:
+    """The diffusers transformer class a ``transformer/config.json`` names."""
+    import diffusers
+
+    name = config.get("_class_name")
+    if name not in _TRANSFORMERS or not hasattr(diffusers, name):
+        raise ModelLoadError(f"transformer config names {name!r}; supported: {', '.join(_TRANSFORMERS)} "
+                             f"(this diffusers has {'no ' if not hasattr(diffusers, str(name)) else ''}{name})")
+    return getattr(diffusers, name)
+
+
+def family_of_transformer(config: dict) -> str:
+    """``"flux"`` or ``"zimage"`` from a transformer config."""
+    transformer_class(config)
+    return _TRANSFORMERS[config["_class_name"]]
+
+
+def text_encoder_for(config_file: Path) -> Any:
+    """A text-encoder module (no weights loaded) from its transformers config file."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(config_file))
+    kind = config.model_type
+    if kind == "clip_text_model":
+        return transformers.CLIPTextModel(config)
+    if kind == "t5":
+        return transformers.T5EncoderModel(config)
+    if kind == "qwen3":
+        return transformers.Qwen3Model(config)
+    raise ModelLoadError(f"{config_file}: text encoder type {kind!r} is not one of CLIP, T5, Qwen3")
+
+
+PIPELINES = {"FluxPipeline": "flux", "ZImagePipeline": "zimage"}
+_TEXT_FOLDERS = {"flux": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+                 "zimage": (("text_encoder", "tokenizer"),)}
+
+
+def flow_scheduler(config: dict) -> Any:
+    """diffusers' FlowMatchEulerDiscreteScheduler from a scheduler config (its shift settings are
+    what training samples with, training/losses.py)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def load_tokenizer_folder(folder: Path, what: str) -> Any:
+    """A tokenizer saved with a text encoder (``save_pretrained`` files), read offline."""
+    from transformers import AutoTokenizer
+
+    if not folder.is_dir() or not any((folder / n).is_file() for n in
+                                      ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")):
+        raise ModelLoadError(f"no tokenizer files for the {what} in {folder}; the tokenizer comes with the text "
+                             "encoder's files (tokenizer.json / tokenizer_config.json), which the trainer does not ship")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # transformers raises several types for broken tokenizer files
+        raise ModelLoadError(f"the {what} tokenizer in {folder} could not be read: {error}") from error
+
+
+def load_text_encoder_folder(folder: Path, dtype: Any, what: str) -> Any:
+    """A text encoder saved in transformers' format (config.json + weights), read offline."""
+    import transformers
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"no config.json for the {what} in {folder}")
+    kind = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True).model_type
+    cls = {"clip_text_model": transformers.CLIPTextModel, "t5": transformers.T5EncoderModel,
+           "qwen3": transformers.Qwen3Model}.get(kind)
+    if cls is None:
+        raise ModelLoadError(f"{folder}: text encoder type {kind!r} is not one of CLIP, T5, Qwen3")
+    try:
+        return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"the {what} in {folder} could not be loaded: {error}") from error
+
+
+def load_dit_folder(folder: Path, family_name: str, dtype: Any) -> dict:
+    """transformer, vae, text encoders, tokenizers and scheduler of a Flux / Z-Image diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    from trainer.hosts.components import read_json
+
+    config = read_json(folder / "transformer" / "config.json")
+    found = family_of_transformer(config)
+    if found != family_name:
+        raise ModelLoadError(f"{folder}: its transformer is a {found} model, not {family_name}")
+    local = dict(local_files_only=True)
+    try:
+        transformer = transformer_class(config).from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                                **local)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **local)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{folder} could not be loaded: {error}") from error
+    encoders, tokenizers = [], []
+    for te_name, tok_name in _TEXT_FOLDERS[family_name]:
+        encoders.append(load_text_encoder_folder(folder / te_name, dtype, te_name))
+        tokenizers.append(load_tokenizer_folder(folder / tok_name, te_name))
+    scheduler = flow_scheduler(read_json(folder / "scheduler" / "scheduler_config.json"))
+    return dict(unet=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=scheduler)
