@@ -21,8 +21,8 @@ def sdxl_map():
 
 def test_get_family_and_unknown_name():
     assert get_family("sdxl") is SDXL and get_family("sd2") is SD2
-    with pytest.raises(ValueError, match="unknown model family 'flux'.*sd1, sd2, sdxl"):
-        get_family("flux")
+    with pytest.raises(ValueError, match="unknown model family 'sd3'.*sd1, sd2, sdxl, flux, zimage"):
+        get_family("sd3")
 
 
 @pytest.mark.parametrize("path, ldm, block", [
