@@ -351,3 +351,102 @@ def test_lora_mode_loss_falls(family, tmp_path):
     assert "modelspec.prediction_type" not in meta
     prefix = "lora_unet_double_blocks_0_" if family == "flux" else "diffusion_model.layers.0."
     assert any(k.startswith(prefix) for k in keys)
+
+
+def _pairs(tmp_path):
+    from helpers import pattern_image
+
+    orig = str(pattern_image(tmp_path / "orig.png", 1))
+    target = str(pattern_image(tmp_path / "target.png", 7))
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for i in range(2):
+        pattern_image(data / f"img{i}.png", i)
+        pattern_image(data / f"img{i}_closed.png", i + 10)
+    return orig, target, data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_every_mode_trains(family, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.training.job import run_job
+
+    orig, target, data = _pairs(tmp_path)
+    cases = {
+        "ileco": dict(mode="iLECO", original_prompt="a photo of a cat", target_prompt="a photo of a dog"),
+        "ileco_traj": dict(mode="iLECO", original_prompt="a cat", target_prompt="a dog", ileco_latents="trajectory"),
+        "diff": dict(mode="Difference", original_image=orig, target_image=target, diff_save_1st_pass=True),
+        "addift": dict(mode="ADDifT", original_image=orig, target_image=target, train_batch_size="1"),
+        "multi": dict(mode="Multi-ADDifT", lora_data_directory=str(data), diff_target_name="_closed",
+                      diff_use_diff_mask=True),
+    }
+    for name, settings in cases.items():
+        cfg = quick_config(train_iterations="3", save_lora_name=name, **settings)
+        res = run_job(cfg, host=TinyHost(family, tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+        expected = ["diff_copy.safetensors", "diff.safetensors"] if name == "diff" else [f"{name}.safetensors"]
+        assert [p.name for p in res.saved] == expected, name
+        ups = [v for k, v in load_file(str(res.saved[-1])).items() if "lora_up" in k]
+        assert ups and max(v.abs().max().item() for v in ups) > 0, name
+
+
+@pytest.mark.slow
+def test_ileco_moves_the_original_prediction_toward_the_target(tmp_path):
+    from trainer.conditioning import PromptEncoder
+    from trainer.modes.base import repeat_cond, transformer_forward
+    from trainer.network.network import NetworkSpec
+    from trainer.network.resume import resume_network
+    from trainer.training.job import run_job
+
+    cfg = quick_config(mode="iLECO", original_prompt="a photo of a cat", target_prompt="a photo of a dog",
+                       train_iterations="60", train_learning_rate="5e-3", save_lora_name="ileco")
+    res = run_job(cfg, host=TinyHost("zimage", tmp_path), logs_dir=tmp_path / "logs", log=_quiet)
+    bundle = tiny_dit_bundle("zimage")
+    net = resume_network(bundle, NetworkSpec(), str(res.saved[-1]))
+    net.apply_to()
+    enc = PromptEncoder(bundle)
+    c_o, c_t = enc.encode(["a photo of a cat"]), enc.encode(["a photo of a dog"])
+    gen = torch.Generator().manual_seed(7)
+    x, t = torch.randn(6, 16, 8, 8, generator=gen), torch.randint(0, 1000, (6,), generator=gen)
+
+    @torch.no_grad()
+    def distance(m):
+        net.multiplier = 0.0
+        b = transformer_forward(bundle, x, t, repeat_cond(c_t, 6))
+        net.multiplier = m
+        return (transformer_forward(bundle, x, t, repeat_cond(c_o, 6)) - b).pow(2).mean().item()
+
+    before, after = distance(0.0), distance(1.0)
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_stop_and_resume_match_an_uninterrupted_run(family, tmp_path):
+    import threading
+
+    from safetensors.torch import load_file
+
+    from trainer.training.job import run_job
+
+    data = image_folder(tmp_path / "data", n=3)
+    common = dict(lora_data_directory=str(data), train_iterations="8", train_lr_scheduler="cosine")
+    full = run_job(quick_config(save_lora_name="full", **common), host=TinyHost(family, tmp_path / "a"),
+                   logs_dir=tmp_path / "logs", log=_quiet)
+    stop = threading.Event()
+
+    def stop_at_3(event):
+        if event.step == 3 and not event.message:
+            stop.set()
+
+    cfg = quick_config(save_lora_name="part", **common)
+    first = run_job(cfg, host=TinyHost(family, tmp_path / "b"), logs_dir=tmp_path / "logs", stop=stop,
+                    on_progress=stop_at_3, log=_quiet)
+    assert first.stopped and first.steps == 3
+    second = run_job(cfg, host=TinyHost(family, tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True, log=_quiet)
+    assert not second.stopped and second.steps == 8
+    a, b = load_file(str(full.saved[-1])), load_file(str(second.saved[-1]))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
