@@ -41,24 +41,46 @@ def test_diffusers_folders_name_their_family(tmp_path):
     assert _folder_family(tmp_path, {"_class_name": "ZImagePipeline"}) == "zimage"
 
 
-def test_diffusers_folder_round_trip(tmp_path):
-    """A Z-Image diffusers folder (save_pretrained of every part) loads as a Z-Image bundle."""
-    from trainer.hosts.standalone import load_model
-
+def _save_zimage_folder(folder):
     parts = tiny_dit_components("zimage")
-    folder = tmp_path / "zi"
     parts["unet"].save_pretrained(folder / "transformer")
     parts["vae"].save_pretrained(folder / "vae")
     parts["text_encoders"][0].save_pretrained(folder / "text_encoder")
     parts["tokenizers"][0].save_pretrained(folder / "tokenizer")
     parts["noise_scheduler"].save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
+    return parts
+
+
+def test_diffusers_folder_round_trip(tmp_path):
+    """A Z-Image diffusers folder (save_pretrained of every part) loads as a Z-Image bundle."""
+    from trainer.hosts.standalone import load_model
+
+    folder = tmp_path / "zi"
+    parts = _save_zimage_folder(folder)
     bundle = load_model(folder)
     assert bundle.family is ZIMAGE and bundle.prediction_type == "flow"
     assert type(bundle.unet).__name__ == "ZImageTransformer2DModel"
     assert not bundle.noise_scheduler.config.use_dynamic_shifting and bundle.noise_scheduler.config.shift == 3.0
     for a, b in zip(parts["unet"].state_dict().values(), bundle.unet.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_standalone_host_trains_a_zimage_folder(tmp_path):
+    from safetensors import safe_open
+
+    from trainer.hosts.standalone import StandaloneHost
+    from trainer.training.job import run_job
+
+    _save_zimage_folder(tmp_path / "models" / "StableDiffusion" / "zimage-tiny")
+    data = image_folder(tmp_path / "data", n=2)
+    cfg = quick_config(lora_data_directory=str(data), model="zimage-tiny", train_iterations="2", save_lora_name="zi")
+    host = StandaloneHost(tmp_path / "models", output_dir=tmp_path / "out")
+    res = run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=_quiet)
+    with safe_open(str(res.saved[-1]), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "zimage"
+        assert all(k.startswith("diffusion_model.layers.") for k in f.keys())
 
 
 # ----------------------------------------------------------------------------- layout

@@ -25,15 +25,27 @@ from trainer.hosts.base import ModelLoadError
 _TRANSFORMERS = {"FluxTransformer2DModel": "flux", "ZImageTransformer2DModel": "zimage"}
 
 
+def library_class(library: str, name: str) -> Any:
+    """``library.name``, or a ModelLoadError saying the installed release is too old for these families.
+
+    Looked up by name, not imported at module level: the SD families run on older releases
+    (A1111's diffusers 0.31 / transformers 4.30) that lack some of these classes."""
+    import importlib
+
+    module = importlib.import_module(library)
+    found = getattr(module, name, None)
+    if found is None:
+        raise ModelLoadError(f"{library} {getattr(module, '__version__', '?')} has no {name}, which Flux.1 / Z-Image "
+                             f"need; update {library} (Z-Image needs diffusers >= 0.36 and transformers >= 4.51)")
+    return found
+
+
 def transformer_class(config: dict) -> Any:
     """The diffusers transformer class a ``transformer/config.json`` names."""
-    import diffusers
-
     name = config.get("_class_name")
-    if name not in _TRANSFORMERS or not hasattr(diffusers, name):
-        raise ModelLoadError(f"transformer config names {name!r}; supported: {', '.join(_TRANSFORMERS)} "
-                             f"(this diffusers has {'no ' if not hasattr(diffusers, str(name)) else ''}{name})")
-    return getattr(diffusers, name)
+    if name not in _TRANSFORMERS:
+        raise ModelLoadError(f"transformer config names {name!r}; supported: {', '.join(_TRANSFORMERS)}")
+    return library_class("diffusers", name)
 
 
 def family_of_transformer(config: dict) -> str:
@@ -44,17 +56,15 @@ def family_of_transformer(config: dict) -> str:
 
 def text_encoder_for(config_file: Path) -> Any:
     """A text-encoder module (no weights loaded) from its transformers config file."""
-    import transformers
+    config = library_class("transformers", "AutoConfig").from_pretrained(str(config_file))
+    return _text_encoder_class(config.model_type, config_file)(config)
 
-    config = transformers.AutoConfig.from_pretrained(str(config_file))
-    kind = config.model_type
-    if kind == "clip_text_model":
-        return transformers.CLIPTextModel(config)
-    if kind == "t5":
-        return transformers.T5EncoderModel(config)
-    if kind == "qwen3":
-        return transformers.Qwen3Model(config)
-    raise ModelLoadError(f"{config_file}: text encoder type {kind!r} is not one of CLIP, T5, Qwen3")
+
+def _text_encoder_class(kind: str, where: Path) -> Any:
+    names = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "qwen3": "Qwen3Model"}
+    if kind not in names:
+        raise ModelLoadError(f"{where}: text encoder type {kind!r} is not one of CLIP, T5, Qwen3")
+    return library_class("transformers", names[kind])
 
 
 PIPELINES = {"FluxPipeline": "flux", "ZImagePipeline": "zimage"}
@@ -65,37 +75,28 @@ _TEXT_FOLDERS = {"flux": (("text_encoder", "tokenizer"), ("text_encoder_2", "tok
 def flow_scheduler(config: dict) -> Any:
     """diffusers' FlowMatchEulerDiscreteScheduler from a scheduler config (its shift settings are
     what training samples with, training/losses.py)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return library_class("diffusers", "FlowMatchEulerDiscreteScheduler").from_config(config)
 
 
 def load_tokenizer_folder(folder: Path, what: str) -> Any:
     """A tokenizer saved with a text encoder (``save_pretrained`` files), read offline."""
-    from transformers import AutoTokenizer
-
     if not folder.is_dir() or not any((folder / n).is_file() for n in
                                       ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")):
         raise ModelLoadError(f"no tokenizer files for the {what} in {folder}; the tokenizer comes with the text "
                              "encoder's files (tokenizer.json / tokenizer_config.json), which the trainer does not ship")
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return library_class("transformers", "AutoTokenizer").from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # transformers raises several types for broken tokenizer files
         raise ModelLoadError(f"the {what} tokenizer in {folder} could not be read: {error}") from error
 
 
 def load_text_encoder_folder(folder: Path, dtype: Any, what: str) -> Any:
     """A text encoder saved in transformers' format (config.json + weights), read offline."""
-    import transformers
-
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"no config.json for the {what} in {folder}")
-    kind = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True).model_type
-    cls = {"clip_text_model": transformers.CLIPTextModel, "t5": transformers.T5EncoderModel,
-           "qwen3": transformers.Qwen3Model}.get(kind)
-    if cls is None:
-        raise ModelLoadError(f"{folder}: text encoder type {kind!r} is not one of CLIP, T5, Qwen3")
+    kind = library_class("transformers", "AutoConfig").from_pretrained(str(folder), local_files_only=True).model_type
+    cls = _text_encoder_class(kind, folder)
     try:
         return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     except Exception as error:

@@ -232,8 +232,14 @@ class ForgeAdapter(_HostCalls):
         for flag, name in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
             if getattr(model, flag, False):
                 return name
-        raise ModelLoadError(f"the loaded model is a {type(model).__name__}, which cannot be trained "
-                             "(supported: SD1.x, SD2.x, SDXL base); choose another checkpoint")
+        kind = type(model).__name__
+        if any(word in kind.lower() for word in ("flux", "zimage", "z_image", "lumina")):
+            raise ModelLoadError(
+                f"the loaded model is a {kind}: Flux.1 and Z-Image are trained from their diffusers model folder in "
+                "the standalone page or the CLI (python -m trainer train); the web UI's loaded Flux/Z-Image model "
+                "cannot be handed over yet. In the web UI, choose an SD1.x, SD2.x or SDXL checkpoint")
+        raise ModelLoadError(f"the loaded model is a {kind}, which cannot be trained "
+                             "(supported here: SD1.x, SD2.x, SDXL base); choose another checkpoint")
 
     def prediction(self, model: Any) -> str:
         predictor = getattr(model.forge_objects.unet.model, "predictor", None)
