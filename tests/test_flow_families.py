@@ -66,6 +66,49 @@ def test_diffusers_folder_round_trip(tmp_path):
         assert torch.equal(a, b)
 
 
+def _native_zimage_state(transformer) -> dict:
+    """The tiny transformer's weights under the original Z-Image single-file names (fused qkv, out,
+    q_norm/k_norm, final_layer, x_embedder, model.diffusion_model.), as the usual download has them."""
+    out = {}
+    state = transformer.state_dict()
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            parts = [state[key.replace(".to_q.", f".to_{p}.")] for p in "qkv"]
+            key, value = key.replace(".to_q.", ".qkv."), torch.cat(parts)
+        for new, old in ((".attention.out.", ".attention.to_out.0."), (".k_norm.", ".norm_k."), (".q_norm.", ".norm_q."),
+                         ("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1.")):
+            key = key.replace(old, new)
+        out["model.diffusion_model." + key] = value.clone()
+    return out
+
+
+def test_single_file_zimage_with_a_text_encoder_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.hosts.base import ModelLoadError
+    from trainer.hosts.standalone import StandaloneHost
+
+    parts = _save_zimage_folder(tmp_path / "models" / "text_encoder" / "zi-parts")
+    (tmp_path / "models" / "StableDiffusion").mkdir()
+    save_file(_native_zimage_state(parts["unet"]), str(tmp_path / "models" / "StableDiffusion" / "zi.safetensors"))
+    # the tiny model's own configs stand in for the shipped full-size ones
+    host = StandaloneHost(tmp_path / "models", config_dir=tmp_path / "models" / "text_encoder" / "zi-parts")
+    bundle = host.load({"model": "zi.safetensors", "te": "zi-parts", "vae": "None"})
+    assert bundle.family is ZIMAGE and bundle.metadata["te"].endswith("zi-parts")
+    for key, value in parts["unet"].state_dict().items():
+        assert torch.equal(bundle.unet.state_dict()[key], value), key
+    assert type(bundle.text_encoders[0]).__name__ == "Qwen3Model"
+    # a Qwen3 folder (weights and tokenizer files together) also works as the Text Encoder, with a separate VAE
+    parts["tokenizers"][0].save_pretrained(tmp_path / "models" / "text_encoder" / "zi-parts" / "text_encoder")
+    parts["vae"].save_pretrained(tmp_path / "models" / "VAE" / "flux-vae")
+    bundle = host.load({"model": "zi.safetensors", "te": "zi-parts/text_encoder", "vae": "flux-vae"})
+    assert bundle.vae is not None and bundle.vae.config.latent_channels == 16
+    with pytest.raises(ModelLoadError, match="needs its text encoder.*Text Encoder folder"):
+        host.load({"model": "zi.safetensors", "te": "None", "vae": "None"})
+
+
 @pytest.mark.slow
 def test_standalone_host_trains_a_zimage_folder(tmp_path):
     from safetensors import safe_open

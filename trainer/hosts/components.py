@@ -66,10 +66,11 @@ class ConfigFolders:
         if self.user is not None:
             if not self.user.is_dir():
                 raise ModelLoadError(f"config_dir not found (or not a folder): {self.user}")
-            if not (self.user / "unet" / "config.json").is_file():
+            denoiser = "transformer" if (self.shipped / "transformer").is_dir() else "unet"
+            if not (self.user / denoiser / "config.json").is_file():
                 raise ModelLoadError(
-                    f"config_dir {self.user} has no unet/config.json; it must be a diffusers-format folder "
-                    "of configs (unet/, vae/, text_encoder/, ...)")
+                    f"config_dir {self.user} has no {denoiser}/config.json; it must be a diffusers-format folder "
+                    f"of configs ({denoiser}/, vae/, text_encoder/, ...)")
 
     def folder(self, subfolder: str) -> Path:
         """The folder holding ``subfolder``'s config."""

@@ -126,3 +126,50 @@ def load_dit_folder(folder: Path, family_name: str, dtype: Any) -> dict:
         tokenizers.append(load_tokenizer_folder(folder / tok_name, te_name))
     scheduler = flow_scheduler(read_json(folder / "scheduler" / "scheduler_config.json"))
     return dict(unet=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=scheduler)
+
+
+_CONVERTERS = {"flux": "convert_flux_transformer_checkpoint_to_diffusers",
+               "zimage": "convert_z_image_transformer_checkpoint_to_diffusers"}
+# A key only a diffusers-named transformer file has (then it is loaded as it is).
+_DIFFUSERS_MARKER = {"flux": "x_embedder.weight", "zimage": "layers.0.attention.to_q.weight"}
+_LDM_PREFIX = "model.diffusion_model."
+
+
+def load_transformer_file(path: Path, family_name: str, config: dict, dtype: Any) -> Any:
+    """A transformer from a single file: original keys (BFL Flux, Z-Image's fused ``qkv``; with or
+    without ``model.diffusion_model.``) through diffusers' converter, or diffusers-named keys as they are."""
+    from trainer.hosts.checkpoint_file import CheckpointFile
+    from trainer.hosts.ldm_convert import _cast, _empty_weights, _finish, assign_weights
+
+    ckpt = CheckpointFile(path, "model")
+    state = {k[len(_LDM_PREFIX):] if k.startswith(_LDM_PREFIX) else k: v for k, v in ckpt.state_dict(dtype).items()}
+    ckpt.release()
+    if _DIFFUSERS_MARKER[family_name] not in state:
+        convert = library_class("diffusers.loaders.single_file_utils", _CONVERTERS[family_name])
+        state = convert(state)
+    with _empty_weights():
+        model = transformer_class(config).from_config(config)
+    return _finish(assign_weights(model, _cast(state, dtype), "transformer", path.name))
+
+
+def load_text_encoders(te_path: Path | None, family_name: str, dtype: Any) -> tuple[list, list]:
+    """The text encoder(s) and tokenizer(s) of ``family_name`` from the Text Encoder selection: a folder
+    holding ``text_encoder/`` + ``tokenizer/`` (Flux also ``text_encoder_2/`` + ``tokenizer_2/``), as a
+    diffusers model folder does; for Z-Image also a Qwen3 folder itself (config, weights, tokenizer)."""
+    title = "Flux.1" if family_name == "flux" else "Z-Image"
+    needs = " + ".join(te for te, _ in _TEXT_FOLDERS[family_name])
+    if te_path is None:
+        raise ModelLoadError(f"a single-file {title} transformer needs its text encoder(s): choose a Text Encoder "
+                             f"folder (te) holding {needs} with their tokenizers, e.g. the model's diffusers folder")
+    te_path = Path(te_path)
+    if not te_path.is_dir():
+        raise ModelLoadError(f"Text Encoder {te_path} is not a folder; give the folder holding {needs} and "
+                             "their tokenizer folders (a diffusers model folder, or a text-encoder folder)")
+    if family_name == "zimage" and (te_path / "config.json").is_file():
+        return ([load_text_encoder_folder(te_path, dtype, "text encoder")],
+                [load_tokenizer_folder(te_path, "text encoder")])
+    encoders, tokenizers = [], []
+    for te_name, tok_name in _TEXT_FOLDERS[family_name]:
+        encoders.append(load_text_encoder_folder(te_path / te_name, dtype, te_name))
+        tokenizers.append(load_tokenizer_folder(te_path / tok_name, te_name))
+    return encoders, tokenizers

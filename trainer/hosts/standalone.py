@@ -1,4 +1,4 @@
-"""Standalone host: Stable Diffusion models read from disk, fully offline.
+"""Standalone host: Stable Diffusion, Flux.1 and Z-Image models read from disk, fully offline.
 
 ``load_model`` accepts what users download:
 
@@ -6,14 +6,17 @@
   ``.bin`` read with ``torch.load(weights_only=True)``); the family (SD1.x, SD2.x, SDXL base) is
   detected from the keys and the weights are converted by diffusers' single-file converters
   with the config folders shipped in ``trainer/assets`` (see ``ldm_convert.py``);
-- a diffusers model folder (``model_index.json``), loaded with ``from_pretrained(local_files_only=True)``.
+- a diffusers model folder (``model_index.json``), loaded with ``from_pretrained(local_files_only=True)``;
+- a Flux / Z-Image transformer file (the usual download) with a Text Encoder folder (``te``) and a VAE
+  (``hosts/dit_parts.py``).
 
 No hub is ever contacted: configs come from the package (or ``config_dir``), and a missing
 config is an error. Everything is loaded on CPU unless ``device`` says otherwise; the caller moves it.
 
 ``StandaloneHost`` implements the :class:`~trainer.hosts.base.Host` protocol around it
 (SPEC.md §1.4: models under ``<models-dir>/StableDiffusion`` or ``Stable-Diffusion``, VAEs under
-``VAE``, output in ``./output``).
+``VAE``, Flux / Z-Image text-encoder folders under ``text_encoder`` or ``TextEncoder``, output in
+``./output``).
 """
 
 from __future__ import annotations
@@ -43,15 +46,17 @@ _UNSUPPORTED_PIPELINES = {
 
 
 def load_model(path: str | Path, *, vae_path: str | Path | None = None, v_pred: bool | None = None,
-               family: str | None = None, config_dir: str | Path | None = None,
+               family: str | None = None, config_dir: str | Path | None = None, te_path: str | Path | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Load a checkpoint file or diffusers folder as a frozen ModelBundle.
 
     ``vae_path`` replaces the model's VAE (LDM or diffusers VAE file, or a diffusers VAE folder).
     ``v_pred``: True/False force the prediction type; None detects it (``v_pred`` key, a
     ``parameterization: "v"`` yaml next to the file, a folder's scheduler config; else epsilon).
-    ``family`` ("sd1", "sd2", "sdxl") overrides detection; ``config_dir`` is a diffusers-format
-    folder of configs used instead of the shipped ones. Raises ModelLoadError.
+    ``family`` ("sd1", "sd2", "sdxl", "flux", "zimage") overrides detection; ``config_dir`` is a
+    diffusers-format folder of configs used instead of the shipped ones. ``te_path`` (the Text Encoder
+    selection) is the folder of a single-file Flux / Z-Image transformer's text encoder(s) and
+    tokenizer(s) (see ``dit_parts.load_text_encoders``). Raises ModelLoadError.
     """
     source = Path(path)
     if not source.exists():
@@ -64,7 +69,7 @@ def load_model(path: str | Path, *, vae_path: str | Path | None = None, v_pred: 
         bundle = _load_diffusers_folder(source, v_pred=v_pred, family=family, dtype=dtype)
     else:
         bundle = _load_single_file(source, v_pred=v_pred, family=family, config_dir=config_dir, dtype=dtype,
-                                   own_vae=not vae_path)
+                                   own_vae=not vae_path, te_path=te_path)
     if vae_path:
         # A diffusers folder describes its own VAE; single files use config_dir or the shipped configs.
         folders = ConfigFolders(bundle.family.name, config_dir or (source if source.is_dir() else None))
@@ -78,14 +83,12 @@ def load_model(path: str | Path, *, vae_path: str | Path | None = None, v_pred: 
 
 
 def _load_single_file(path: Path, *, v_pred: bool | None, family: str | None, config_dir: str | Path | None,
-                      dtype: torch.dtype, own_vae: bool) -> ModelBundle:
+                      dtype: torch.dtype, own_vae: bool, te_path: str | Path | None = None) -> ModelBundle:
     ckpt = CheckpointFile(path, "model")
     name = family or detect_family(ckpt)
     fam = get_family(name)
     if fam.is_dit:
-        raise ModelLoadError(
-            f"{path.name} is a single-file {fam.title} transformer; it needs its text encoder(s) and VAE as well. "
-            f"Give the diffusers model folder (model_index.json with transformer/, vae/, text_encoder*/, tokenizer*/)")
+        return _load_transformer_file(path, fam, te_path=te_path, config_dir=config_dir, dtype=dtype, own_vae=own_vae)
     if family:  # the user's word wins over the keys (odd merges); the file must still be a model
         require_unet(ckpt)
     folders = ConfigFolders(name, config_dir)
@@ -118,6 +121,29 @@ def _load_single_file(path: Path, *, v_pred: bool | None, family: str | None, co
         },
     )
     return bundle
+
+
+def _load_transformer_file(path: Path, fam, *, te_path, config_dir, dtype, own_vae: bool) -> ModelBundle:
+    """A Flux / Z-Image transformer file with the text encoder(s) of ``te_path``; the VAE is the
+    chosen VAE file (load_model sets it) or the ``vae/`` folder next to the text encoders."""
+    from diffusers import AutoencoderKL
+
+    from trainer.hosts.dit_parts import flow_scheduler, load_text_encoders, load_transformer_file
+
+    folders = ConfigFolders(fam.name, config_dir)
+    transformer = load_transformer_file(path, fam.name, folders.json("transformer"), dtype)
+    encoders, tokenizers = load_text_encoders(te_path, fam.name, dtype)
+    vae = None
+    if own_vae:
+        vae_folder = Path(te_path) / "vae"
+        if not (vae_folder / "config.json").is_file():
+            raise ModelLoadError(f"{path.name} holds only the {fam.title} transformer; choose a VAE file as well "
+                                 f"(the 16-channel Flux VAE, ae.safetensors) or put a diffusers vae/ folder in {te_path}")
+        vae = AutoencoderKL.from_pretrained(vae_folder, torch_dtype=dtype, local_files_only=True)
+    scheduler = flow_scheduler(folders.json("scheduler", "scheduler_config.json"))
+    return ModelBundle(family=fam, unet=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                       noise_scheduler=scheduler, prediction_type="flow", source=path.name,
+                       metadata={"family_source": "keys", "te": str(te_path), "config_dir": folders.describe()})
 
 
 def _drop(state: dict, prefix: str) -> None:
@@ -238,6 +264,7 @@ class StandaloneHost:
         self.ckpt_dirs = [Path(ckpt_dir)] if ckpt_dir else (
             [root / "StableDiffusion", root / "Stable-Diffusion"] if root else [])
         self.vae_dirs = [Path(vae_dir)] if vae_dir else ([root / "VAE"] if root else [])
+        self.te_dirs = [root / "text_encoder", root / "TextEncoder"] if root else []
         self.output_dir = Path(output_dir) if output_dir is not None else Path.cwd() / "output"
         self.config_dir = config_dir
         self.device, self.dtype = device, dtype
@@ -250,7 +277,9 @@ class StandaloneHost:
         """Load ``config.model`` (+ ``config.vae``); a ticked ``model_v_pred`` forces v-prediction."""
         model_path, vae_path = self._paths(config)
         ticked = bool(config_value(config, "model_v_pred", False))
-        return load_model(model_path, vae_path=vae_path, v_pred=True if ticked else None,
+        te = config_value(config, "te")
+        te_path = self.resolve(te, self.te_dirs, "Text Encoder") if te and str(te) != "None" else None
+        return load_model(model_path, vae_path=vae_path, v_pred=True if ticked else None, te_path=te_path,
                           config_dir=self.config_dir, device=self.device, dtype=self.dtype)
 
     def _paths(self, config: Any) -> tuple[Path, Path | None]:
