@@ -5,7 +5,10 @@ Each module wraps one Linear or Conv2d of the frozen base model by replacing tha
 
     y = org(x) + m · (α / r) · Δ(x)
 
-``m`` is the run-time multiplier, read at every call. The base weights are never modified. A
+``m`` is the run-time multiplier, read at every call. The base weights are never modified.
+A *fused* module wraps several Linear layers that share one input and together make one layer of
+the original checkpoint (Flux's ``qkv`` is diffusers' ``to_q``/``to_k``/``to_v``): it holds the
+fused layer's parameters (one ``lora_up`` of all the parts' rows) and each part adds its rows. A
 second network on the same layer wraps the already-wrapped forward, so two networks can be
 active at once (Difference mode); ``restore`` must then run in the reverse order of ``inject``.
 
