@@ -223,7 +223,9 @@ class WebUIHost:
         self.log(f"The {adapter.name} model is offloaded for training; it is put back afterwards.")
         if use_loaded:
             return self._from_loaded(adapter, model, vae_path, ticked)
-        return self._from_file(path, vae_path, True if ticked else None, info)
+        te = str(config_value(config, "te") or "").strip()  # a Flux / Z-Image transformer file's text encoders
+        return self._from_file(path, vae_path, True if ticked else None, info,
+                               te_path=Path(te) if te and te != "None" else None)
 
     def _from_loaded(self, adapter: Any, model: Any, vae_path: Path | None, ticked: bool) -> Any:
         from trainer.hosts.webui_weights import bundle_from_host_state, normalise_keys, unusable_tensors
@@ -254,10 +256,11 @@ class WebUIHost:
             config_dir=self.config_dir, te_layouts=layouts, vae=vae, clone=clone,
             source=str(getattr(info, "title", "") or "the web UI's loaded model"), metadata=_checkpoint_meta(info))
 
-    def _from_file(self, path: Path, vae_path: Path | None, v_pred: bool | None, info: Any) -> Any:
+    def _from_file(self, path: Path, vae_path: Path | None, v_pred: bool | None, info: Any,
+                   te_path: Path | None = None) -> Any:
         from trainer.hosts.standalone import load_model
 
-        bundle = load_model(path, vae_path=vae_path, v_pred=v_pred, config_dir=self.config_dir)
+        bundle = load_model(path, vae_path=vae_path, v_pred=v_pred, config_dir=self.config_dir, te_path=te_path)
         bundle.metadata.update(_checkpoint_meta(info))
         return bundle
 

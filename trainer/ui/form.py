@@ -22,7 +22,7 @@ from trainer.config import PARAMS, Param, TrainConfig
 from trainer.config.values import fmt_number, to_raw
 from trainer.modes import get_mode
 
-FIXED_FIELDS = ("mode", "model", "model_path", "vae", "original_prompt", "target_prompt",
+FIXED_FIELDS = ("mode", "model", "model_path", "vae", "te", "original_prompt", "target_prompt",
                 "negative_prompt", "original_image", "target_image", "use_2nd_pass_settings")
 PASS1 = tuple(p for p in PARAMS if p.name != "use_2nd_pass_settings")
 PASS2 = tuple(p for p in PARAMS if p.second_pass and p.name != "use_2nd_pass_settings")
@@ -114,6 +114,7 @@ def values_from_config(config: TrainConfig, *, keep_model: tuple[str, str], keep
     else:
         values["model"], values["model_path"] = keep_model
     values["vae"] = config.vae or keep_vae or NO_VAE
+    values["te"] = config.te or ""
     values.update(mode=config.mode, original_prompt=config.original_prompt, target_prompt=config.target_prompt,
                   negative_prompt=config.negative_prompt, use_2nd_pass_settings=config.use_2nd_pass_settings)
     return values
@@ -138,6 +139,7 @@ def settings_from_values(values: dict[str, object], *, image_dir: Path | None = 
         model = ""
     vae = str(values.get("vae") or "")
     settings.update({"mode": mode, "model": model, "vae": "" if vae == NO_VAE else vae,
+                     "te": str(values.get("te") or "").strip(),
                      "original prompt": values["original_prompt"] or "",
                      "target prompt": values["target_prompt"] or ""})
     if with_inputs:

@@ -90,6 +90,8 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
                                      elem_id="traintrain_model_path")
         w["vae"] = gr.Dropdown(choices=ui.vae_choices(), value=ui_form.NO_VAE, label="VAE", allow_custom_value=True,
                                scale=2, elem_id="traintrain_vae")
+        w["te"] = gr.Textbox(label="Text Encoder (Flux.1 / Z-Image transformer files: the folder of their "
+                                   "text encoders)", lines=1, scale=2, elem_id="traintrain_te")
         b["refresh_models"] = gr.Button("Refresh models", scale=1, elem_id="traintrain_refresh_models")
     with gr.Group(visible=False, elem_id="traintrain_ileco") as w["ileco_group"]:
         w["original_prompt"] = gr.Textbox(label="Original Prompt", lines=2, elem_id="traintrain_original_prompt",
