@@ -235,9 +235,9 @@ class ForgeAdapter(_HostCalls):
         kind = type(model).__name__
         if any(word in kind.lower() for word in ("flux", "zimage", "z_image", "lumina")):
             raise ModelLoadError(
-                f"the loaded model is a {kind}: Flux.1 and Z-Image are trained from their diffusers model folder in "
-                "the standalone page or the CLI (python -m trainer train); the web UI's loaded Flux/Z-Image model "
-                "cannot be handed over yet. In the web UI, choose an SD1.x, SD2.x or SDXL checkpoint")
+                f"the loaded model is a {kind}, which cannot be handed over for training yet; choose its "
+                "transformer file as the Model and the folder of its text encoders as the Text Encoder (it is then "
+                "read from disk), or train it from the standalone page or the CLI")
         raise ModelLoadError(f"the loaded model is a {kind}, which cannot be trained "
                              "(supported here: SD1.x, SD2.x, SDXL base); choose another checkpoint")
 
