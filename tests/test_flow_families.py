@@ -126,6 +126,23 @@ def test_standalone_host_trains_a_zimage_folder(tmp_path):
         assert all(k.startswith("diffusion_model.layers.") for k in f.keys())
 
 
+# Parameter counts of the real models: Z-Image-Turbo's transformer file holds 6,154,908,736; Flux.1-dev
+# 11,901,408,320; T5-XXL's encoder 4,762,310,656; Qwen3-4B without its LM head 4,022,468,096; the
+# 16-channel VAE 83,819,683; CLIP-L 123,060,480.
+@pytest.mark.parametrize("family, transformer, encoders", [
+    ("zimage", 6_154_908_736, [4_022_468_096]),
+    pytest.param("flux", 11_901_408_320, [123_060_480, 4_762_310_656], marks=pytest.mark.slow),
+])
+def test_shipped_configs_have_the_real_sizes(family, transformer, encoders):
+    from trainer.hosts.meta import meta_parts
+
+    parts = meta_parts(family)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(parts["unet"]) == transformer
+    assert count(parts["vae"]) == 83_819_683
+    assert [count(t) for t in parts["text_encoders"]] == encoders
+
+
 # ----------------------------------------------------------------------------- layout
 
 # sd-scripts' lora_flux.py wraps every Linear of the BFL DoubleStreamBlock (img/txt: mod.lin,
