@@ -557,3 +557,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     assert any(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_an_incomplete_transformer_file_is_named(tmp_path):
+    import ldm
+    from trainer.hosts.base import ModelLoadError
+    from trainer.hosts.standalone import load_model
+
+    path = ldm.keys_file(tmp_path / "cut.safetensors", {"double_blocks.0.img_attn.norm.key_norm.scale": (128,)})
+    with pytest.raises(ModelLoadError, match="cut.safetensors is not a complete flux transformer"):
+        load_model(path, te_path=tmp_path)
+    with pytest.raises(ModelLoadError, match="Text Encoder .* is not a folder"):
+        load_model(path, te_path=tmp_path / "nothing")

@@ -248,8 +248,8 @@ def test_clear_errors_for_bad_files(tmp_path):
 @pytest.mark.parametrize("shapes, message", [
     ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (6,)}, "SD3"),
     ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "single-file Flux.1 transformer.*text encoder"),
-    ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "Flux.1 transformer"),
-    ({"context_refiner.0.attention.k_norm.weight": (4,)}, "Z-Image transformer"),
+    ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "Flux.1 transformer needs"),
+    ({"context_refiner.0.attention.k_norm.weight": (4,)}, "Z-Image transformer needs its text encoder"),
     ({ldm.UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 1280),
       "conditioner.embedders.0.model.positional_embedding": (77, 8)}, "SDXL refiner"),
     ({ldm.UNET + "input_blocks.0.0.weight": (320, 9, 3, 3),

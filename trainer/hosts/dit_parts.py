@@ -146,16 +146,18 @@ def load_transformer_file(path: Path, family_name: str, config: dict, dtype: Any
     ckpt.release()
     if _DIFFUSERS_MARKER[family_name] not in state:
         convert = library_class("diffusers.loaders.single_file_utils", _CONVERTERS[family_name])
-        state = convert(state)
+        try:
+            state = convert(state)
+        except (IndexError, KeyError, ValueError, RuntimeError) as error:  # diffusers' converter on a partial file
+            raise ModelLoadError(f"{path.name} is not a complete {family_name} transformer: diffusers' converter "
+                                 f"failed ({type(error).__name__}: {error}); the file may be incomplete") from error
     with _empty_weights():
         model = transformer_class(config).from_config(config)
     return _finish(assign_weights(model, _cast(state, dtype), "transformer", path.name))
 
 
-def load_text_encoders(te_path: Path | None, family_name: str, dtype: Any) -> tuple[list, list]:
-    """The text encoder(s) and tokenizer(s) of ``family_name`` from the Text Encoder selection: a folder
-    holding ``text_encoder/`` + ``tokenizer/`` (Flux also ``text_encoder_2/`` + ``tokenizer_2/``), as a
-    diffusers model folder does; for Z-Image also a Qwen3 folder itself (config, weights, tokenizer)."""
+def check_text_encoder_path(te_path: Path | None, family_name: str) -> Path:
+    """``te_path`` as a folder, or a ModelLoadError saying what the Text Encoder selection must hold."""
     title = "Flux.1" if family_name == "flux" else "Z-Image"
     needs = " + ".join(te for te, _ in _TEXT_FOLDERS[family_name])
     if te_path is None:
@@ -165,6 +167,14 @@ def load_text_encoders(te_path: Path | None, family_name: str, dtype: Any) -> tu
     if not te_path.is_dir():
         raise ModelLoadError(f"Text Encoder {te_path} is not a folder; give the folder holding {needs} and "
                              "their tokenizer folders (a diffusers model folder, or a text-encoder folder)")
+    return te_path
+
+
+def load_text_encoders(te_path: Path | None, family_name: str, dtype: Any) -> tuple[list, list]:
+    """The text encoder(s) and tokenizer(s) of ``family_name`` from the Text Encoder selection: a folder
+    holding ``text_encoder/`` + ``tokenizer/`` (Flux also ``text_encoder_2/`` + ``tokenizer_2/``), as a
+    diffusers model folder does; for Z-Image also a Qwen3 folder itself (config, weights, tokenizer)."""
+    te_path = check_text_encoder_path(te_path, family_name)
     if family_name == "zimage" and (te_path / "config.json").is_file():
         return ([load_text_encoder_folder(te_path, dtype, "text encoder")],
                 [load_tokenizer_folder(te_path, "text encoder")])

@@ -128,8 +128,11 @@ def _load_transformer_file(path: Path, fam, *, te_path, config_dir, dtype, own_v
     chosen VAE file (load_model sets it) or the ``vae/`` folder next to the text encoders."""
     from diffusers import AutoencoderKL
 
-    from trainer.hosts.dit_parts import flow_scheduler, load_text_encoders, load_transformer_file
+    from trainer.hosts.dit_parts import (
+        check_text_encoder_path, flow_scheduler, load_text_encoders, load_transformer_file,
+    )
 
+    check_text_encoder_path(te_path, fam.name)  # before the transformer is read
     folders = ConfigFolders(fam.name, config_dir)
     transformer = load_transformer_file(path, fam.name, folders.json("transformer"), dtype)
     encoders, tokenizers = load_text_encoders(te_path, fam.name, dtype)

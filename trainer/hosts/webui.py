@@ -239,7 +239,7 @@ class ForgeAdapter(_HostCalls):
                 "transformer file as the Model and the folder of its text encoders as the Text Encoder (it is then "
                 "read from disk), or train it from the standalone page or the CLI")
         raise ModelLoadError(f"the loaded model is a {kind}, which cannot be trained "
-                             "(supported here: SD1.x, SD2.x, SDXL base); choose another checkpoint")
+                             "(supported: SD1.x, SD2.x, SDXL base); choose another checkpoint")
 
     def prediction(self, model: Any) -> str:
         predictor = getattr(model.forge_objects.unet.model, "predictor", None)
