@@ -10,10 +10,7 @@ from helpers import TinyHost, image_folder, quick_config
 from tiny_dit import tiny_dit_bundle, tiny_dit_components, tiny_flux_transformer
 from trainer.cli import main
 from trainer.families import FLUX, ZIMAGE, get_family
-
-
-def _quiet(msg):
-    pass
+from trainer.training.control import TrainControl
 
 
 # ----------------------------------------------------------------------------- detection
@@ -120,7 +117,7 @@ def test_standalone_host_trains_a_zimage_folder(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), model="zimage-tiny", train_iterations="2", save_lora_name="zi")
     host = StandaloneHost(tmp_path / "models", output_dir=tmp_path / "out")
-    res = run_job(cfg, host=host, logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=host, logs_dir=tmp_path / "logs")
     with safe_open(str(res.saved[-1]), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "zimage"
         assert all(k.startswith("diffusion_model.layers.") for k in f.keys())
@@ -418,7 +415,8 @@ def test_lora_mode_loss_falls(family, tmp_path):
                        logging_save_csv=True, train_min_timesteps="300", train_max_timesteps="700",
                        save_lora_name=f"fall_{family}", lora_trigger_word="pat")
     logs = []
-    result = run_job(cfg, host=TinyHost(family, tmp_path / "out"), logs_dir=tmp_path / "logs", log=logs.append)
+    result = run_job(cfg, host=TinyHost(family, tmp_path / "out"), logs_dir=tmp_path / "logs",
+                     control=TrainControl(on_log=logs.append))
     losses = _losses(result.csv_paths[0])
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     # The velocity target ε - x0 keeps a large part no network can predict (the fresh noise), so the
@@ -466,7 +464,7 @@ def test_every_mode_trains(family, tmp_path):
     }
     for name, settings in cases.items():
         cfg = quick_config(train_iterations="3", save_lora_name=name, **settings)
-        res = run_job(cfg, host=TinyHost(family, tmp_path / "out"), logs_dir=tmp_path / "logs", log=_quiet)
+        res = run_job(cfg, host=TinyHost(family, tmp_path / "out"), logs_dir=tmp_path / "logs")
         expected = ["diff_copy.safetensors", "diff.safetensors"] if name == "diff" else [f"{name}.safetensors"]
         assert [p.name for p in res.saved] == expected, name
         ups = [v for k, v in load_file(str(res.saved[-1])).items() if "lora_up" in k]
@@ -483,7 +481,7 @@ def test_ileco_moves_the_original_prediction_toward_the_target(tmp_path):
 
     cfg = quick_config(mode="iLECO", original_prompt="a photo of a cat", target_prompt="a photo of a dog",
                        train_iterations="60", train_learning_rate="5e-3", save_lora_name="ileco")
-    res = run_job(cfg, host=TinyHost("zimage", tmp_path), logs_dir=tmp_path / "logs", log=_quiet)
+    res = run_job(cfg, host=TinyHost("zimage", tmp_path), logs_dir=tmp_path / "logs")
     bundle = tiny_dit_bundle("zimage")
     net = resume_network(bundle, NetworkSpec(), str(res.saved[-1]))
     net.apply_to()
@@ -506,8 +504,6 @@ def test_ileco_moves_the_original_prediction_toward_the_target(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "zimage"])
 def test_stop_and_resume_match_an_uninterrupted_run(family, tmp_path):
-    import threading
-
     from safetensors.torch import load_file
 
     from trainer.training.job import run_job
@@ -515,18 +511,18 @@ def test_stop_and_resume_match_an_uninterrupted_run(family, tmp_path):
     data = image_folder(tmp_path / "data", n=3)
     common = dict(lora_data_directory=str(data), train_iterations="8", train_lr_scheduler="cosine")
     full = run_job(quick_config(save_lora_name="full", **common), host=TinyHost(family, tmp_path / "a"),
-                   logs_dir=tmp_path / "logs", log=_quiet)
-    stop = threading.Event()
+                   logs_dir=tmp_path / "logs")
+    stop = TrainControl()
 
     def stop_at_3(event):
         if event.step == 3 and not event.message:
-            stop.set()
+            stop.stop()
 
+    stop.listen(on_progress=stop_at_3)
     cfg = quick_config(save_lora_name="part", **common)
-    first = run_job(cfg, host=TinyHost(family, tmp_path / "b"), logs_dir=tmp_path / "logs", stop=stop,
-                    on_progress=stop_at_3, log=_quiet)
+    first = run_job(cfg, host=TinyHost(family, tmp_path / "b"), logs_dir=tmp_path / "logs", control=stop)
     assert first.stopped and first.steps == 3
-    second = run_job(cfg, host=TinyHost(family, tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True, log=_quiet)
+    second = run_job(cfg, host=TinyHost(family, tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True)
     assert not second.stopped and second.steps == 8
     a, b = load_file(str(full.saved[-1])), load_file(str(second.saved[-1]))
     assert a.keys() == b.keys()
