@@ -565,3 +565,33 @@ def test_an_incomplete_transformer_file_is_named(tmp_path):
         load_model(path, te_path=tmp_path)
     with pytest.raises(ModelLoadError, match="Text Encoder .* is not a folder"):
         load_model(path, te_path=tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_loha_on_the_transformers(family, tmp_path):
+    """LoHa on fused and plain modules: ΔW has the fused layer's shape, each part adds its rows, and
+    the file holds one hada_* set per saved module name."""
+    pytest.importorskip("lycoris")
+    from safetensors.torch import load_file
+
+    from trainer.conditioning import PromptEncoder
+    from trainer.modes.base import transformer_forward
+    from trainer.network.io import save_network
+
+    bundle = tiny_dit_bundle(family)
+    net = _random_network(bundle, network_type="loha")
+    names = {m.file_name for m in net.all_modules}
+    keys = set(load_file(str(save_network(net, tmp_path / "h.safetensors", metadata={}, dtype=torch.float32))))
+    assert keys == {f"{n}.{k}" for n in names for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
+    if family == "flux":
+        qkv = net.get_submodule("lora_unet_double_blocks_0_img_attn_qkv")
+        assert tuple(qkv.diff_weight().shape) == qkv.weight_shape and len(qkv.org_modules) == 3
+    cond = PromptEncoder(bundle).encode(["a cat"])
+    x, t = torch.randn(1, 16, 8, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        base = transformer_forward(bundle, x, t, cond)
+    net.apply_to()
+    out = transformer_forward(bundle, x, t, cond)
+    out.pow(2).mean().backward()
+    assert (out - base).abs().max() > 1e-3
+    assert all(p.grad is not None for p in net.parameters())

@@ -72,7 +72,7 @@ class NetworkModule(nn.Module):
         self.multiplier = 1.0
         self._org = parts
         # Output rows of each part in the fused weight (one part: all rows).
-        sizes = [p.weight.shape[0] for p in parts]
+        sizes = [p.out_features if isinstance(p, nn.Linear) else p.weight.shape[0] for p in parts]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self._rows = [slice(a, a + n) for a, n in zip(starts, sizes)]
         self._org_forwards: list = [None] * len(parts)
@@ -92,10 +92,11 @@ class NetworkModule(nn.Module):
     @property
     def weight_shape(self) -> tuple:
         """Shape of the (fused) base weight this module's ΔW has."""
-        first = self._org[0].weight
+        first = self._org[0]
         if len(self._org) == 1:
-            return tuple(first.shape)
-        return (sum(p.weight.shape[0] for p in self._org), first.shape[1])
+            return tuple(first.weight.shape)
+        # out/in features, not weight.shape: a quantised Linear may store its weight packed
+        return (sum(p.out_features for p in self._org), first.in_features)
 
     @property
     def injected(self) -> bool:
