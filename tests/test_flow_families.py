@@ -49,6 +49,28 @@ def _save_zimage_folder(folder):
     return parts
 
 
+def test_flux_diffusers_folder_loads(tmp_path):
+    from trainer.hosts.standalone import load_model
+
+    parts = tiny_dit_components("flux")
+    folder = tmp_path / "flux"
+    parts["unet"].save_pretrained(folder / "transformer")
+    parts["vae"].save_pretrained(folder / "vae")
+    for i, (te, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
+        parts["text_encoders"][i].save_pretrained(folder / te)
+        parts["tokenizers"][i].save_pretrained(folder / tok)
+    parts["noise_scheduler"].save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    bundle = load_model(folder)
+    assert bundle.family is FLUX and [type(t).__name__ for t in bundle.text_encoders] == ["CLIPTextModel",
+                                                                                         "T5EncoderModel"]
+    assert bundle.noise_scheduler.config.use_dynamic_shifting
+    from trainer.conditioning import PromptEncoder
+
+    cond = PromptEncoder(bundle).encode(["a cat"])
+    assert cond.pooled.shape == (1, 32) and cond.hidden.shape[1] == bundle.tokenizers[1].model_max_length
+
+
 def test_diffusers_folder_round_trip(tmp_path):
     """A Z-Image diffusers folder (save_pretrained of every part) loads as a Z-Image bundle."""
     from trainer.hosts.standalone import load_model
@@ -391,6 +413,12 @@ def test_zimage_file_keys_and_resume_round_trip(tmp_path):
     assert back.state_dict().keys() == net.state_dict().keys()
     for k, v in net.state_dict().items():
         assert torch.equal(v, back.state_dict()[k])
+    # the original extension's spelling (".lora.down.weight") resumes too
+    theirs = {k.replace(".lora_down.", ".lora.down.").replace(".lora_up.", ".lora.up."): v
+              for k, v in load_file(str(path)).items()}
+    again = resume_network(bundle, NetworkSpec(), theirs)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
 
 
 # ----------------------------------------------------------------------------- training

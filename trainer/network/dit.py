@@ -126,12 +126,20 @@ _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "hada_w1_a", "hada_w
              "hada_w2_b", "hada_t1", "hada_t2")
 
 
+# The original extension writes Z-Image files with ``.lora.down.weight`` / ``.lora.up.weight`` (SPEC.md §6.2).
+_REFERENCE_SUFFIXES = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
+
+
 def internal_key(key: str) -> str:
     """The internal key of a saved key: ``diffusion_model.layers.0.attention.to_q.alpha`` ->
-    ``lora_unet_layers_0_attention_to_q.alpha``; kohya keys are returned as they are."""
+    ``lora_unet_layers_0_attention_to_q.alpha`` (the original extension's ``.lora.down.weight`` spelling
+    too); kohya keys are returned as they are."""
     if not key.startswith(ZIMAGE_FILE_PREFIX):
         return key
     body = key[len(ZIMAGE_FILE_PREFIX):]
+    for theirs, ours in _REFERENCE_SUFFIXES.items():
+        if body.endswith(theirs):
+            body = body[: -len(theirs)] + ours
     for suffix in _SUFFIXES:
         if body.endswith("." + suffix):
             module = body[: -len(suffix) - 1]
