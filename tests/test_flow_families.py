@@ -623,3 +623,16 @@ def test_loha_on_the_transformers(family, tmp_path):
     out.pow(2).mean().backward()
     assert (out - base).abs().max() > 1e-3
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_settings_may_name_transformer_blocks():
+    from trainer.config import ConfigError
+    from trainer.network.network import effective_blocks
+
+    cfg = quick_config(network_blocks="D00,S05,BASE")
+    assert list(cfg.network_blocks) == ["BASE", "D00", "S05"]
+    assert effective_blocks(FLUX, cfg.network_blocks) == ("BASE", "D00", "S05")
+    assert effective_blocks(ZIMAGE, cfg.network_blocks) == ("BASE", "D00", "S05")  # S05 is a Z-Image block too
+    assert effective_blocks(ZIMAGE, ["BASE", "IN01"]) == ZIMAGE.block_ids  # an SD list: every block
+    with pytest.raises(ConfigError, match="D19.*Flux.1: CLIP T5 IN D00-D18"):
+        quick_config(network_blocks="D19")

@@ -45,3 +45,5 @@ BLOCKID26 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tupl
 # blocks D00-D18 / single-stream blocks S.., OUT (final layer).
 FLUX_BLOCK_IDS = ("CLIP", "T5", "IN") + tuple(f"D{i:02d}" for i in range(19)) + tuple(f"S{i:02d}" for i in range(38)) + ("OUT",)
 ZIMAGE_BLOCK_IDS = ("QWEN3", "IN") + tuple(f"S{i:02d}" for i in range(30)) + ("OUT",)
+# Ids a settings file may hold besides BLOCKID26 (the UI shows BLOCKID26 only).
+TRANSFORMER_BLOCK_IDS = tuple(dict.fromkeys(FLUX_BLOCK_IDS + ZIMAGE_BLOCK_IDS))

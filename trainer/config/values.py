@@ -145,15 +145,17 @@ def _blocks(p: Param, raw: object) -> list[str]:
         raise ConfigError(f"{p.key}: {show(raw)} is not allowed; use a list of block ids "
                           f"such as [\"BASE\", \"IN01\", \"M00\"]")
     wanted = {i.strip().upper() for i in items if i.strip()}
-    unknown = sorted(wanted - set(p.choices))
+    known = tuple(dict.fromkeys(tuple(p.choices) + C.TRANSFORMER_BLOCK_IDS))  # + Flux / Z-Image ids
+    unknown = sorted(wanted - set(known))
     if unknown:
         raise ConfigError(f"{p.key}: {', '.join(show(u) for u in unknown)} "
                           f"{'is not a block id' if len(unknown) == 1 else 'are not block ids'}; "
-                          f"use any of {', '.join(p.choices)}")
+                          f"use any of {', '.join(p.choices)} (Flux.1: CLIP T5 IN D00-D18 S00-S37 OUT; "
+                          "Z-Image: QWEN3 IN S00-S29 OUT)")
     if not wanted:
         raise ConfigError(f"{p.key}: no block is selected, so nothing would be trained; "
                           f"choose at least one of {', '.join(p.choices)}")
-    return [b for b in p.choices if b in wanted]
+    return [b for b in known if b in wanted]
 
 
 def _size(p: Param, raw: object) -> tuple[int, int]:
