@@ -64,7 +64,7 @@ def flow_timesteps(batch: int, lo: int, hi: int, *, scheduler, latent_hw: tuple 
     t = lo + sigmas * (hi - lo)
     if fixed_in_batch:
         t = t.expand(batch)
-    return (t.clamp(0.0, total) * 1.0).to(device)
+    return t.clamp(0.0, total).to(device)
 
 
 def add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
