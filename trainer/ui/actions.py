@@ -20,11 +20,14 @@ from trainer import plot
 from trainer.ui import form as ui_form
 from trainer.atomic import write_text
 from trainer.config import ConfigError, TrainConfig
+from trainer.data import augment
+from trainer.data.errors import DataError
 from trainer.modes import get_mode
 from trainer.training.queue import TABLE_HEADERS, JobQueue, QueueError, format_table
 from trainer.ui.runner import Runner
 
 NEWEST_LOG = "(newest)"
+AUGMENT_SIDES = augment.FIX_SIDES
 # The fields a loaded preset sets: all but the image uploads (settings files hold no images).
 LOADED_FIELDS = tuple(f for f in ui_form.FIELD_NAMES if f not in ("original_image", "target_image"))
 
@@ -375,3 +378,30 @@ class TrainTrainUI:
             return plot.plot_log(path, float(smoothing or 0)), f"Showing {path}"
         except (plot.LogError, ValueError) as error:
             return None, f"Error: {error}"
+
+    # --- image tab -----------------------------------------------------------------------
+
+    @staticmethod
+    def _augment_options(count, change_angle, angle, change_scale, scale, side, mirror) -> augment.AugmentOptions:
+        return augment.AugmentOptions(count=int(count or 0), change_angle=bool(change_angle),
+                                      max_angle=float(angle or 0), change_scale=bool(change_scale),
+                                      min_scale=float(scale or 0), fix_side=side or "none", mirror=bool(mirror))
+
+    def augment_folder(self, folder: str, out_dir: str, *options) -> str:
+        """Image tab, From Directory: copies of every image in ``folder``; the result message."""
+        try:
+            return augment.augment_folder(folder, self._augment_options(*options), out_dir or None).summary()
+        except (DataError, OSError) as error:
+            return f"Error: {error}"
+
+    def augment_file(self, image: str, out_dir: str, name: str, *options) -> str:
+        """Image tab, From File: copies of the uploaded image into ``out_dir`` as ``<name>_id_<n>.png``."""
+        if not image:
+            return "Error: upload an image first (or use From Directory)."
+        if not (out_dir or "").strip():
+            return "Error: type an Output directory for the copies of the uploaded image."
+        try:
+            return augment.augment_file(image, self._augment_options(*options), out_dir,
+                                        name=name or Path(image).stem).summary()
+        except (DataError, OSError) as error:
+            return f"Error: {error}"

@@ -1,4 +1,4 @@
-"""The TrainTrain page: Train, Queue and Plot tabs, built from the parameter schema.
+"""The TrainTrain page: Train, Queue, Plot and Image tabs, built from the parameter schema.
 
 ``build_ui(host, standalone=...)`` returns a ``gr.Blocks``; the web-UI's ``on_ui_tabs`` callback
 (``scripts/traintrain.py``) builds it with a WebUIHost, and ``python -m trainer ui`` serves the
@@ -23,7 +23,7 @@ from trainer.ui import compat as ui_compat
 from trainer.ui import form as ui_form
 from trainer.paths import ROOT
 from trainer.training.queue import TABLE_HEADERS
-from trainer.ui.actions import LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
+from trainer.ui.actions import AUGMENT_SIDES, LOADED_FIELDS, NEWEST_LOG, TrainTrainUI, UiPaths
 
 __all__ = ["build_ui", "TrainTrainUI", "UiPaths"]
 
@@ -161,7 +161,42 @@ def _plot_tab(ui: TrainTrainUI, w: dict) -> dict:
     return b
 
 
-def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict) -> None:
+def _image_tab(ui: TrainTrainUI, w: dict) -> dict:
+    """The augmentation helper (SPEC.md §10): rotated / shrunk / mirrored copies of images."""
+    b = {}
+    gr.Markdown("Makes rotated, shrunk and mirrored copies of training images, named `<name>_id_<n>`, "
+                "with their caption files. A file that exists is never replaced.")
+    with gr.Row():
+        w["aug_dir"] = gr.Textbox(label="Image directory", lines=1, scale=3, elem_id="traintrain_aug_dir",
+                                  info="From Directory copies every image directly in this folder.")
+        w["aug_out"] = gr.Textbox(label="Output directory", lines=1, scale=3, elem_id="traintrain_aug_out",
+                                  info="Blank: next to the originals (From Directory); From File needs one.")
+        w["aug_name"] = gr.Textbox(label="Output name", lines=1, scale=2, elem_id="traintrain_aug_name",
+                                   info="From File: copies are <name>_id_<n>.png (blank: the file's name).")
+    w["aug_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Image (From File)",
+                              elem_id="traintrain_aug_image")
+    with gr.Row():
+        w["aug_count"] = gr.Slider(minimum=1, maximum=1000, value=5, step=1, label="number of images",
+                                   elem_id="traintrain_aug_count")
+        w["aug_angle"] = gr.Slider(minimum=0, maximum=180, value=180, step=1, label="max tilting angle",
+                                   elem_id="traintrain_aug_angle")
+        w["aug_scale"] = gr.Slider(minimum=0.05, maximum=1, value=0.4, step=0.01, label="minimum downscale ratio",
+                                   elem_id="traintrain_aug_scale")
+    with gr.Row():
+        w["aug_change_angle"] = gr.Checkbox(value=True, label="change angle", elem_id="traintrain_aug_change_angle")
+        w["aug_change_scale"] = gr.Checkbox(value=True, label="change scale", elem_id="traintrain_aug_change_scale")
+        w["aug_mirror"] = gr.Checkbox(value=False, label="mirror every other copy", elem_id="traintrain_aug_mirror")
+        w["aug_side"] = gr.Dropdown(choices=list(AUGMENT_SIDES), value="none", label="fix side",
+                                    elem_id="traintrain_aug_side")
+    with gr.Row():
+        b["dir"] = gr.Button("From Directory", variant="primary", elem_id="traintrain_aug_from_dir")
+        b["file"] = gr.Button("From File", elem_id="traintrain_aug_from_file")
+    w["aug_message"] = gr.Textbox(label="Message", lines=2, interactive=False, elem_id="traintrain_aug_message")
+    return b
+
+
+def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, plots: dict,
+          images: dict) -> None:
     form = [w[name] for name in ui_form.FIELD_NAMES]
     loaded = [w[name] for name in LOADED_FIELDS] + [w["message"]]
     current_model = [w["model"], w["model_path"], w["vae"]]
@@ -196,6 +231,13 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     plots["draw"].click(ui.draw_plot, [w["log"], w["smoothing"]], [w["plot"], w["plot_message"]],
                         api_name="traintrain_plot")
 
+    options = [w[n] for n in ("aug_count", "aug_change_angle", "aug_angle", "aug_change_scale", "aug_scale",
+                              "aug_side", "aug_mirror")]
+    images["dir"].click(ui.augment_folder, [w["aug_dir"], w["aug_out"], *options], [w["aug_message"]],
+                        api_name="traintrain_augment_folder")
+    images["file"].click(ui.augment_file, [w["aug_image"], w["aug_out"], w["aug_name"], *options],
+                         [w["aug_message"]], api_name="traintrain_augment_file")
+
     # A page (re)loaded shows what is true now, not what was true when the server started: the
     # remembered model, the queue file, the logs, and the run going on.
     w["model"].change(ui.remember_model, [w["model"]], [])
@@ -227,7 +269,9 @@ def build_ui(host, *, standalone: bool, paths: UiPaths | None = None, output_dir
                     queue = _queue_tab(ui, w)
                 with gr.Tab("Plot", elem_id="traintrain_plot_tab"):
                     plots = _plot_tab(ui, w)
-        _wire(demo, ui, w, train, queue, plots)
+                with gr.Tab("Image", elem_id="traintrain_image_tab"):
+                    images = _image_tab(ui, w)
+        _wire(demo, ui, w, train, queue, plots, images)
     demo.traintrain = ui
     demo.traintrain_widgets = w
     return demo
