@@ -25,6 +25,7 @@ class JobResult:
     steps: int = 0
     csv_paths: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    load_checks: list = field(default_factory=list)  # training.loadcheck.LoadCheck of each pass's last file
 
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "model": "float16"}
@@ -192,6 +193,8 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                     csv.close()
             result.saved += out.saved
             result.notes += out.notes
+            if out.saved and not out.stopped and dist.is_main:
+                _load_check(out.saved[-1], bundle, result, log)
             result.steps = out.steps_done
             if out.stopped:
                 result.stopped = True
@@ -209,6 +212,22 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         return result
     finally:
         host.restore()
+
+
+def _load_check(path: Path, bundle, result: JobResult, log) -> None:
+    """Load the saved file into a weightless copy of the model with another program's loader
+    (diffusers, LyCORIS for LoHa) and say what loaded; a failing check never fails the run."""
+    from trainer.training.loadcheck import check_file
+
+    try:
+        check = check_file(path, bundle)
+    except Exception as error:  # the run's file is saved; the check only reports
+        log(f"note: the load check of {Path(path).name} could not run ({type(error).__name__}: {error})")
+        return
+    result.load_checks.append(check)
+    log(check.summary())
+    if not check.ok and not check.skipped:
+        result.notes.append(check.summary())
 
 
 def _memory_plan(config, bundle, device, log):

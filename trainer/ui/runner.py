@@ -154,7 +154,8 @@ class Runner:
         def target() -> str:
             result = run_job(config, host=self.host, control=self.control, output_dir=self.output_dir,
                              logs_dir=self.logs_dir, resume=resume, device=self.device)
-            return "\n".join([page_message(result), *(f"note: {n}" for n in result.notes)])
+            checked = [c.summary() for c in getattr(result, "load_checks", []) if c.ok]
+            return "\n".join([page_message(result), *checked, *(f"note: {n}" for n in result.notes)])
 
         return self._begin(f"{name} ({config.mode})", target, name)
 

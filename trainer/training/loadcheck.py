@@ -1,0 +1,224 @@
+"""After a save: does the file load in another program's loader, and does every key find its layer?
+
+``check_file(path, bundle)`` loads the saved file the way diffusers users load a LoRA
+(``load_lora_weights``), or, for LoHa files (which diffusers does not read), through LyCORIS's own
+loader (``lycoris.kohya.create_network_from_weights``, what sd-scripts and the web-UIs' LyCORIS
+support use). It reports how many modules were loaded and which keys found no layer.
+
+The model it loads into is a skeleton of the bundle's U-Net and text encoders built on the meta
+device from their configs: no weights are copied or touched (so the host's model and the bundle
+stay as they are), and the check costs the same on a full-size model as on a tiny one.
+
+Where the names differ: LyCORIS names modules by the module tree it is given, which is diffusers'
+for the U-Net; SDXL files use the LDM names of sd-scripts' SDXL U-Net (as the web-UIs expect), so
+for the LyCORIS check those names are first turned into the diffusers tree's
+(``families.ldm_module_paths``). diffusers reads the LDM names itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LORA_KEY = re.compile(r"[A-Za-z0-9_.]*lora[A-Za-z0-9_.]*")
+
+
+@dataclass
+class LoadCheck:
+    """What another loader made of a saved file."""
+
+    file: Path
+    loader: str                 # "diffusers" or "LyCORIS"
+    modules: int = 0            # modules the loader built from the file
+    file_modules: int = 0       # modules the file holds
+    unmatched: list = field(default_factory=list)  # keys (or module names) that found no layer
+    error: str = ""             # the loader refused the file
+    skipped: str = ""           # why the check could not run here (a loader missing), not a fault of the file
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped and not self.error and not self.unmatched and self.modules == self.file_modules
+
+    def summary(self) -> str:
+        head = f"load check of {self.file.name} ({self.loader})"
+        if self.skipped:
+            return f"{head}: skipped, {self.skipped}"
+        if self.error:
+            return f"{head}: WARNING: it does not load: {self.error}"
+        text = f"{head}: loaded: {self.modules} modules, {len(self.unmatched)} keys unmatched"
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:8]) + (f" and {len(self.unmatched) - 8} more"
+                                                      if len(self.unmatched) > 8 else "")
+            text += f". WARNING: these keys found no layer and would be skipped: {shown}"
+        elif self.modules != self.file_modules:
+            text += (f". WARNING: the file holds {self.file_modules} modules but only {self.modules} "
+                     "were loaded")
+        return text
+
+
+def _file_modules(tensors: dict) -> set[str]:
+    return {key.split(".", 1)[0] for key in tensors}
+
+
+def _skeleton(bundle):
+    """(unet, text encoders) with the bundle's configs on the meta device."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(bundle.unet.config)
+        encoders = [type(te)(te.config) for te in bundle.text_encoders]
+    return unet, encoders
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _captured():
+    """Collect the warnings diffusers, transformers and PEFT log or warn while loading."""
+    records = _Records()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records
+        records.messages += [str(w.message) for w in caught]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+
+
+def _unmatched_keys(messages: list[str]) -> list[str]:
+    """Key names from the loaders' "unexpected keys" / "missing ... lora" reports. transformers also
+    lists the wrapped layers' ``base_layer`` weights as missing on every load; those are not ours."""
+    found: list[str] = []
+    for message in messages:
+        for line in message.splitlines():
+            low = line.lower()
+            if "unexpected" in low or ("missing" in low and "lora" in low):
+                found += [k for k in _LORA_KEY.findall(line.partition(":")[2] or line)
+                          if "base_layer" not in k and k not in found and "." in k]
+    return found
+
+
+def _pipeline(bundle, unet, encoders):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    # a copy: the pipeline rewrites some scheduler settings it finds outdated (steps_offset)
+    scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+    if bundle.family.name == "sdxl":
+        return StableDiffusionXLPipeline(vae=None, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1],
+                                         unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=None, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0], unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _check_diffusers(path: Path, bundle, tensors: dict) -> LoadCheck:
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    result = LoadCheck(path, "diffusers", file_modules=len(_file_modules(tensors)))
+    if not USE_PEFT_BACKEND:
+        result.skipped = "diffusers loads LoRAs through PEFT, which is not installed here"
+        return result
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet, encoders = _skeleton(bundle)
+    with _captured() as records:
+        pipe = _pipeline(bundle, unet, encoders)
+        try:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="check",
+                                   low_cpu_mem_usage=True)
+        except TypeError as error:
+            if "low_cpu_mem_usage" not in str(error):
+                raise
+            result.skipped = f"this diffusers cannot load into a weightless model ({error})"
+            return result
+        except Exception as error:  # the loader's own words are the report
+            result.error = f"{type(error).__name__}: {error}"[:600]
+    result.modules = sum(isinstance(m, BaseTunerLayer) for model in (unet, *encoders) for m in model.modules())
+    result.unmatched = _unmatched_keys(records.messages)
+    return result
+
+
+def _ldm_to_diffusers_names(bundle) -> dict[str, str]:
+    from trainer.families import ldm_module_paths
+
+    return {"lora_unet_" + ldm.replace(".", "_"): "lora_unet_" + path.replace(".", "_")
+            for path, ldm in ldm_module_paths(bundle.unet).items()}
+
+
+def _check_lycoris(path: Path, bundle, tensors: dict) -> LoadCheck:
+    result = LoadCheck(path, "LyCORIS", file_modules=len(_file_modules(tensors)))
+    try:
+        from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    except ImportError:
+        result.skipped = "LyCORIS (lycoris-lora) is not installed here"
+        return result
+    import torch
+
+    weights = dict(tensors)
+    if bundle.family.unet_naming == "ldm":
+        names = _ldm_to_diffusers_names(bundle)
+        weights = {}
+        for key, value in tensors.items():
+            module, _, rest = key.partition(".")
+            weights[f"{names.get(module, module)}.{rest}"] = value
+    unet, encoders = _skeleton(bundle)
+    # sd-scripts hands LyCORIS CLIPs whose layers sit under ``text_model`` (transformers 4's tree,
+    # the kohya names); transformers 5 dropped that level, so each encoder is hung under that name.
+    holders = []
+    for te in encoders:
+        holder = te if hasattr(te, "text_model") else torch.nn.Module()
+        if holder is not te:
+            holder.text_model = te
+        holders.append(holder)
+    # LyCORIS first builds (and drops) a default network whose by-name targets are met twice on a
+    # diffusers U-Net and trip its duplicate check; only that throw-away network is affected.
+    saved = LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME
+    LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = []
+    try:
+        with _captured():
+            network, _ = create_network_from_weights(1.0, str(path), None, holders if len(holders) > 1 else holders[0],
+                                                     unet, weights_sd=weights, for_inference=True)
+    except Exception as error:
+        result.error = f"{type(error).__name__}: {error}"[:600]
+        return result
+    finally:
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = saved
+    built = {m.lora_name for m in [*network.unet_loras, *network.text_encoder_loras]}
+    result.modules = len(built)
+    back = {v: k for k, v in _ldm_to_diffusers_names(bundle).items()} if bundle.family.unet_naming == "ldm" else {}
+    result.unmatched = sorted(back.get(m, m) for m in _file_modules(weights) - built)
+    return result
+
+
+def check_file(path: str | Path, bundle) -> LoadCheck:
+    """Load ``path`` into a weightless copy of ``bundle``'s model with diffusers (LoRA, LoCon) or
+    LyCORIS (LoHa) and report what loaded; never raises for a file that does not load."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        return LoadCheck(path, "safetensors", error=f"{type(error).__name__}: {error}"[:600])
+    loha = any(".hada_" in key for key in tensors)
+    try:
+        return (_check_lycoris if loha else _check_diffusers)(path, bundle, tensors)
+    except ImportError as error:
+        return LoadCheck(path, "LyCORIS" if loha else "diffusers", skipped=f"a loader is missing here ({error})")
