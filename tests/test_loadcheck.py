@@ -12,6 +12,7 @@ from network_helpers import randomize
 from tiny import tiny_bundle
 from trainer.network.io import save_network
 from trainer.network.network import NetworkSpec, create_network
+from trainer.training.control import TrainControl
 from trainer.training.job import run_job
 from trainer.training.loadcheck import check_file
 
@@ -72,7 +73,8 @@ def test_a_run_checks_its_file_and_says_so(tmp_path):
     data = image_folder(tmp_path / "data", n=2)
     lines = []
     cfg = quick_config(lora_data_directory=str(data), train_iterations="1", save_lora_name="checked")
-    result = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), logs_dir=tmp_path / "logs", log=lines.append)
+    result = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), control=TrainControl(on_log=lines.append),
+                     logs_dir=tmp_path / "logs")
     [check] = result.load_checks
     assert check.ok and check.file == result.saved[-1]
     assert any(line.startswith("load check of checked.safetensors (diffusers): loaded: ") for line in lines)

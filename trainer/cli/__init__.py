@@ -1,6 +1,6 @@
 """Command line: ``python -m trainer <command>`` (also installed as ``traintrain``).
 
-One module of this package per command (train, check_config, buckets, layout, queue, plot, ui);
+One module of this package per command (train, check_config, buckets, layout, queue, plot, ui, demo);
 each is imported only when its command runs, so ``--help`` is instant.
 Exit codes: 0 success, 1 the run failed, 2 bad input (config, arguments, files).
 """
@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", default=None, help="where run saves networks (default ./output)")
     q.add_argument("--logs-dir", default=None, help="where run writes CSV logs (default logs/)")
 
+    d = sub.add_parser("demo", help="a first run without a model: train a LoRA on a tiny built-in model (~1 min on CPU)")
+    d.add_argument("--folder", default=None, help="where to write everything (default: a new temporary folder)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 240)")
+    d.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+
     g = sub.add_parser("plot", help="draw the loss chart of a CSV log as an image")
     g.add_argument("log", nargs="?", default=None, help="log path or file name under logs/ (default: newest)")
     g.add_argument("--smoothing", type=float, default=0.6, help="loss smoothing 0..0.99 (default 0.6)")
@@ -102,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.action in ("add", "remove", "requeue") and not args.target:
                 parser.error(f"queue {args.action} needs a {'settings JSON' if args.action == 'add' else 'item id'}")
             return queue_command(args)
+        if args.command == "demo":
+            from trainer.cli.demo import demo_command
+
+            return demo_command(args)
         if args.command == "plot":
             from trainer.cli.plot import plot_command
 

@@ -257,6 +257,20 @@ _EXTENSION_ROWS = [
     ("embeddings_dir", "str", "", "TX", "all",
      "Folder of textual-inversion embeddings that captions and prompts may name, as in the web UI "
      "(the file name is the word). Blank: the web UI's embeddings folder; none standalone.", {}),
+    ("preview_prompts", "str", "", "TX", "L I D A M",
+     "Prompts of the preview images, one per line. Blank: the trigger word and the first captions "
+     "(LoRA, Multi-ADDifT), the original and target prompts (iLECO), the trigger word (ADDifT, Difference).",
+     {}),
+    ("preview_every_steps", "int", 0, "TX", "L I D A M",
+     "Every this many steps, render the preview prompts with the network on and off (one image, "
+     "logs/<date>/<name>/previews/step_<k>.png). 0 turns previews off. Previews never change what is trained.",
+     dict(minimum=0)),
+    ("preview_seed", "int", 1, "TX", "L I D A M",
+     "Seed of the preview images (the same for every preview, so they show the change).", dict(minimum=0)),
+    ("preview_size", "size", (512, 512), "TX", "L I D A M",
+     "Preview image size, 'height,width' or one number (multiples of 8).", {}),
+    ("preview_steps", "int", 20, "TX", "L I D A M",
+     "Sampling steps of a preview image (Euler).", dict(minimum=1, maximum=150)),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)

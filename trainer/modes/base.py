@@ -118,14 +118,17 @@ def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = 
     """Free frozen parts a run no longer needs once its latents / prompts are cached.
 
     The modules' tensors are swapped for meta tensors: memory the trainer owns is freed, while
-    weights shared with a web-UI's own model stay untouched (the host still holds them).
+    weights shared with a web-UI's own model stay untouched (the host still holds them). A run with
+    previews keeps them on the CPU instead (``ctx.extras["keep_for_previews"]``).
     """
     import gc
 
     parts = ([ctx.bundle.vae] if vae else []) + (list(ctx.bundle.text_encoders) if text_encoders else [])
+    # Previews during the run still need them: they wait on the CPU and come back for each preview.
+    away = "cpu" if ctx.extras.get("keep_for_previews") else "meta"
     for module in parts:
         if module is not None:
-            module.to("meta")
+            module.to(away)
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()

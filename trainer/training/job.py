@@ -26,6 +26,7 @@ class JobResult:
     csv_paths: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     load_checks: list = field(default_factory=list)  # training.loadcheck.LoadCheck of each pass's last file
+    previews: list = field(default_factory=list)     # preview images written during the run, in order
 
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "model": "float16"}
@@ -75,7 +76,8 @@ def run_job(config, *, host, control: TrainControl | None = None, output_dir: Pa
 
     ``control`` carries stop and save-now requests in and progress, messages and previews out
     (one is made when not given). A host that shows progress or has its own Interrupt
-    (``Host.follow``) joins the same control for the run.
+    (``Host.follow``) joins the same control for the run. With ``preview_every_steps`` set, each
+    preview image written is announced through ``control.preview(step, paths)``.
     """
     from trainer.training import preflight
 
@@ -153,6 +155,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         ctx.extras["resume_pass"] = state["pass"] if state else 0
         ctx.extras["search_dirs"] = [output_dir]
         ctx.extras["data_plan"] = prep.data_plan
+        ctx.extras["keep_for_previews"] = int(getattr(config, "preview_every_steps", 0) or 0) > 0
         started = time.time()
         output_dir.mkdir(parents=True, exist_ok=True)
         if config.save_as_json and not resume and dist.is_main:
@@ -182,6 +185,8 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                 extra_state={"pass": index, "seed": seed, "config": config.to_dict(),
                              "csv": {task.name: str(csv.path)} if csv else {}},
             )
+            if ctx.extras["keep_for_previews"] and dist.is_main:
+                opts.preview = _previewer(task, bundle, prep, model_dtype, result, log, control)
             try:
                 if not task.skip_training:
                     out = loop.run(task, opts)
@@ -212,6 +217,60 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         return result
     finally:
         host.restore()
+
+
+def _previewer(task, bundle, prep, model_dtype, result: JobResult, log, control: TrainControl):
+    """The loop's preview callable of one pass: renders when due, records and reports the image."""
+    import torch
+
+    from trainer.training.previews import Previewer, default_prompts, preview_folder
+
+    config = task.config
+    planned = prep.data_plan.get("lora") if isinstance(prep.data_plan, dict) else None
+    captions = [item.prompt for item in planned[0]] if planned else []
+    previewer = Previewer(
+        bundle=bundle, network=task.network, prompts=default_prompts(config, captions),
+        folder=preview_folder(prep.logs_dir, prep.name), every=int(config.preview_every_steps),
+        seed=int(config.preview_seed), size=tuple(config.preview_size), steps=int(config.preview_steps),
+        negative=config.negative_prompt or "", autocast_dtype=None if model_dtype == torch.float32 else model_dtype,
+        on_parts=_bring_parts(bundle), prefix="" if task.name == "main" else f"{task.name}_")
+
+    def preview(step: int) -> None:
+        if not previewer.due(step):
+            return
+        try:
+            path = previewer.render_step(step)
+        except Exception as error:  # a preview is a view of the run, never a reason to end it
+            log(f"note: the preview at step {step} failed ({type(error).__name__}: {error})")
+            return
+        result.previews.append(path)
+        log(f"preview: {path}")
+        control.preview(step, [path])
+
+    return preview
+
+
+def _bring_parts(bundle):
+    """Moves the VAE and text encoders to the U-Net's device for a preview and back where they were."""
+    def where(module):
+        tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+        return None if tensor is None else tensor.device
+
+    kept: dict = {}
+
+    def move(back: bool) -> None:
+        for module in [bundle.vae, *bundle.text_encoders]:
+            if module is None:
+                continue
+            if back:
+                kept[id(module)] = where(module)
+                if kept[id(module)] is not None and kept[id(module)].type == "meta":
+                    raise RuntimeError("the VAE or a text encoder was released; previews need them")
+                module.to(bundle.device)
+            elif kept.get(id(module)) is not None:
+                module.to(kept.pop(id(module)))
+
+    return move
 
 
 def _load_check(path: Path, bundle, result: JobResult, log) -> None:

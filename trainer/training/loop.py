@@ -78,6 +78,7 @@ class LoopOptions:
     estimate: object = None                    # trainer.training.memory.estimate.MemoryEstimate, for OOM advice
     free_memory: int | None = None             # free device memory when the run started
     keep_other_state: bool = False             # a state already at state_path is another run's: keep it
+    preview: Callable[[int], object] | None = None  # called with the steps done after every step (renders when due)
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -237,6 +238,8 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, rate,
                                       (total - done) / rate if rate else 0.0, task.epoch))
 
+        if opts.preview is not None and dist.is_main:
+            opts.preview(done)
         periodic = every > 0 and done % every == 0
         asked = opts.control.take_save_request()  # consumed even on the last step: the final save answers it
         if (periodic or asked) and done < total and dist.is_main:

@@ -1,0 +1,62 @@
+"""Preview images during a run: written at the right steps, and never a change to what is trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import TinyHost, image_folder, quick_config
+from tiny import tiny_bundle
+from trainer.training.control import TrainControl
+from trainer.training.job import run_job
+from trainer.training.previews import default_prompts, render, split_prompts
+
+
+def _quiet(msg):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_render_draws_one_image_per_prompt_and_the_seed_decides(kind):
+    bundle = tiny_bundle(kind)
+    first = render(bundle, ["a red circle", "blue"], seed=3, size=(64, 48), steps=4)
+    again = render(bundle, ["a red circle"], seed=3, size=(64, 48), steps=4)
+    other = render(bundle, ["a red circle"], seed=4, size=(64, 48), steps=4)
+    assert [im.size for im in first] == [(48, 64), (48, 64)]
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_default_prompts_follow_the_mode():
+    lora = quick_config(lora_trigger_word="sks")
+    assert default_prompts(lora, ["sks, a cat", "sks, a dog", "sks, a cow"]) == ["sks", "sks, a cat", "sks, a dog"]
+    ileco = quick_config(mode="iLECO", original_prompt="red", target_prompt="blue")
+    assert default_prompts(ileco) == ["red", "blue"]
+    assert default_prompts(quick_config(preview_prompts="one\n\n two ")) == ["one", "two"]
+    assert split_prompts("") == []
+
+
+def test_previews_are_written_at_the_right_steps_and_do_not_change_the_trained_weights(tmp_path):
+    data = image_folder(tmp_path / "data", n=2)
+    saved, seen = {}, []
+    for previews in (0, 2):
+        cfg = quick_config(lora_data_directory=str(data), train_iterations="5", preview_every_steps=str(previews),
+                           preview_size="32", preview_steps="2", preview_prompts="pattern\ncolourful",
+                           save_lora_name=f"p{previews}")
+        control = TrainControl(on_log=_quiet, on_preview=lambda step, paths: seen.append((step, [p.name for p in paths])))
+        result = run_job(cfg, host=TinyHost("sd1", tmp_path / "out"), control=control, logs_dir=tmp_path / "logs")
+        saved[previews] = load_file(str(result.saved[-1]))
+        if previews:
+            assert [p.name for p in result.previews] == ["step_2.png", "step_4.png"]
+            assert all(p.parent.name == "previews" and p.parent.parent.name == "p2" for p in result.previews)
+            sheet = Image.open(result.previews[0])
+            assert sheet.size == (2 * 32 + 4, 2 * 32 + 4)  # two prompts x (network on, off)
+        else:
+            assert result.previews == []
+    assert seen == [(2, ["step_2.png"]), (4, ["step_4.png"])]
+    assert saved[0].keys() == saved[2].keys()
+    for key in saved[0]:
+        assert torch.equal(saved[0][key], saved[2][key]), key
