@@ -32,3 +32,23 @@ def test_the_demo_command_never_writes_into_a_folder_that_has_files(tmp_path, ca
     assert main(["demo", "--folder", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_the_standalone_page_offers_a_demo_run_only_when_no_model_is_found(tmp_path):
+    from helpers import TinyHost
+    from test_ui import ListingHost
+
+    from trainer.ui.actions import UiPaths
+    from trainer.ui.page import build_ui
+
+    bare = build_ui(TinyHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path))
+    assert bare.traintrain_widgets is not None
+    buttons = {b.elem_id: b for b in bare.blocks.values() if getattr(b, "elem_id", None) == "traintrain_demo"}
+    assert buttons["traintrain_demo"].visible
+    listed = build_ui(ListingHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path))
+    assert not [b for b in listed.blocks.values() if getattr(b, "elem_id", None) == "traintrain_demo" and b.visible]
+    runner = bare.traintrain.runner
+    assert runner.start_demo(tmp_path / "demo", steps=2) is None
+    snap = runner.wait(300)
+    assert "trained LoRA:" in snap.message and "0 keys unmatched" in snap.message
+    assert [step for _, step in runner.previews()] == [1, 2]

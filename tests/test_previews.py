@@ -60,3 +60,32 @@ def test_previews_are_written_at_the_right_steps_and_do_not_change_the_trained_w
     assert saved[0].keys() == saved[2].keys()
     for key in saved[0]:
         assert torch.equal(saved[0][key], saved[2][key]), key
+
+
+def test_the_page_shows_the_previews_of_a_run_and_generates_the_ileco_prompts(tmp_path):
+    from test_ui import ListingHost, _quick
+
+    from trainer.ui.actions import UiPaths
+    from trainer.ui.page import build_ui
+
+    data = image_folder(tmp_path / "data", n=2)
+    demo = build_ui(ListingHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path),
+                    output_dir=tmp_path / "out", poll_s=0.05)
+    ui = demo.traintrain
+    assert not demo.traintrain_widgets["previews"].value
+    list(ui.start(False, *_quick(data, train_iterations="4", preview_every_steps="2", preview_size="32",
+                                 preview_steps="2", save_lora_name="shown")))
+    gallery = list(ui.follow_previews())[-1]
+    assert [caption for _, caption in gallery] == ["step 4: step_4.png", "step 2: step_2.png"]
+    # the first two captions (no trigger word), each a row: network on | off
+    assert all(Image.open(path).size == (68, 68) for path, _ in gallery)
+
+    form = _quick(data, mode="iLECO", original_prompt="a red circle", target_prompt="a blue circle",
+                  preview_size="32", preview_steps="2")
+    images, message = ui.generate("All", *form)
+    assert [c for _, c in images] == ["original: a red circle", "target: a blue circle"]
+    assert all(im.size == (32, 32) for im, _ in images) and "seed 1" in message
+    [(one, caption)], _ = ui.generate("Target", *form)
+    assert caption == "target: a blue circle"
+    assert np.array_equal(np.asarray(one), np.asarray(images[1][0]))  # "All" used the same seed for both
+    assert ui.generate("Original", *_quick(data, mode="iLECO"))[1] == "Type the original prompt first."

@@ -297,6 +297,76 @@ class TrainTrainUI:
             return
         yield from self._follow()
 
+    # --- previews and the demo -------------------------------------------------------------
+
+    def preview_gallery(self) -> list:
+        """The gallery's value: every preview of the current or last run, newest first, captioned."""
+        return [(str(path), f"step {step}: {path.name}") for path, step in reversed(self.runner.previews())]
+
+    def follow_previews(self, wait_s: float = 10.0) -> Iterator[list]:
+        """The preview gallery while a run goes (sent when a new image came), then once more at the end.
+
+        Start and this follower are two events of one click, so a run may not have begun yet when this
+        starts: it waits up to ``wait_s`` seconds for one."""
+        waited = 0.0
+        while not self.runner.running and waited < wait_s:
+            time.sleep(self.runner.poll_s)
+            waited += self.runner.poll_s
+        shown = None
+        while self.runner.running:
+            now = self.preview_gallery()
+            if now != shown:
+                yield now
+                shown = now
+            time.sleep(self.runner.poll_s)
+        yield self.preview_gallery()
+
+    def follow_previews_at_load(self) -> Iterator[list]:
+        """The preview gallery of the run going on (or the last one) when the page is loaded."""
+        yield from self.follow_previews(wait_s=0.0)
+
+    def start_demo(self) -> Iterator[tuple[str, str]]:
+        """Try a demo run: a LoRA on a tiny built-in model (``python -m trainer demo``); (progress, message)."""
+        refusal = self.runner.start_demo()
+        if refusal:
+            yield self.runner.snapshot().progress, refusal
+            return
+        yield from self._follow()
+
+    # --- iLECO prompt preview ------------------------------------------------------------
+
+    def generate(self, which: str, *args):
+        """Generate Original / Target / All: the iLECO prompts rendered with the chosen model and the
+        trainer's own sampler (``preview_seed``, ``preview_size``, ``preview_steps``; "All": one seed for
+        both); returns (gallery value, message)."""
+        from trainer.training.previews import render
+
+        values = ui_form.values_of(args)
+        prompts = {"Original": [values["original_prompt"]], "Target": [values["target_prompt"]],
+                   "All": [values["original_prompt"], values["target_prompt"]]}[which]
+        if not any((p or "").strip() for p in prompts):
+            return [], f"Type the {'prompts' if which == 'All' else which.lower() + ' prompt'} first."
+        if self.runner.running:
+            return [], "A training run is going; generate when it has finished."
+        try:
+            config = self._config(args, with_inputs=False)
+        except ConfigError as error:
+            return [], _errors(error)
+        try:
+            bundle = self.host.load(config)
+        except Exception as error:  # a model that cannot load is said like a run's error
+            return [], f"Error: {error}"
+        try:
+            images = render(bundle, [p or "" for p in prompts], seed=int(config.preview_seed),
+                            size=tuple(config.preview_size), steps=int(config.preview_steps),
+                            negative=config.negative_prompt or "")
+        finally:
+            self.host.restore()
+        names = {"Original": ["original"], "Target": ["target"], "All": ["original", "target"]}[which]
+        message = (f"{which}: seed {config.preview_seed}, {config.preview_steps} steps, "
+                   f"{config.preview_size[1]}x{config.preview_size[0]} (the preview settings)")
+        return [(image, f"{name}: {prompt}") for image, name, prompt in zip(images, names, prompts)], message
+
     # --- queue ---------------------------------------------------------------------------
 
     def queue_view(self):

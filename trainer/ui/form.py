@@ -89,7 +89,7 @@ def make_widget(p: Param, value: object, prefix: str = "", visible: bool = True)
         return gr.Checkbox(value=value, **common)
     if p.ui == "CB":
         return gr.CheckboxGroup(choices=list(p.choices), value=value, **common)
-    return gr.Textbox(value=value, lines=1, **common)
+    return gr.Textbox(value=value, lines=3 if p.name.endswith("_prompts") else 1, **common)
 
 
 def default_values() -> dict[str, object]:

@@ -67,6 +67,9 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
         b["save_now"] = gr.Button("Save now", elem_id="traintrain_save_now")
         b["queue"] = gr.Button("Add to Queue", elem_id="traintrain_add_queue")
         b["follow"] = gr.Button("Show progress", elem_id="traintrain_show_progress")
+        # the standalone page without a model: one click shows what a run looks like
+        b["demo"] = gr.Button("Try a demo run", visible=ui.standalone and not ui.model_choices(),
+                              elem_id="traintrain_demo")
     w["resume"] = gr.Checkbox(value=False, label="resume the stopped run",
                               info="Start continues the last stopped run of this save lora name from where "
                                    "Stop left it, instead of starting over.", elem_id="traintrain_resume")
@@ -100,11 +103,19 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
                                         info="What the original prompt should produce; blank erases the concept.")
         w["negative_prompt"] = gr.Textbox(label="Negative Prompt", lines=1, elem_id="traintrain_negative_prompt",
                                           info="Not used in training; kept with the run's settings.")
+        with gr.Row():
+            b["gen_original"] = gr.Button("Generate Original", elem_id="traintrain_generate_original")
+            b["gen_target"] = gr.Button("Generate Target", elem_id="traintrain_generate_target")
+            b["gen_all"] = gr.Button("Generate All", elem_id="traintrain_generate_all")
+        w["generated"] = gr.Gallery(label="Prompt preview (the model chosen above; preview seed, size and steps)",
+                                    columns=2, elem_id="traintrain_generated")
     with gr.Row(visible=False, elem_id="traintrain_images") as w["images_group"]:
         w["original_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Original Image",
                                        elem_id="traintrain_original_image")
         w["target_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Target Image",
                                      elem_id="traintrain_target_image")
+    w["previews"] = gr.Gallery(label="Previews (preview_every_steps; each image: a row per prompt, network on "
+                                     "left, off right)", columns=4, elem_id="traintrain_previews")
     required = [p for p in ui_form.PASS1 if p.group == "required"]
     optional = [p for p in ui_form.PASS1 if p.group == "optional"]
     with gr.Accordion("Required Parameters", open=True, elem_id="traintrain_required"):
@@ -209,6 +220,12 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     train["stop"].click(ui.stop, [], [w["progress"]], api_name="traintrain_stop")
     train["save_now"].click(ui.save_now, [], [w["progress"]], api_name="traintrain_save_now")
     train["follow"].click(ui.follow, [], [w["progress"], w["message"]], show_progress="hidden")
+    train["demo"].click(ui.start_demo, [], [w["progress"], w["message"]], show_progress="hidden")
+    for button in ("start", "follow", "demo"):
+        train[button].click(ui.follow_previews, [], [w["previews"]], show_progress="hidden")
+    for which in ("Original", "Target", "All"):
+        train[f"gen_{which.lower()}"].click(_bound(ui.generate, which), form, [w["generated"], w["message"]],
+                                           api_name=f"traintrain_generate_{which.lower()}")
     train["queue"].click(ui.add_to_queue, form, [w["message"], *view], api_name="traintrain_add_queue")
     train["save"].click(ui.save_preset, [w["preset_overwrite"], *form],
                         [w["message"], w["preset"], w["preset_overwrite"]], api_name="traintrain_save_preset")
@@ -243,6 +260,14 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     w["model"].change(ui.remember_model, [w["model"]], [])
     demo.load(ui.page_load, [], [w["model"], *view, w["log"]])
     demo.load(ui.follow_at_load, [], [w["progress"], w["message"]], show_progress="hidden")
+    demo.load(ui.follow_previews_at_load, [], [w["previews"]], show_progress="hidden")
+
+
+def _bound(fn, first):
+    """``fn`` with its first argument fixed (a plain function: gradio reads the handler's signature)."""
+    def handler(*args):
+        return fn(first, *args)
+    return handler
 
 
 def page_css() -> str:

@@ -78,6 +78,7 @@ class Runner:
         self._step_line = ""  # the last progress event's line, kept when the run ends
         self._message = ""
         self._current_name: str | None = None
+        self._previews: list = []  # preview images of the current (or last) run, oldest first
 
     # --- state ---------------------------------------------------------------------------
 
@@ -98,12 +99,21 @@ class Runner:
     def _new_control(self):
         from trainer.training.control import TrainControl
 
-        return TrainControl(on_progress=self._on_progress, on_log=self._on_log)
+        return TrainControl(on_progress=self._on_progress, on_log=self._on_log, on_preview=self._on_preview)
 
     def _on_log(self, text: str) -> None:
         self.echo(text)
         with self._lock:
             self._line = text.splitlines()[0] if text else self._line
+
+    def _on_preview(self, step: int, paths) -> None:
+        with self._lock:
+            self._previews += [(Path(p), step) for p in paths]
+
+    def previews(self) -> list:
+        """(image path, step) of every preview of the current or last run, oldest first."""
+        with self._lock:
+            return list(self._previews)
 
     def _on_progress(self, event) -> None:
         with self._lock:
@@ -122,6 +132,7 @@ class Runner:
             self._message = (f"Training {label}, started {time.strftime('%H:%M')}. Stop and Save ends it early "
                              "and keeps what was learned.")
             self._step_line = ""
+            self._previews = []
 
             control = self.control
 
@@ -158,6 +169,16 @@ class Runner:
             return "\n".join([page_message(result), *checked, *(f"note: {n}" for n in result.notes)])
 
         return self._begin(f"{name} ({config.mode})", target, name)
+
+    def start_demo(self, folder: Path | None = None, steps: int | None = None) -> str | None:
+        """The first run without a model (``trainer.training.demo``) in the background; a refusal or None."""
+        from trainer.training.demo import STEPS, run_demo
+
+        def target() -> str:
+            result = run_demo(folder, steps=steps or STEPS, control=self.control, device=self.device)
+            return "\n".join([result.message, *result.lines()])
+
+        return self._begin("demo (LoRA on a tiny built-in model)", target, "demo")
 
     def start_queue(self) -> str | None:
         """Train every pending queue item in the background; a refusal message or None."""
