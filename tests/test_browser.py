@@ -250,3 +250,48 @@ def test_train_queue_and_plot_in_the_browser(served):
         page.click("#traintrain_requeue_item")
         _wait_text(page, "traintrain_queue_message", "Pending again: item 1 ('browser_a'); press Run queue")
         browser.close()
+
+
+@pytest.mark.slow
+def test_the_preview_gallery_fills_during_a_run_and_the_image_tab_answers(served):
+    url, paths, tmp_path = served
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(20_000)
+        page.goto(url, wait_until="networkidle")
+        page.wait_for_selector("#traintrain_mode")
+        assert not page.is_visible("#traintrain_demo")  # a model is listed: no demo button
+
+        page.click("#traintrain_refresh_presets")
+        _choose(page, "traintrain_preset", "quick")
+        page.click("#traintrain_load_preset")
+        _wait_text(page, "traintrain_message", "Loaded")
+        for elem, value in (("traintrain_save_lora_name", "browser_previews"), ("traintrain_train_iterations", "40"),
+                            ("traintrain_preview_every_steps", "2"), ("traintrain_preview_size", "32"),
+                            ("traintrain_preview_steps", "2")):
+            _fill(page, elem, value)
+        page.click("#traintrain_start")
+        count = "() => document.querySelectorAll('#traintrain_previews img').length"
+        page.wait_for_function(f"() => ({count})() >= 1", timeout=60_000)
+        running = _text(page, "traintrain_progress")
+        page.locator("#traintrain_previews").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "8_previews_during_run.png"))
+        assert "(finished)" not in running  # the gallery filled while the run went on
+        _wait_text(page, "traintrain_message", "Finished: saved", timeout_s=90)
+        page.wait_for_function(f"() => ({count})() >= 20", timeout=20_000)
+        page.screenshot(path=str(SHOTS / "9_previews_done.png"), full_page=True)
+        folder = next(paths.logs.glob("*/browser_previews/previews"))
+        assert sorted(f.name for f in folder.iterdir()) == sorted(f"step_{k}.png" for k in range(2, 41, 2))
+
+        # The Image tab writes copies next to the images and refuses to write them twice.
+        _tab(page, "Image")
+        _fill(page, "traintrain_aug_dir", str(tmp_path / "data"))
+        page.click("#traintrain_aug_from_dir")
+        _wait_text(page, "traintrain_aug_message", "Wrote 10 image(s) and 10 caption file(s)")
+        page.click("#traintrain_aug_from_dir")
+        _wait_text(page, "traintrain_aug_message", "Error: not written")
+        page.screenshot(path=str(SHOTS / "10_image_tab.png"))
+        assert len(list((tmp_path / "data").glob("img*_id_*.png"))) == 10
+        browser.close()

@@ -73,9 +73,12 @@ def test_the_page_shows_the_previews_of_a_run_and_generates_the_ileco_prompts(tm
                     output_dir=tmp_path / "out", poll_s=0.05)
     ui = demo.traintrain
     assert not demo.traintrain_widgets["previews"].value
-    list(ui.start(False, *_quick(data, train_iterations="4", preview_every_steps="2", preview_size="32",
-                                 preview_steps="2", save_lora_name="shown")))
-    gallery = list(ui.follow_previews())[-1]
+    seen = list(ui.start_shown(False, *_quick(data, train_iterations="4", preview_every_steps="2",
+                                              preview_size="32", preview_steps="2", save_lora_name="shown")))
+    assert "Finished" in seen[-1][1]
+    galleries = [g for *_, g in seen if isinstance(g, list)]  # sent when it changed
+    gallery = galleries[-1]
+    assert gallery == ui.preview_gallery() and len(galleries) == len({len(g) for g in galleries})
     assert [caption for _, caption in gallery] == ["step 4: step_4.png", "step 2: step_2.png"]
     # the first two captions (no trigger word), each a row: network on | off
     assert all(Image.open(path).size == (68, 68) for path, _ in gallery)

@@ -303,27 +303,27 @@ class TrainTrainUI:
         """The gallery's value: every preview of the current or last run, newest first, captioned."""
         return [(str(path), f"step {step}: {path.name}") for path, step in reversed(self.runner.previews())]
 
-    def follow_previews(self, wait_s: float = 10.0) -> Iterator[list]:
-        """The preview gallery while a run goes (sent when a new image came), then once more at the end.
-
-        Start and this follower are two events of one click, so a run may not have begun yet when this
-        starts: it waits up to ``wait_s`` seconds for one."""
-        waited = 0.0
-        while not self.runner.running and waited < wait_s:
-            time.sleep(self.runner.poll_s)
-            waited += self.runner.poll_s
+    def with_previews(self, updates: Iterator[tuple]) -> Iterator[tuple]:
+        """``updates`` (progress, message) with the preview gallery added, sent when it changed: the
+        page wires Start, Show progress, the demo and the page load through this, so the gallery fills
+        in the same stream as the progress."""
         shown = None
-        while self.runner.running:
+        for update in updates:
             now = self.preview_gallery()
-            if now != shown:
-                yield now
-                shown = now
-            time.sleep(self.runner.poll_s)
-        yield self.preview_gallery()
+            yield (*update, gr.update() if now == shown else now)
+            shown = now
 
-    def follow_previews_at_load(self) -> Iterator[list]:
-        """The preview gallery of the run going on (or the last one) when the page is loaded."""
-        yield from self.follow_previews(wait_s=0.0)
+    def start_shown(self, resume: bool, *args):
+        yield from self.with_previews(self.start(resume, *args))
+
+    def follow_shown(self):
+        yield from self.with_previews(self.follow())
+
+    def follow_at_load_shown(self):
+        yield from self.with_previews(self.follow_at_load())
+
+    def start_demo_shown(self):
+        yield from self.with_previews(self.start_demo())
 
     def start_demo(self) -> Iterator[tuple[str, str]]:
         """Try a demo run: a LoRA on a tiny built-in model (``python -m trainer demo``); (progress, message)."""

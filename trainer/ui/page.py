@@ -183,7 +183,7 @@ def _image_tab(ui: TrainTrainUI, w: dict) -> dict:
         w["aug_out"] = gr.Textbox(label="Output directory", lines=1, scale=3, elem_id="traintrain_aug_out",
                                   info="Blank: next to the originals (From Directory); From File needs one.")
         w["aug_name"] = gr.Textbox(label="Output name", lines=1, scale=2, elem_id="traintrain_aug_name",
-                                   info="From File: copies are <name>_id_<n>.png (blank: the file's name).")
+                                   info="From File: copies are NAME_id_0.png, NAME_id_1.png, ... (blank: the file's name).")
     w["aug_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Image (From File)",
                               elem_id="traintrain_aug_image")
     with gr.Row():
@@ -215,14 +215,13 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     visibility = [w[p.name] for p in ui_form.PASS1] + [w["ileco_group"], w["images_group"], w["pass2_group"]]
 
     w["mode"].change(ui.change_mode, [w["mode"]], visibility)
-    train["start"].click(ui.start, [w["resume"], *form], [w["progress"], w["message"]], api_name="traintrain_start",
+    shown = [w["progress"], w["message"], w["previews"]]
+    train["start"].click(ui.start_shown, [w["resume"], *form], shown, api_name="traintrain_start",
                          show_progress="hidden")
     train["stop"].click(ui.stop, [], [w["progress"]], api_name="traintrain_stop")
     train["save_now"].click(ui.save_now, [], [w["progress"]], api_name="traintrain_save_now")
-    train["follow"].click(ui.follow, [], [w["progress"], w["message"]], show_progress="hidden")
-    train["demo"].click(ui.start_demo, [], [w["progress"], w["message"]], show_progress="hidden")
-    for button in ("start", "follow", "demo"):
-        train[button].click(ui.follow_previews, [], [w["previews"]], show_progress="hidden")
+    train["follow"].click(ui.follow_shown, [], shown, show_progress="hidden")
+    train["demo"].click(ui.start_demo_shown, [], shown, show_progress="hidden")
     for which in ("Original", "Target", "All"):
         train[f"gen_{which.lower()}"].click(_bound(ui.generate, which), form, [w["generated"], w["message"]],
                                            api_name=f"traintrain_generate_{which.lower()}")
@@ -259,8 +258,7 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     # remembered model, the queue file, the logs, and the run going on.
     w["model"].change(ui.remember_model, [w["model"]], [])
     demo.load(ui.page_load, [], [w["model"], *view, w["log"]])
-    demo.load(ui.follow_at_load, [], [w["progress"], w["message"]], show_progress="hidden")
-    demo.load(ui.follow_previews_at_load, [], [w["previews"]], show_progress="hidden")
+    demo.load(ui.follow_at_load_shown, [], [w["progress"], w["message"], w["previews"]], show_progress="hidden")
 
 
 def _bound(fn, first):
