@@ -66,7 +66,8 @@ from typing import Callable, Iterable, Mapping
 # this (in a fresh interpreter) is not kept. tests/test_install.py checks it covers trainer/.
 TRAINER_IMPORTS = """\
 import diffusers, transformers, accelerate
-from diffusers import AutoencoderKL, UNet2DConditionModel, DDPMScheduler
+from diffusers import AutoencoderKL, UNet2DConditionModel, DDPMScheduler, EulerDiscreteScheduler
+from diffusers.utils import USE_PEFT_BACKEND
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D

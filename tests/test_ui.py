@@ -354,11 +354,13 @@ def test_a_loaded_page_shows_the_queue_file_logs_and_model_of_now(tmp_path):
     assert table[0][1] == "later" and items["choices"] == ["1: later (pending)"]
     assert "20260101/later.csv" in log["choices"] and log["value"] == "(newest)"
     assert model["value"] == ui_form.LOADED_MODEL
-    ids = {name: w[name]._id for name in ("model", "queue_table", "queue_item", "log", "progress", "message")}
+    ids = {name: w[name]._id for name in ("model", "queue_table", "queue_item", "log", "progress", "message",
+                                          "previews")}
     events = _load_events(demo)
     assert {ids["model"], ids["queue_table"], ids["queue_item"], ids["log"]} in events
-    assert {ids["progress"], ids["message"]} in events
+    assert {ids["progress"], ids["message"], ids["previews"]} in events  # the preview gallery with the progress
     assert list(ui.follow_at_load()) == [(gr.update(), gr.update())]  # nothing ran: leave the boxes alone
+    assert list(ui.follow_at_load_shown()) == [(gr.update(), gr.update(), [])]
 
 
 def test_presets_are_saved_beside_the_shipped_ones_which_stay_untouched(page, tmp_path):
