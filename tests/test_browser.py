@@ -39,8 +39,9 @@ class PageHost(TinyHost):
     def list_vaes(self):
         return []
 
-    def progress(self, event):
-        time.sleep(0.2)
+    def follow(self, control):
+        """Joins each run (Host.follow) to slow its steps a little."""
+        return control.listen(on_progress=lambda event: time.sleep(0.2))
 
 
 def _free_port() -> int:

@@ -29,8 +29,8 @@ class ListingHost(TinyHost):
 class SlowHost(ListingHost):
     """Slows each step a little, so progress can be seen between steps."""
 
-    def progress(self, event):
-        time.sleep(0.15)
+    def follow(self, control):
+        return control.listen(on_progress=lambda event: time.sleep(0.15))
 
 
 @pytest.fixture
