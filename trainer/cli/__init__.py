@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="a first run without a model: train a LoRA on a tiny built-in model (~1 min on CPU)")
     d.add_argument("--folder", default=None, help="where to write everything (default: a new temporary folder)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default 240)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
     d.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
 
     g = sub.add_parser("plot", help="draw the loss chart of a CSV log as an image")

@@ -20,7 +20,7 @@ from PIL import Image
 
 TRIGGER = "ttdemo"
 NAME = "demo"
-STEPS = 240
+STEPS = 200
 SIZE = 64
 PROMPTS = (f"{TRIGGER}, a red circle", "a red circle")
 
