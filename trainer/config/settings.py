@@ -118,6 +118,11 @@ class TrainConfig:
     ileco_latents: Literal['noise', 'trajectory']
     clip_skip: int
     embeddings_dir: str
+    preview_prompts: str
+    preview_every_steps: int
+    preview_seed: int
+    preview_size: tuple[int, int]
+    preview_steps: int
     # --- end generated attributes ---
     mode: str
     model: str
