@@ -356,6 +356,10 @@ class TrainTrainUI:
             bundle = self.host.load(config)
         except Exception as error:  # a model that cannot load is said like a run's error
             return [], f"Error: {error}"
+        if config.clip_skip:  # read the prompts as the run will (the run's own clip skip wins)
+            from dataclasses import replace
+
+            bundle.text_options = replace(bundle.text_options, clip_skip=config.clip_skip)
         try:
             images = render(bundle, [p or "" for p in prompts], seed=int(config.preview_seed),
                             size=tuple(config.preview_size), steps=int(config.preview_steps),
