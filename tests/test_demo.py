@@ -47,7 +47,16 @@ def test_the_standalone_page_offers_a_demo_run_only_when_no_model_is_found(tmp_p
     assert buttons["traintrain_demo"].visible
     listed = build_ui(ListingHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path))
     assert not [b for b in listed.blocks.values() if getattr(b, "elem_id", None) == "traintrain_demo" and b.visible]
-    runner = bare.traintrain.runner
+
+
+@pytest.mark.slow
+def test_the_page_runs_the_demo_in_the_background_with_its_previews(tmp_path):
+    from helpers import TinyHost
+
+    from trainer.ui.actions import UiPaths
+    from trainer.ui.page import build_ui
+
+    runner = build_ui(TinyHost("sd1", tmp_path / "out"), standalone=True, paths=UiPaths.under(tmp_path)).traintrain.runner
     assert runner.start_demo(tmp_path / "demo", steps=2) is None
     snap = runner.wait(300)
     assert "trained LoRA:" in snap.message and "0 keys unmatched" in snap.message
