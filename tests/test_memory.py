@@ -88,6 +88,24 @@ def test_text_encoder_training_and_freeing_after_caching():
     assert freed.phases["training"] < b.phases["training"]
 
 
+def test_previews_bring_the_vae_and_text_encoders_back_and_the_estimate_counts_them():
+    off = _config({"image_size(height, width)": "512", "no_base": True})
+    on = _config({"image_size(height, width)": "512", "no_base": True, "preview_every_steps": "50",
+                  "preview_size": "1024"})
+    plain = memory.estimate_peak(off, "sd1", "cuda")
+    shown = memory.estimate_peak(on, "sd1", "cuda")
+    assert "previews" not in plain.phases
+    preview = shown.phases["previews"]
+    every_weight = sum(memory._weights(memory.PARAMS["sd1"], 4, 4).values())  # fp32: quick_config's precision
+    assert preview > every_weight  # U-Net, VAE and text encoders together, plus the network's state
+    assert "previews" not in shown.with_facts(preview_cells=0).phases
+    # the preview phase holds every weight and the network's state; a bigger preview costs more
+    smaller = memory.estimate_peak(_config({"image_size(height, width)": "512", "no_base": True,
+                                            "preview_every_steps": "50", "preview_size": "512"}), "sd1", "cuda")
+    assert smaller.phases["previews"] < preview
+    assert shown.total >= plain.total
+
+
 def test_network_parameter_count_matches_the_built_network():
     """The analytic count equals the parameters create_network makes, for every network type."""
     from tiny import tiny_bundle

@@ -131,6 +131,14 @@ def compute(facts: dict, parts: dict) -> MemoryEstimate:
     encode = (VAE_ENCODE[0] + VAE_ENCODE[1] * facts["cells"]) * MiB * (VAE_HALF_FACTOR if facts["vae_bytes"] == 2 else 1)
     phases["caching latents"] = {"runtime": runtime, **weights, "VAE encode (largest bucket)": encode}
     phases["training"] = {"runtime": runtime, **_kept(weights, facts), **_network(facts, parts), **_work(facts)}
+    if facts.get("preview_cells"):
+        # A preview brings the VAE and text encoders back beside the network and its optimizer state;
+        # the step's activations are freed by then. The decode is priced with the encode's formula
+        # at the preview size (no decode measurement yet).
+        decode = (VAE_ENCODE[0] + VAE_ENCODE[1] * facts["preview_cells"]) * MiB * \
+            (VAE_HALF_FACTOR if facts["vae_bytes"] == 2 else 1)
+        phases["previews"] = {"runtime": runtime, **weights, **_network(facts, parts),
+                              "VAE decode (preview)": decode}
     phase = max(phases, key=lambda p: sum(phases[p].values()))
     notes = []
     if facts["free_after_caching"]:
@@ -177,7 +185,16 @@ def config_facts(config: Any, family: str, kind: str) -> dict:
         "optimizer": str(config.train_optimizer),
         "train_te": facts.text_encoder and "BASE" in list(config.network_blocks or []),
         "networks": len(facts.passes),  # an earlier pass's network (Difference's copy) stays applied
+        "preview_cells": _preview_cells(config),
     }
+
+
+def _preview_cells(config: Any) -> int:
+    """Latent cells of a preview image, 0 when previews are off."""
+    if int(getattr(config, "preview_every_steps", 0) or 0) <= 0:
+        return 0
+    height, width = (int(v) for v in tuple(getattr(config, "preview_size", (512, 512))))
+    return (height // 8) * (width // 8)
 
 
 def param_counts(model: Any, family: str) -> dict:
