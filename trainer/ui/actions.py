@@ -356,10 +356,14 @@ class TrainTrainUI:
             bundle = self.host.load(config)
         except Exception as error:  # a model that cannot load is said like a run's error
             return [], f"Error: {error}"
-        if config.clip_skip:  # read the prompts as the run will (the run's own clip skip wins)
-            from dataclasses import replace
+        from dataclasses import replace
 
+        # read the prompts as the run will: its own clip skip and embeddings folder win over the host's
+        if config.clip_skip:
             bundle.text_options = replace(bundle.text_options, clip_skip=config.clip_skip)
+        if config.embeddings_dir:
+            bundle.text_options = replace(bundle.text_options,
+                                          embeddings_dir=str(Path(config.embeddings_dir).expanduser()))
         try:
             images = render(bundle, [p or "" for p in prompts], seed=int(config.preview_seed),
                             size=tuple(config.preview_size), steps=int(config.preview_steps),
