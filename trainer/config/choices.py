@@ -47,3 +47,4 @@ FLUX_BLOCK_IDS = ("CLIP", "T5", "IN") + tuple(f"D{i:02d}" for i in range(19)) + 
 ZIMAGE_BLOCK_IDS = ("QWEN3", "IN") + tuple(f"S{i:02d}" for i in range(30)) + ("OUT",)
 # Ids a settings file may hold besides BLOCKID26 (the UI shows BLOCKID26 only).
 TRANSFORMER_BLOCK_IDS = tuple(dict.fromkeys(FLUX_BLOCK_IDS + ZIMAGE_BLOCK_IDS))
+MEMORY_PROFILES = ("speed", "balanced", "low", "auto")

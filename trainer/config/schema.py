@@ -271,6 +271,14 @@ _EXTENSION_ROWS = [
      "Preview image size, 'height,width' or one number (multiples of 8).", {}),
     ("preview_steps", "int", 20, "TX", "L I D A M",
      "Sampling steps of a preview image (Euler).", dict(minimum=1, maximum=150)),
+    ("memory_profile", "choice", "speed", "DD", "L I D A M",
+     "How much speed to trade for memory. speed: the settings as they are. balanced: gradient "
+     "checkpointing and base weights stored in 16 bits. low: also base weights in fp8 (upcast per "
+     "layer), an 8-bit optimizer, the VAE in bf16 and the U-Net on the GPU only after caching, and "
+     "optimizer state paged to system memory if it still does not fit. auto: the fastest of these "
+     "that the memory estimate says fits in the free GPU memory (speed on a CPU). Each change is "
+     "logged with its reason; it only ever switches savings on.",
+     dict(choices=C.MEMORY_PROFILES)),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)

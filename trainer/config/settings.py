@@ -123,6 +123,7 @@ class TrainConfig:
     preview_seed: int
     preview_size: tuple[int, int]
     preview_steps: int
+    memory_profile: Literal['speed', 'balanced', 'low', 'auto']
     # --- end generated attributes ---
     mode: str
     model: str

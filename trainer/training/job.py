@@ -107,6 +107,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
     from trainer.training import loop
     from trainer.modes import get_mode
     from trainer.modes.base import ModeContext
+    from trainer.training.memory.profiles import place_unet, use_sdpa
     from trainer.training.preflight import check_room
     from trainer.training.runlog import CsvLog, csv_path
 
@@ -134,16 +135,20 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                                       embeddings_dir=str(Path(config.embeddings_dir).expanduser()))
     result = JobResult("")
     try:
-        estimate, free = _memory_plan(config, bundle, device, log)
+        memory = _memory_plan(config, bundle, device, log)
+        estimate, free, run_config = memory.estimate, memory.free, memory.config
+        vae_dtype = resolve_dtype(run_config.train_VAE_precision, device, field_name="train_VAE_precision")
         seed = state["seed"] if state else seed_everything(config.train_seed)
         if state:
             seed_everything(seed)
         bundle.freeze()
         for te in bundle.text_encoders:
             _place(te, device, model_dtype)
-        _place(bundle.unet, device, model_dtype)
+        place_unet(bundle.unet, device, model_dtype, memory, _place, log)
         _place(bundle.vae, device, vae_dtype)
-        if config.use_gradient_checkpointing:
+        if memory.profile != "speed":
+            log(f"  {use_sdpa(bundle.unet)}")
+        if run_config.use_gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
             bundle.unet.train()  # diffusers checkpoints only in train mode; SD has no dropout
         if config.zero_terminal_snr:
@@ -163,7 +168,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
             config.to_json(output_dir / f"{name}.json")
             stamp = time.strftime("%Y%m%d_%H%M%S")
             config.to_json(paths.jsons_dir() / time.strftime("%Y%m%d") / f"{name}-{stamp}.json")
-        for index, task in enumerate(get_mode(config.mode).build_tasks(config, ctx)):
+        for index, task in enumerate(get_mode(config.mode).build_tasks(run_config, ctx)):
             if state and index < state["pass"]:
                 continue
             stem = name if task.name == "main" else f"{name}_{task.name}"
@@ -173,7 +178,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                              else csv_path(logs_dir, name, "" if task.name == "main" else f"_{task.name}"),
                              _csv_info(task.config, bundle), len(task.param_groups()), append=bool(state))
                 result.csv_paths.append(csv.path)
-            saver = _saver(task, bundle, output_dir, save_dtype, seed, started, config, log)
+            saver = _saver(task, bundle, output_dir, save_dtype, seed, started, run_config, log)
             if dist.is_main and not task.skip_training:
                 every, total = task.config.save_per_steps, task.config.train_iterations
                 files = (len(range(every, total, every)) if every > 0 else 0) + 1
@@ -290,19 +295,27 @@ def _load_check(path: Path, bundle, result: JobResult, log) -> None:
 
 
 def _memory_plan(config, bundle, device, log):
-    """Estimate the run's peak memory, say it, and warn (with what to switch on) when it will
-    not fit in the device's free memory."""
+    """Estimate the run's peak memory, choose the memory profile's savings (memory/profiles.py),
+    say both, and warn (with what to switch on) when it will not fit in the free memory."""
+    from trainer.training.memory import profiles
     from trainer.training.memory.advice import format_estimate
     from trainer.training.memory.estimate import estimate_peak, free_device_memory
 
+    free = free_device_memory(device)
     try:
         estimate = estimate_peak(config, bundle, device)
     except (ValueError, KeyError) as exc:  # an unusual model: train anyway, without the estimate
         log(f"note: no memory estimate for this model ({exc})")
-        return None, None
-    free = free_device_memory(device)
-    log(format_estimate(estimate, free))
-    return estimate, free
+        estimate = None
+    memory = profiles.plan(config, estimate, device, free)
+    if memory.profile != "speed" or memory.asked != "speed":
+        for line in memory.lines():
+            log(line)
+    if memory.estimate is not None:
+        log(format_estimate(memory.estimate, free))
+    if memory.hint:
+        log(memory.hint)
+    return memory
 
 
 def _place(module, device, dtype) -> None:

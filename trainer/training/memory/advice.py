@@ -30,10 +30,10 @@ def _candidates(est: MemoryEstimate) -> list[tuple[str, dict]]:
     if f["model_bytes"] == 4:
         if f["device"] == "cuda":
             out.append(("set train_model_precision to fp16 (or bf16 on RTX 30xx and newer)",
-                        {"model_bytes": 2, "model_precision": "fp16"}))
+                        {"model_bytes": 2, "unet_bytes": min(2, f.get("unet_bytes", 4)), "model_precision": "fp16"}))
         else:
             out.append(("set train_model_precision to bf16 (fast only on CPUs with AVX512-BF16/AMX)",
-                        {"model_bytes": 2, "model_precision": "bf16"}))
+                        {"model_bytes": 2, "unet_bytes": min(2, f.get("unet_bytes", 4)), "model_precision": "bf16"}))
     if f["optimizer"] in _HALF_SAVING_OPTIMIZERS and f["device"] == "cuda":
         out.append((f"use the AdamW8bit optimizer instead of {f['optimizer']} (8-bit optimizer state)",
                     {"optimizer": "AdamW8bit"}))

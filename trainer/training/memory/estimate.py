@@ -123,13 +123,15 @@ def compute(facts: dict, parts: dict) -> MemoryEstimate:
     """The estimate from settings (``facts``) and counts (``parts``); see the module docstring."""
     kind = facts["device"]
     runtime = RUNTIME.get(kind, RUNTIME["cuda"])
-    weights = _weights(parts["params"], facts["model_bytes"], facts["vae_bytes"])
+    weights = _weights(parts["params"], facts.get("unet_bytes", facts["model_bytes"]), facts["vae_bytes"],
+                       te_bytes=facts["model_bytes"])
     phases: dict[str, dict] = {}
     if facts["checkpoint_bytes"] and kind == "cpu":
         phases["loading the model"] = {"runtime": runtime, "checkpoint file held by the loader": facts["checkpoint_bytes"],
                                        **_weights(parts["params"], 4, 4)}
     encode = (VAE_ENCODE[0] + VAE_ENCODE[1] * facts["cells"]) * MiB * (VAE_HALF_FACTOR if facts["vae_bytes"] == 2 else 1)
-    phases["caching latents"] = {"runtime": runtime, **weights, "VAE encode (largest bucket)": encode}
+    cached_with = {k: v for k, v in weights.items() if not (k == "U-Net weights" and facts.get("unet_after_caching"))}
+    phases["caching latents"] = {"runtime": runtime, **cached_with, "VAE encode (largest bucket)": encode}
     phases["training"] = {"runtime": runtime, **_kept(weights, facts), **_network(facts, parts), **_work(facts)}
     if facts.get("preview_cells"):
         # A preview brings the VAE and text encoders back beside the network and its optimizer state;
@@ -184,6 +186,9 @@ def config_facts(config: Any, family: str, kind: str) -> dict:
         "vae_bytes": PRECISION_BYTES.get(str(getattr(config, "train_VAE_precision", "fp32")), 4),
         "optimizer": str(config.train_optimizer),
         "train_te": facts.text_encoder and "BASE" in list(config.network_blocks or []),
+        # set by a memory profile (trainer/training/memory/profiles.py): bytes per stored U-Net
+        # weight (1 = fp8), the U-Net placed only after caching, optimizer state paged to the host
+        "unet_bytes": PRECISION_BYTES.get(precision, 4), "unet_after_caching": False, "offload_optimizer": False,
         "networks": len(facts.passes),  # an earlier pass's network (Difference's copy) stays applied
         "preview_cells": _preview_cells(config),
     }
@@ -208,9 +213,9 @@ def param_counts(model: Any, family: str) -> dict:
     return {"unet": count(model.unet), "vae": vae, "text_encoders": tuple(count(te) for te in model.text_encoders)}
 
 
-def _weights(params: dict, model_bytes: int, vae_bytes: int) -> dict:
+def _weights(params: dict, model_bytes: float, vae_bytes: int, te_bytes: int | None = None) -> dict:
     return {"U-Net weights": params["unet"] * model_bytes,
-            "text encoder weights": sum(params["text_encoders"]) * model_bytes,
+            "text encoder weights": sum(params["text_encoders"]) * (model_bytes if te_bytes is None else te_bytes),
             "VAE weights": params["vae"] * vae_bytes}
 
 
@@ -228,6 +233,8 @@ def _network(facts: dict, parts: dict) -> dict:
     size = facts["lora_bytes"]
     how, amount = OPTIMIZER_STATE.get(facts["optimizer"], ("floats", 2))
     state = params * (amount * size if how == "floats" else amount)
+    if facts.get("offload_optimizer"):
+        state = 0  # paged: the driver moves it to host memory when the GPU needs the room
     return {"network weights": params * size * facts["networks"], "network gradients": params * size,
             f"optimizer state ({facts['optimizer']})": int(state)}
 
