@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2,
                    help="alternate the trainers this many times (fastest run's times, largest peaks)")
     p.add_argument("--only", choices=("ours", "baseline"), help="run one trainer only (no ratios)")
+    p.add_argument("--profiles", default="speed",
+                   help="comma-separated memory_profile values to run ours with, each beside the baseline, "
+                        "e.g. speed,balanced,low (default speed)")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "traintrain-bench"))
     p.add_argument("--write-readme", action="store_true", help="replace the results table in README.md")
     p.add_argument("--child", choices=("ours", "baseline"), help=argparse.SUPPRESS)
@@ -80,6 +83,11 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch", "rank", "images", "repeat"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be at least 1, not {getattr(args, name)}")
+    from trainer.config.choices import MEMORY_PROFILES
+
+    for name in args.profiles.split(","):
+        if name not in MEMORY_PROFILES:
+            sys.exit(f"error: --profiles {args.profiles}: {name!r} is not one of {', '.join(MEMORY_PROFILES)}")
     if args.steps <= args.warmup:
         sys.exit(f"error: --steps {args.steps} leaves no step after --warmup {args.warmup}")
 
@@ -103,21 +111,22 @@ def make_spec(args: argparse.Namespace) -> BenchSpec:
 def run_child(which: str, spec: BenchSpec) -> Measurement:
     """One trainer in a fresh interpreter; its measurement comes back as JSON."""
     work = Path(spec.work_dir)
-    spec_file, out_file = work / "spec.json", work / f"{which}.json"
+    tag = which if which == "baseline" or spec.memory_profile == "speed" else f"{which}-{spec.memory_profile}"
+    spec_file, out_file = work / f"spec-{tag}.json", work / f"{tag}.json"
     spec_file.write_text(json.dumps(asdict(spec)))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     if spec.threads > 0:
         env["OMP_NUM_THREADS"] = str(spec.threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--spec", str(spec_file),
            "--out", str(out_file)]
-    print(f"running {which} ...", flush=True)
+    print(f"running {tag} ...", flush=True)
     tic = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
         sys.exit(f"error: the {which} trainer failed (exit {done.returncode}); its output is above")
     m = Measurement.load(out_file)
-    print(f"  {which}: {time.perf_counter() - tic:.0f} s in all, loss at the end {m.loss:.4f}")
+    print(f"  {tag}: {time.perf_counter() - tic:.0f} s in all, loss at the end {m.loss:.4f}")
     return m
 
 
@@ -189,12 +198,15 @@ def table(spec: BenchSpec, results: list[Summary]) -> str:
     head = ["trainer"] + [c[0] for c in cols] + ["trained params", "modules"]
     rows = [[r.trainer] + [_fmt(getattr(r, c[1]), c[2]) for c in cols] + [f"{r.trainable_params:,}", str(r.modules)]
             for r in results]
-    if len(results) == 2:
-        ours, base = results
+    base = next((r for r in results if r.trainer == "diffusers+PEFT"), None)
 
-        def ratio(a, b):
-            return "n/a" if not a or not b or a != a or b != b else f"**{a / b:.2f}x**"
-        rows.append(["ours / baseline"] + [ratio(getattr(ours, c[1]), getattr(base, c[1])) for c in cols] + ["", ""])
+    def ratio(a, b):
+        return "n/a" if not a or not b or a != a or b != b else f"**{a / b:.2f}x**"
+    for ours in results if base is not None else []:
+        if ours is not base:
+            name = "ours" if ours.trainer == "TrainTrain" else ours.trainer.replace("TrainTrain", "ours")
+            rows.append([f"{name} / baseline"] + [ratio(getattr(ours, c[1]), getattr(base, c[1])) for c in cols]
+                        + ["", ""])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -216,7 +228,8 @@ def describe(spec: BenchSpec, repeat: int = 1) -> str:
             f"rank {spec.rank} / alpha {spec.alpha:g}, lierla Full ({te}), AdamW lr {spec.lr:g}, {prec}, "
             f"{spec.steps} steps (median over steps after the first {spec.warmup}; each trainer's fastest of "
             f"{repeat} alternating runs). Baseline: the loop of diffusers' LoRA example with PEFT adapters on "
-            f"the same modules (bench/README.md).")
+            f"the same modules (bench/README.md). A row 'TrainTrain <profile>' is ours with that memory_profile "
+            f"(trainer/training/memory/profiles.py); plain 'TrainTrain' is the default, speed.")
 
 
 def _cpu_name() -> str:
@@ -247,12 +260,18 @@ def main(argv=None) -> int:
     check_args(args)
     spec = make_spec(args)
     print(describe(spec, args.repeat), flush=True)
-    which = [args.only] if args.only else ["ours", "baseline"]
+    from dataclasses import replace
+
+    ours = [replace(spec, memory_profile=p) for p in args.profiles.split(",")]
+    jobs = {f"ours-{s.memory_profile}": ("ours", s) for s in ours} if args.only != "baseline" else {}
+    if args.only != "ours":
+        jobs["baseline"] = ("baseline", spec)
+    which = list(jobs)
     runs: dict[str, list[Measurement]] = {w: [] for w in which}
     try:
         for _ in range(args.repeat):
             for w in which:
-                runs[w].append(run_child(w, spec))
+                runs[w].append(run_child(*jobs[w]))
     finally:
         shutil.rmtree(spec.work_dir, ignore_errors=True)  # the trained files; model and images stay cached
     results = [Summary.of(runs[w], spec.warmup) for w in which]
@@ -263,10 +282,13 @@ def main(argv=None) -> int:
     print()
     print(text)
     notes = sorted({n for w in which for m in runs[w] for n in m.notes if n})
-    for m in runs.get("ours", [])[:1]:
+    for w in which:
+        if w == "baseline" or not runs[w]:
+            continue
+        m = runs[w][0]
         measured = m.cuda_peak_mb if spec.device.startswith("cuda") else m.peak_rss_mb
         if m.estimate_mb and measured:
-            notes.append(f"memory estimate (trainer/training/memory/estimate.py) for ours: {m.estimate_mb:.0f} MiB ({m.estimate_phase}); "
+            notes.append(f"memory estimate (trainer/training/memory/estimate.py) for {m.trainer}: {m.estimate_mb:.0f} MiB ({m.estimate_phase}); "
                          f"measured peak {measured:.0f} MiB ({(m.estimate_mb - measured) / measured:+.0%})")
     for note in notes:
         print(f"note: {note}")

@@ -50,6 +50,7 @@ class BenchSpec:
     config_dir: str = ""              # diffusers-format config folder; "" = the shipped one of the family
     data_dir: str = ""
     work_dir: str = ""
+    memory_profile: str = "speed"     # ours only: the memory_profile setting
 
     @property
     def half(self) -> bool:

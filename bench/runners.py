@@ -44,7 +44,7 @@ def ours_config(spec: BenchSpec):
         "train_iterations": str(spec.steps), "train_batch_size": str(spec.batch),
         "network_rank": str(spec.rank), "network_alpha": str(spec.alpha),
         "train_learning_rate": str(spec.lr), "train_optimizer": "AdamW", "train_seed": str(spec.seed),
-        "save_lora_name": "bench_ours", "save_overwrite": True,
+        "save_lora_name": "bench_ours", "save_overwrite": True, "memory_profile": spec.memory_profile,
     })
     if not spec.half:  # fp16 weights on a CPU are not what anyone trains with
         values.update({"train_model_precision": "fp32", "save_precision": "fp32"})
@@ -59,7 +59,7 @@ def run_ours(spec: BenchSpec) -> Measurement:
     from trainer.training.job import run_job
 
     config = ours_config(spec)
-    meter = Meter("TrainTrain", spec.device)
+    meter = Meter("TrainTrain" if spec.memory_profile == "speed" else f"TrainTrain {spec.memory_profile}", spec.device)
     work = Path(spec.work_dir) / "ours"
     host = StandaloneHost(output_dir=work / "output", config_dir=spec.config_dir or None)
     found = {}
@@ -83,10 +83,12 @@ def run_ours(spec: BenchSpec) -> Measurement:
 
 def _add_estimate(m: Measurement, config, spec: BenchSpec) -> None:
     """trainer/training/memory/estimate.py's estimate of this run, to print next to the measured peak."""
-    from trainer.training.memory.estimate import estimate_peak
+    from trainer.training.memory import profiles
+    from trainer.training.memory.estimate import estimate_peak, free_device_memory
 
     held = Path(spec.checkpoint).stat().st_size if not spec.half else 0  # the loader holds the file on CPU
     est = estimate_peak(config, spec.family, spec.device, checkpoint_bytes=held)
+    est = profiles.plan(config, est, spec.device, free_device_memory(spec.device)).estimate  # the profile's
     m.estimate_mb, m.estimate_phase = est.total / 2**20, est.phase
 
 

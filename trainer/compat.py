@@ -165,3 +165,44 @@ def network_type_problem(network_type: str) -> str | None:
     """Why ``network_type`` cannot be trained here (a missing package), or None."""
     return package_problem(LYCORIS) if network_type == "loha" else None
 
+
+
+def import_diffusers_without_bitsandbytes() -> bool:
+    """Import diffusers' model classes without importing bitsandbytes; for a process the trainer owns.
+
+    diffusers imports bitsandbytes (for loading bitsandbytes-quantised models) and peft, which
+    diffusers imports, does too; together about 2 s of CPU at every start and a "kernels" warning
+    on the console, for something training never uses. While diffusers loads, bitsandbytes is
+    marked unimportable and diffusers is told it is absent; afterwards the mark is gone, so a
+    chosen 8-bit optimizer still imports it. Only the CLI and the standalone page call this: in a
+    web UI diffusers belongs to the host, and this changes nothing there. Returns whether it acted
+    (not when diffusers is already imported or bitsandbytes is not installed).
+    """
+    if "diffusers" in sys.modules or "bitsandbytes" in sys.modules or \
+            importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError meanwhile
+    try:
+        import diffusers.utils.import_utils as diffusers_imports
+
+        diffusers_imports._bitsandbytes_available = False
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  (what the run imports anyway)
+    finally:
+        if sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+    return True
+
+
+def import_quietly(module: str):
+    """``importlib.import_module(module)`` with the package's own import-time log warnings held back
+    (bitsandbytes warns about an optional 'kernels' package on every CPU import)."""
+    import importlib
+    import logging
+
+    top = logging.getLogger(module.split(".")[0])
+    level = top.level
+    top.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(module)
+    finally:
+        top.setLevel(level)

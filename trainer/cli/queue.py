@@ -44,6 +44,9 @@ def queue_command(args) -> int:
 
 
 def _run_command(queue: JobQueue, args) -> int:
+    from trainer.compat import import_diffusers_without_bitsandbytes
+
+    import_diffusers_without_bitsandbytes()  # this process is ours: skip what training never uses
     from trainer.hosts.standalone import StandaloneHost
     from trainer.training.control import TrainControl
 

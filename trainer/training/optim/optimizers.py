@@ -32,7 +32,6 @@ Changes from the reference, each reported in `OptimizerInfo.notes` or as an erro
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,7 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.config.choices import OPTIMIZERS
-from trainer.compat import DADAPTATION, DADAPTATION_LION, install_command, installed_version, version_below
+from trainer.compat import (
+    DADAPTATION, DADAPTATION_LION, import_quietly, install_command, installed_version, version_below,
+)
 from trainer.training.optim.settings import (
     OPTIMIZER_FIELD,
     OptimizerSettingsError,
@@ -227,7 +228,7 @@ def availability_problem(name: str) -> str | None:
 def _load_class(name: str, device: torch.device) -> type:
     spec = _SPECS[name]
     try:
-        module = importlib.import_module(spec.module)
+        module = import_quietly(spec.module)
     except ImportError as error:
         raise OptimizerUnavailableError(
             f"`train_optimizer` {name} needs the Python package '{spec.package}', which is not installed "
