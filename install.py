@@ -72,6 +72,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY, convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint)
 from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
