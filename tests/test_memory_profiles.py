@@ -284,3 +284,16 @@ def test_the_cli_imports_diffusers_without_bitsandbytes_and_an_8bit_optimizer_st
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok torch.uint8" in done.stdout
     assert "kernels" not in done.stderr  # bitsandbytes' import-time warning is held back
+
+
+def test_a_difference_second_pass_gets_the_savings_but_keeps_its_own_optimizer():
+    from trainer.config import TrainConfig
+
+    preset = TrainConfig.from_json(__import__("pathlib").Path(__file__).resolve().parent.parent
+                                   / "presets" / "Difference_Use2ndPass.json")
+    same = profiles.plan(preset.replace(memory_profile="low"), None, "cpu", None, bnb=True).config
+    assert same.pass2().train_optimizer == "AdamW8bit" and same.pass2().use_gradient_checkpointing
+    other = preset.replace(memory_profile="low", second_pass=preset.second_pass.replace(train_optimizer="Prodigy"))
+    planned = profiles.plan(other, None, "cpu", None, bnb=True).config
+    assert planned.train_optimizer == "AdamW8bit" and planned.pass2().train_optimizer == "Prodigy"
+    assert planned.pass2().use_gradient_checkpointing

@@ -253,7 +253,11 @@ def _apply(config, changes: dict):
         return config
     second = getattr(config, "second_pass", None)
     if second is not None and hasattr(second, "replace"):
-        return config.replace(second_pass=second.replace(**changes), **changes)
+        same = (second.train_optimizer, second.train_optimizer_settings) == \
+            (config.train_optimizer, config.train_optimizer_settings)
+        # the optimizer swap was worked out for pass 1's optimizer: pass 2 takes it only when it has the same
+        own = {k: v for k, v in changes.items() if same or not k.startswith("train_optimizer")}
+        return config.replace(second_pass=second.replace(**own), **changes)
     return config.replace(**changes)
 
 
