@@ -252,6 +252,12 @@ def test_use_sdpa_sets_the_sdpa_processor():
     assert all(isinstance(p, AttnProcessor2_0) for p in bundle.unet.attn_processors.values())
     assert "already" in profiles.use_sdpa(bundle.unet)
 
+    # a model's own processor kind stays (Flux's and Z-Image's have their own maths)
+    first = next(iter(bundle.unet.attn_processors))
+    bundle.unet.set_attn_processor({name: (type("FluxAttnProcessor", (), {})() if name == first else AttnProcessor())
+                                    for name in bundle.unet.attn_processors})
+    assert "the model's own" in profiles.use_sdpa(bundle.unet)
+
 
 def test_memory_profile_is_a_checked_setting():
     from trainer.config.values import ConfigError

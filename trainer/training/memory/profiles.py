@@ -299,6 +299,10 @@ def move_at_first_call(module, device) -> None:
     handle = module.register_forward_pre_hook(hook)
 
 
+# The U-Net processors that AttnProcessor2_0 replaces with the same maths through SDPA.
+_CLASSIC_PROCESSORS = {"AttnProcessor", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
+
+
 def use_sdpa(unet) -> str:
     """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (diffusers'
     ``AttnProcessor2_0``, whose CUDA backends include the memory-efficient kernel); returns what was done."""
@@ -312,5 +316,7 @@ def use_sdpa(unet) -> str:
     other = {type(p).__name__ for p in processors.values() if not isinstance(p, AttnProcessor2_0)}
     if not other:
         return "attention: SDPA (scaled_dot_product_attention) already"
+    if not other <= _CLASSIC_PROCESSORS:  # a model's own processors (Flux, Z-Image) stay as they are
+        return f"attention: the model's own ({', '.join(sorted(other))})"
     unet.set_attn_processor(AttnProcessor2_0())
     return f"attention: SDPA (scaled_dot_product_attention) in place of {', '.join(sorted(other))}"
