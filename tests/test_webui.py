@@ -400,6 +400,47 @@ def test_merged_lora_makes_the_host_read_the_file(webui):
     assert _placement(sd_model) == "cuda"
 
 
+def test_a_lora_merged_by_a_patcher_on_an_a1111_style_model_is_seen(webui):
+    """reForge keeps A1111's model but merges a prompt's LoRA through ldm_patched patchers, whose
+    ``backup`` holds the original weights until the next unpatch: that model is not the user's."""
+    from types import SimpleNamespace
+
+    from modules import shared
+    from trainer.hosts.webui import A1111Adapter
+
+    if webui.flavour != "a1111":
+        pytest.skip("the patcher check is the A1111-style adapter's")
+    sd_model, adapter = shared.sd_model, A1111Adapter()
+    clean = SimpleNamespace(unet=SimpleNamespace(backup={}), clip=SimpleNamespace(patcher=SimpleNamespace(backup={})))
+    sd_model.forge_objects = clean
+    assert not adapter.lora_merged(sd_model)
+    for patched in (clean.unet, clean.clip.patcher):
+        patched.backup["diffusion_model.out.2.weight"] = torch.zeros(1)
+        assert adapter.lora_merged(sd_model)
+        patched.backup.clear()
+
+
+def test_inference_tensors_in_an_a1111_style_model_are_cloned(webui):
+    """A patcher-based host (reForge) may put inference tensors into an A1111-style model (a LoRA
+    patched in and out during a generation); training on the loaded model still works."""
+    from modules import shared
+
+    if webui.flavour != "a1111":
+        pytest.skip("Forge's weights are always cloned")
+    sd_model = shared.sd_model
+    layer = sd_model.get_submodule("model.diffusion_model.input_blocks.1.1.proj_in")
+    with torch.inference_mode():
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    assert layer.weight.is_inference()
+    host = _host(webui)
+    bundle = host.load(quick_config(lora_data_directory="x"))
+    try:
+        assert not any(p.is_inference() for p in bundle.unet.parameters())
+        assert torch.allclose(_unet_out(bundle.unet), _unet_out(webui.parts["base"]["unet"]), atol=1e-5)
+    finally:
+        host.restore()
+
+
 def test_nothing_loaded_yet_loads_through_the_host_or_says_what_to_do(webui):
     from modules import sd_models, shared
     from trainer.hosts.base import ModelLoadError

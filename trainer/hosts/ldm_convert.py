@@ -45,8 +45,9 @@ def assign_weights(model: Any, weights: Mapping[str, Any], component: str, sourc
     try:
         result = model.load_state_dict(dict(weights), strict=False, assign=True)
     except RuntimeError as error:
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line),
-                      str(error).splitlines()[0])
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's first line only names the model; the cause is on the lines after it
+        detail = next((line for line in lines if "size mismatch" in line), " ".join(lines[:2])[:400])
         raise ModelLoadError(
             f"the {component} weights of {source} do not fit its config ({detail}); {_HINT}") from error
     # Buffers the model computes itself (CLIP position ids in older transformers) may be absent.

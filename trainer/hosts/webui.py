@@ -174,7 +174,14 @@ class A1111Adapter(_HostCalls):
         return "v_prediction" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
 
     def lora_merged(self, model: Any) -> bool:
-        return any(getattr(m, "network_current_names", ()) for m in model.modules())
+        if any(getattr(m, "network_current_names", ()) for m in model.modules()):
+            return True
+        # reForge (and Forge before 2.0) keep A1111's model but merge a prompt's LoRA through their
+        # ldm_patched patchers, which keep the original weights in ``backup`` until unpatched.
+        objects = getattr(model, "forge_objects", None)
+        clip = getattr(objects, "clip", None)
+        return any(getattr(patcher, "backup", None)
+                   for patcher in (getattr(objects, "unet", None), getattr(clip, "patcher", None)))
 
     def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict, bool]:
         """(state dict, text-encoder layouts, clone?) of the loaded model; tensors are shared.

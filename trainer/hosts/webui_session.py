@@ -228,7 +228,8 @@ class WebUIHost:
                                te_path=Path(te) if te and te != "None" else None)
 
     def _from_loaded(self, adapter: Any, model: Any, vae_path: Path | None, ticked: bool) -> Any:
-        from trainer.hosts.webui_weights import bundle_from_host_state, normalise_keys, unusable_tensors
+        from trainer.hosts.webui_weights import (bundle_from_host_state, has_inference_tensors, normalise_keys,
+                                                  unusable_tensors)
 
         family = adapter.family(model)
         info = getattr(model, "sd_checkpoint_info", None)
@@ -238,6 +239,8 @@ class WebUIHost:
             reason = "its weights carry a LoRA merged in by the last generation"
         else:
             state, layouts, clone = adapter.weights(model, family, self.config_dir)
+            # A patcher-based host (reForge) may leave inference tensors in an A1111-style model.
+            clone = clone or has_inference_tensors(state)
             state = normalise_keys(state)  # the hosts' wrappers (A1111 hijack, Forge TI) out of the key paths
             bad = unusable_tensors(state)
             if bad:

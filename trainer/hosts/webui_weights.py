@@ -86,6 +86,11 @@ def unusable_tensors(state: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def has_inference_tensors(state: Mapping[str, Any]) -> bool:
+    """Whether any tensor of ``state`` is an inference tensor (autograd cannot save those)."""
+    return any(getattr(value, "is_inference", lambda: False)() for value in state.values())
+
+
 def clone_outside_inference(state: Mapping[str, Any]) -> dict[str, Any]:
     """Ordinary copies of (possibly inference-mode) tensors, which autograd can save."""
     import torch
