@@ -142,6 +142,20 @@ def _ddpm_schedule(module: nn.Module, steps: int = 1000) -> None:
         module.register_buffer(name, value.float())
 
 
+def _all_vit_h_blocks(text_state: dict) -> dict:
+    """A1111 builds SD2's OpenCLIP ViT-H text model from its config, all 24 blocks, whatever the file
+    holds: a file in the diffusers-derived layout (23 blocks, SD2 uses the penultimate layer) still
+    gets a block 23 (left as initialised)."""
+    block = "model.transformer.resblocks."
+    present = {int(k[len(block):].split(".")[0]) for k in text_state if k.startswith(block)}
+    if len(present) != 23:
+        return text_state
+    last = max(present)
+    extra = {key.replace(f"{block}{last}.", f"{block}{last + 1}."): torch.empty_like(value)
+             for key, value in text_state.items() if key.startswith(f"{block}{last}.")}
+    return {**text_state, **extra}
+
+
 class FakeLatentDiffusion(Placed):
     """AUTOMATIC1111's loaded model (LatentDiffusion / DiffusionEngine) after the hijack."""
 
@@ -168,8 +182,10 @@ class FakeLatentDiffusion(Placed):
         else:
             _ddpm_schedule(self)
             wrapper = FrozenOpenCLIPEmbedderWithCustomWords if self.is_sd2 else FrozenCLIPEmbedderWithCustomWords
-            self.cond_stage_model = _hijack_text_encoder(tree_module(_strip(state, "cond_stage_model."), nn.Module()),
-                                                         wrapper)
+            text_state = _strip(state, "cond_stage_model.")
+            if self.is_sd2:
+                text_state = _all_vit_h_blocks(text_state)
+            self.cond_stage_model = _hijack_text_encoder(tree_module(text_state, nn.Module()), wrapper)
         self.parameterization = "eps"
         self.lowvram = False
         self.sd_checkpoint_info = info
