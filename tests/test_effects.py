@@ -4,14 +4,16 @@ Every test trains through the trainer's real path (``run_job`` with a host that 
 tiny world's model), with a shipped preset's settings (learning rate raised where a CPU test
 cannot afford the preset's step count; each test says which), then generates images with and
 without the network and counts what the pixel classifier sees. Thresholds are computed from
-the base model's own rates in the same test, with a margin a network that does nothing cannot
-pass; every test also checks that the same assertions fail for the network with its
-up-weights zeroed.
+the base model's own rates, with a margin a network that does nothing cannot pass; every test
+also checks that the same assertions fail for such a network (the base model's own images,
+which a network with zero up-weights reproduces to the pixel; TINYWORLD_ZEROED=1 measures the
+zeroed network itself). The base model's images are generated once per session and shared.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,25 +57,34 @@ def zeroed(path: Path) -> Path:
     return out
 
 
-def rates(world, path, prompt: str, key: str, value: str, multipliers=(1.0,), seed=0) -> list[float]:
-    """Share of images for ``prompt`` classified ``key == value``, per network multiplier
-    (no network for ``path=None``)."""
+def images(world, path, prompt: str, multiplier: float = 1.0, seed: int = 0) -> np.ndarray:
+    """N images for ``prompt`` with the network file at ``multiplier``; ``path=None`` gives the
+    base model's (generated once per session and shared between tests)."""
+    if path is None:
+        return world.images(prompt, n=N, seed=seed)
     bundle = world.bundle()
-    net = tw.load_network(bundle, path) if path is not None else None
-    found = []
-    for m in multipliers:
-        imgs = tw.sample(bundle, prompt, n=N, seed=seed, network=net, multiplier=m)
-        found.append(tw.fraction(imgs, key, value))
-    if net is not None:
+    net = tw.load_network(bundle, path)
+    try:
+        return tw.sample(bundle, prompt, n=N, seed=seed, network=net, multiplier=multiplier)
+    finally:
         net.remove()
-    return found
 
 
-def fails_when_zeroed(check, path: Path) -> None:
-    """``check`` passes for the trained network and fails for the same network zeroed."""
-    check(path)
+def rates(world, path, asks, multiplier: float = 1.0) -> list[float]:
+    """Per ``(prompt, key, value)`` in ``asks``: the share of images classified ``key == value``."""
+    return [tw.fraction(images(world, path, prompt, multiplier), key, value) for prompt, key, value in asks]
+
+
+def no_op_fails(check, measure, path: Path) -> None:
+    """``check(measure(path))`` passes for the trained network, and the same check fails for
+    what a network that does nothing gives. That is the base model's own measurement: a
+    network with zero up-weights draws the base model's images to the pixel
+    (test_a_null_pair_changes_nothing checks it). TINYWORLD_ZEROED=1 measures the zeroed
+    network itself instead (slower; the numbers are the same)."""
+    check(measure(path))
+    no_op = zeroed(path) if os.environ.get("TINYWORLD_ZEROED") == "1" else None
     with pytest.raises(AssertionError):
-        check(zeroed(path))
+        check(measure(no_op))
 
 
 # --- LoRA ------------------------------------------------------------------------------------
@@ -93,25 +104,26 @@ def test_lora_teaches_an_unseen_word_its_colour(tiny_world, tmp_path):
     tenth of its steps, on purple shapes captioned "a purple circle": the base model never drew
     purple, so a quarter of the images turning purple cannot happen by chance.
 
-    Not asserted: other prompts keeping their colour. On this world a LoRA trained only on
-    purple images also pulls "a red circle" toward purple (0.78 red -> 0.53 here), and training
-    the text encoder at the U-Net's rate instead does not keep it better."""
+    Not asserted: other prompts keeping their colour (printed)."""
     cfg = preset("LoRA", lora_data_directory=str(purple_folder(tmp_path / "data")), save_lora_name="purple",
                  train_iterations="100", train_learning_rate="1e-3", train_textencoder_learning_rate="1e-4")
     path = train(tiny_world, cfg, tmp_path)
-    purple0, = rates(tiny_world, None, "a purple circle", "colour", "purple")
-    red0, = rates(tiny_world, None, "a red circle", "colour", "red")
+    asks = [("a purple circle", "colour", "purple"), ("a red circle", "colour", "red")]
+    (purple0, red0) = rates(tiny_world, None, asks)
 
-    def check(p):
-        purple, = rates(tiny_world, p, "a purple circle", "colour", "purple")
-        red, = rates(tiny_world, p, "a red circle", "colour", "red")
+    def check(found):
+        purple, red = found
         print(f"LoRA: purple {purple0:.2f} -> {purple:.2f}; red for 'a red circle' {red0:.2f} -> {red:.2f}")
         assert purple >= purple0 + 0.25
 
-    fails_when_zeroed(check, path)
+    no_op_fails(check, lambda p: rates(tiny_world, p, asks), path)
 
 
 # --- iLECO -----------------------------------------------------------------------------------
+
+OTHERS = [("a green circle", "colour", "green"), ("a blue square", "colour", "blue"),
+          ("a yellow circle", "colour", "yellow")]
+
 
 def test_ileco_trajectory_erases_a_colour_and_keeps_the_others(tiny_world, tmp_path):
     """iLECO preset with ileco_latents = trajectory, at its own rate and iteration count: "red"
@@ -121,44 +133,37 @@ def test_ileco_trajectory_erases_a_colour_and_keeps_the_others(tiny_world, tmp_p
     cfg = preset("iLECO", original_prompt="a red circle", target_prompt="", save_lora_name="erase",
                  ileco_latents="trajectory")
     path = train(tiny_world, cfg, tmp_path)
-    red0, = rates(tiny_world, None, "a red circle", "colour", "red")
-    red_target, = rates(tiny_world, None, "", "colour", "red")
-    others = [("a green circle", "green"), ("a blue square", "blue"), ("a yellow circle", "yellow")]
-    base = [rates(tiny_world, None, p, "colour", c)[0] for p, c in others]
+    asks = [("a red circle", "colour", "red"), *OTHERS]
+    red0, *base = rates(tiny_world, None, asks)
+    red_target, = rates(tiny_world, None, [("", "colour", "red")])
 
-    def check(p):
-        red, = rates(tiny_world, p, "a red circle", "colour", "red")
-        kept = [rates(tiny_world, p, q, "colour", c)[0] for q, c in others]
+    def check(found):
+        red, *kept = found
         print(f"iLECO trajectory: red {red0:.2f} -> {red:.2f} (target prompt's own: {red_target:.2f}); "
               f"others {base} -> {kept}")
         assert red <= (red0 + red_target) / 2
         assert all(k >= min(0.85, b - 0.1) for k, b in zip(kept, base))
 
-    fails_when_zeroed(check, path)
+    no_op_fails(check, lambda p: rates(tiny_world, p, asks), path)
 
 
 def test_ileco_replaces_a_colour_with_another(tiny_world, tmp_path):
     """iLECO preset as shipped (ileco_latents = noise): "a red circle" answered as "a blue
     circle". Blue must rise at least half of the way from its base rate for "a red circle" to
-    its rate for "a blue circle".
-
-    Other colours are printed, not asserted: here yellow falls from 0.94 to 0.81 (green stays
-    1.00), just below the 0.85 the erasing test holds them to."""
+    its rate for "a blue circle". Other colours are printed, not asserted."""
     cfg = preset("iLECO", original_prompt="a red circle", target_prompt="a blue circle", save_lora_name="swap")
     path = train(tiny_world, cfg, tmp_path)
-    blue0, = rates(tiny_world, None, "a red circle", "colour", "blue")
-    blue_target, = rates(tiny_world, None, "a blue circle", "colour", "blue")
-    others = [("a green circle", "green"), ("a yellow circle", "yellow")]
-    base = [rates(tiny_world, None, p, "colour", c)[0] for p, c in others]
+    asks = [("a red circle", "colour", "blue"), OTHERS[0], OTHERS[2]]
+    blue0, *base = rates(tiny_world, None, asks)
+    blue_target, = rates(tiny_world, None, [("a blue circle", "colour", "blue")])
 
-    def check(p):
-        blue, = rates(tiny_world, p, "a red circle", "colour", "blue")
-        kept = [rates(tiny_world, p, q, "colour", c)[0] for q, c in others]
+    def check(found):
+        blue, *kept = found
         print(f"iLECO noise, red -> blue: blue {blue0:.2f} -> {blue:.2f} (target prompt's own: {blue_target:.2f}); "
               f"others {base} -> {kept}")
         assert blue >= blue0 + 0.5 * (blue_target - blue0)
 
-    fails_when_zeroed(check, path)
+    no_op_fails(check, lambda p: rates(tiny_world, p, asks), path)
 
 
 # --- Difference, ADDifT, Multi-ADDifT --------------------------------------------------------
@@ -169,24 +174,25 @@ def size_pair(tmp_path: Path, target_size="large", colour="red", shape="circle")
     return str(a), str(b)
 
 
-def areas(world, path, prompt: str, multiplier: float = 1.0, seed=0) -> np.ndarray:
-    bundle = world.bundle()
-    net = tw.load_network(bundle, path) if path is not None else None
-    imgs = tw.sample(bundle, prompt, n=N, seed=seed, network=net, multiplier=multiplier)
-    if net is not None:
-        net.remove()
-    return np.array([tw.classify(img)["area"] for img in imgs])
+def areas(world, path, prompt: str, multiplier: float = 1.0) -> np.ndarray:
+    return np.array([tw.classify(img)["area"] for img in images(world, path, prompt, multiplier)])
 
 
-def assert_size_moves(world, path, label: str, prompt="a red circle", both_signs=True):
-    """Share of images larger than the base model's median for ``prompt`` (0.5 without the
-    network, by construction): at +1 it must rise past 0.75, at -1 fall below 0.25."""
+def size_moves(world, path, label: str, prompt="a red circle") -> None:
+    """Share of images larger than the base model's median for ``prompt`` (0.5 or less without
+    the network, by construction): at +1 it must rise to 0.75, at -1 fall to 0.25."""
     median = float(np.median(areas(world, None, prompt)))
-    up = float((areas(world, path, prompt, 1.0) > median).mean())
-    down = float((areas(world, path, prompt, -1.0) > median).mean()) if both_signs else 0.0
-    print(f"{label}: larger than the base median {0.5:.2f} -> {up:.2f} at +1, {down:.2f} at -1")
-    assert up >= 0.75
-    assert down <= 0.25
+
+    def measure(p):
+        return [float((areas(world, p, prompt, m) > median).mean()) for m in (1.0, -1.0)]
+
+    def check(found):
+        up, down = found
+        print(f"{label}: larger than the base median {0.5:.2f} -> {up:.2f} at +1, {down:.2f} at -1")
+        assert up >= 0.75
+        assert down <= 0.25
+
+    no_op_fails(check, measure, path)
 
 
 def test_difference_moves_size_toward_the_target(tiny_world, tmp_path):
@@ -195,7 +201,7 @@ def test_difference_moves_size_toward_the_target(tiny_world, tmp_path):
     cfg = preset("Difference", original_image=orig, target_image=target, save_lora_name="diff",
                  train_iterations="100", train_learning_rate="2.5e-3")
     path = train(tiny_world, cfg, tmp_path)
-    fails_when_zeroed(lambda p: assert_size_moves(tiny_world, p, "Difference"), path)
+    size_moves(tiny_world, path, "Difference")
 
 
 def test_addift_moves_size_with_the_sign_of_the_multiplier(tiny_world, tmp_path):
@@ -204,7 +210,7 @@ def test_addift_moves_size_with_the_sign_of_the_multiplier(tiny_world, tmp_path)
     cfg = preset("ADDifT_Action_SD1.5", original_image=orig, target_image=target, save_lora_name="addift",
                  train_learning_rate="1e-3")
     path = train(tiny_world, cfg, tmp_path)
-    fails_when_zeroed(lambda p: assert_size_moves(tiny_world, p, "ADDifT"), path)
+    size_moves(tiny_world, path, "ADDifT")
 
 
 def pair_folder(root: Path, same=False) -> Path:
@@ -221,16 +227,16 @@ def test_multi_addift_moves_size_over_several_pairs(tiny_world, tmp_path):
     cfg = preset("Multi-ADDifT", lora_data_directory=str(pair_folder(tmp_path / "pairs")),
                  save_lora_name="multi", train_learning_rate="1e-3", train_iterations="60")
     path = train(tiny_world, cfg, tmp_path)
-    fails_when_zeroed(lambda p: assert_size_moves(tiny_world, p, "Multi-ADDifT", "a blue square"), path)
+    size_moves(tiny_world, path, "Multi-ADDifT", "a blue square")
 
 
 def test_a_null_pair_changes_nothing(tiny_world, tmp_path):
-    """Pairs of identical images teach nothing: the same images come out, to the pixel."""
+    """Pairs of identical images teach nothing: the same images come out, to the pixel. The
+    same holds for a network with zero up-weights, which is why the other tests may take the
+    base model's own numbers for a network that does nothing."""
     cfg = preset("Multi-ADDifT", lora_data_directory=str(pair_folder(tmp_path / "pairs", same=True)),
                  save_lora_name="null", train_learning_rate="1e-3", train_iterations="20")
     path = train(tiny_world, cfg, tmp_path)
-    bundle = tiny_world.bundle()
-    before = tw.sample(bundle, "a red circle", n=8)
-    net = tw.load_network(bundle, path)
-    after = tw.sample(bundle, "a red circle", n=8, network=net, multiplier=1.0)
-    assert np.abs(after - before).max() < 1e-4
+    before = images(tiny_world, None, "a red circle")
+    assert np.abs(images(tiny_world, path, "a red circle") - before).max() < 1e-4
+    assert np.abs(images(tiny_world, zeroed(path), "a red circle") - before).max() < 1e-5
