@@ -247,8 +247,9 @@ _EXTENSION_ROWS = [
      "iLECO noisy latents: 'noise' trains on pure noise at every timestep (the reference's method; "
      "that is what the model sees only at the first, noisiest sampling step); 'trajectory' takes "
      "them from the base model's own denoising of the original prompt, at the sampled timestep, "
-     "as LECO and ESD do, so the later sampling steps are trained too; about twice the compute "
-     "per step.", dict(choices=("noise", "trajectory"))),
+     "and guides the target away from the original prompt, as LECO and ESD do, so the later "
+     "sampling steps are trained too and the change holds under classifier-free guidance; about "
+     "twice the compute per step.", dict(choices=("noise", "trajectory"))),
     ("clip_skip", "int", 0, "TX", "all",
      "Clip skip used to read captions and prompts: 0 follows the web UI's own Clip skip setting "
      "(1 in the standalone program); 2 reads the CLIP layer before the last, as many anime models "

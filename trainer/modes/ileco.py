@@ -9,15 +9,24 @@ draw for the whole run, which fits the network to a single noise image), the lat
 keeps the (height, width) order of ``image_size``, and no text-encoder modules are created
 (they would never train in this mode and would only be saved as zeros).
 
-``ileco_latents = "trajectory"`` (not in the reference; ``"noise"`` is the default above) takes
-the noisy latent from the base model's own denoising trajectory for the original prompt, as
-LECO and ESD do: every ``REFRESH_EVERY`` steps the base model (network off) denoises a batch of
-fresh noise with the original prompt in ``TRAJECTORY_STEPS`` deterministic DDIM steps, keeping
-the latent at every step; each training step then takes, per sample, the latent of a stored
-step whose timestep lies in [min, max), at that timestep. Pure noise is what the model sees
-only at the very first sampling step; the trajectory's latents are those it meets at every
-step while it draws the prompt. The README's iLECO notes give both options' measured effect on
-the tests' tiny world.
+``ileco_latents = "trajectory"`` (not in the reference; ``"noise"`` is the default above) is
+the formulation of LECO and ESD, in two parts:
+
+- The noisy latent comes from the base model's own denoising trajectory for the original
+  prompt: every ``REFRESH_EVERY`` steps the base model (network off) denoises a batch of fresh
+  noise with the original prompt in ``TRAJECTORY_STEPS`` deterministic DDIM steps, keeping the
+  latent at every step; each training step then takes, per sample, the latent of a stored step
+  whose timestep lies in [min, max), at that timestep. Pure noise is what the model sees only
+  at the very first sampling step; the trajectory's latents are those it meets at every step
+  while it draws the prompt.
+- The target is guided away from the original prompt: ``e(target) + g * (e(target) - e(orig))``
+  with ``g = TARGET_GUIDANCE`` (ESD's negative guidance; base model, network off). A web UI
+  applies the network to the unguided half of classifier-free guidance too, where a change
+  that does not depend on the prompt cancels out; without the guided target the network only
+  reaches the target prompt's unguided answer, which guidance then pulls back toward the
+  original concept.
+
+The README's iLECO notes give both options' measured effect on the tests' tiny world.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from trainer.modes.base import ModeContext, TrainTask, build_network, release_un
 
 TRAJECTORY_STEPS = 20   # DDIM steps of one stored trajectory
 REFRESH_EVERY = 10      # training steps between two trajectory batches
+TARGET_GUIDANCE = 1.0   # trajectory: the target is pushed this far away from the original prompt
 
 
 class IlecoTask(TrainTask):
@@ -47,9 +57,11 @@ class IlecoTask(TrainTask):
         self.time_ids = sdxl_time_ids((h, w), (0, 0), (h, w))
         self.latents = cfg.ileco_latents
         self._traj = None  # (timesteps (S,), latents (S, B, C, H, W), step made at)
+        self.guidance = TARGET_GUIDANCE if self.latents == "trajectory" else 0.0
         if self.latents == "trajectory":
             ctx.log(f"iLECO latents: the base model's trajectory for the original prompt "
-                    f"({TRAJECTORY_STEPS} DDIM steps, new every {REFRESH_EVERY} steps)")
+                    f"({TRAJECTORY_STEPS} DDIM steps, new every {REFRESH_EVERY} steps); target guided "
+                    f"away from the original prompt at {TARGET_GUIDANCE:g}")
 
     def param_groups(self) -> list[dict]:
         lr = self.config.train_learning_rate
@@ -70,6 +82,9 @@ class IlecoTask(TrainTask):
         with torch.no_grad():
             self.network.multiplier = 0.0
             target = unet_forward(bundle, x, t, repeat_cond(self.c_target, b), self.time_ids)
+            if self.guidance:
+                base = unet_forward(bundle, x, t, repeat_cond(self.c_orig, b), self.time_ids)
+                target = target + self.guidance * (target - base)
         self.network.multiplier = 1.0
         pred = unet_forward(bundle, x, t, repeat_cond(self.c_orig, b), self.time_ids)
         return diffusion_loss(pred, target, t, scheduler=bundle.noise_scheduler,
