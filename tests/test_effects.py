@@ -104,7 +104,10 @@ def test_lora_teaches_an_unseen_word_its_colour(tiny_world, tmp_path):
     tenth of its steps, on purple shapes captioned "a purple circle": the base model never drew
     purple, so a quarter of the images turning purple cannot happen by chance.
 
-    Not asserted: other prompts keeping their colour (printed)."""
+    Not asserted: other prompts keeping their colour (printed). A LoRA trained only on purple
+    images pulls other prompts toward purple whatever the text encoder's rate: "a red circle"
+    stays red in 0.34 of the images (0.72 without the network) with the text encoder at a tenth
+    of the U-Net rate, 0.34 at the same rate and 0.41 with no text-encoder modules."""
     cfg = preset("LoRA", lora_data_directory=str(purple_folder(tmp_path / "data")), save_lora_name="purple",
                  train_iterations="100", train_learning_rate="1e-3", train_textencoder_learning_rate="1e-4")
     path = train(tiny_world, cfg, tmp_path)
@@ -126,12 +129,12 @@ OTHERS = [("a green circle", "colour", "green"), ("a blue square", "colour", "bl
 
 
 def test_ileco_trajectory_erases_a_colour_and_keeps_the_others(tiny_world, tmp_path):
-    """iLECO preset with ileco_latents = trajectory, at its own rate and iteration count: "red"
-    erased from "a red circle" (blank target). Red must fall at least half of the way from the
-    base model's rate to the rate the target prompt itself gives; other colours stay >= 0.85
+    """iLECO preset with ileco_latents = trajectory, 2.5x its rate for 200 of its 500 steps:
+    "red" erased from "a red circle" (blank target). Red must fall at least half of the way from
+    the base model's rate to the rate the target prompt itself gives; other colours stay >= 0.85
     (or within 0.1 of their base rate, when that is lower)."""
     cfg = preset("iLECO", original_prompt="a red circle", target_prompt="", save_lora_name="erase",
-                 ileco_latents="trajectory")
+                 ileco_latents="trajectory", train_iterations="200", train_learning_rate="1.25e-3")
     path = train(tiny_world, cfg, tmp_path)
     asks = [("a red circle", "colour", "red"), *OTHERS]
     red0, *base = rates(tiny_world, None, asks)
@@ -148,10 +151,12 @@ def test_ileco_trajectory_erases_a_colour_and_keeps_the_others(tiny_world, tmp_p
 
 
 def test_ileco_replaces_a_colour_with_another(tiny_world, tmp_path):
-    """iLECO preset as shipped (ileco_latents = noise): "a red circle" answered as "a blue
-    circle". Blue must rise at least half of the way from its base rate for "a red circle" to
-    its rate for "a blue circle". Other colours are printed, not asserted."""
-    cfg = preset("iLECO", original_prompt="a red circle", target_prompt="a blue circle", save_lora_name="swap")
+    """iLECO preset with its default ileco_latents = noise, 4x its rate for a quarter of its
+    steps: "a red circle" answered as "a blue circle". Blue must rise at least half of the way
+    from its base rate for "a red circle" to its rate for "a blue circle". Other colours are
+    printed, not asserted."""
+    cfg = preset("iLECO", original_prompt="a red circle", target_prompt="a blue circle", save_lora_name="swap",
+                 train_iterations="125", train_learning_rate="2e-3")
     path = train(tiny_world, cfg, tmp_path)
     asks = [("a red circle", "colour", "blue"), OTHERS[0], OTHERS[2]]
     blue0, *base = rates(tiny_world, None, asks)
@@ -178,9 +183,10 @@ def areas(world, path, prompt: str, multiplier: float = 1.0) -> np.ndarray:
     return np.array([tw.classify(img)["area"] for img in images(world, path, prompt, multiplier)])
 
 
-def size_moves(world, path, label: str, prompt="a red circle") -> None:
+def size_moves(world, path, label: str, prompt="a red circle", symmetric=True) -> None:
     """Share of images larger than the base model's median for ``prompt`` (0.5 or less without
-    the network, by construction): at +1 it must rise to 0.75, at -1 fall to 0.25."""
+    the network, by construction): at +1 it must rise to 0.75; at -1 fall to 0.25 when the mode
+    trains both signs (``symmetric``), else stay at least 0.5 below the +1 share."""
     median = float(np.median(areas(world, None, prompt)))
 
     def measure(p):
@@ -190,18 +196,23 @@ def size_moves(world, path, label: str, prompt="a red circle") -> None:
         up, down = found
         print(f"{label}: larger than the base median {0.5:.2f} -> {up:.2f} at +1, {down:.2f} at -1")
         assert up >= 0.75
-        assert down <= 0.25
+        if symmetric:
+            assert down <= 0.25
+        else:
+            assert up - down >= 0.5
 
     no_op_fails(check, measure, path)
 
 
 def test_difference_moves_size_toward_the_target(tiny_world, tmp_path):
-    """Difference preset, 5x its rate for a fifth of its steps per pass: small -> large pair."""
+    """Difference preset, 5x its rate for a fifth of its steps per pass: small -> large pair.
+    Difference trains the +1 direction only (ADDifT trains both signs), so -1 is held to moving
+    the other way, not to as far (measured: 0.97 larger at +1, 0.34 at -1)."""
     orig, target = size_pair(tmp_path)
     cfg = preset("Difference", original_image=orig, target_image=target, save_lora_name="diff",
                  train_iterations="100", train_learning_rate="2.5e-3")
     path = train(tiny_world, cfg, tmp_path)
-    size_moves(tiny_world, path, "Difference")
+    size_moves(tiny_world, path, "Difference", symmetric=False)
 
 
 def test_addift_moves_size_with_the_sign_of_the_multiplier(tiny_world, tmp_path):

@@ -249,7 +249,7 @@ _EXTENSION_ROWS = [
      "them from the base model's own denoising of the original prompt, at the sampled timestep, "
      "and guides the target away from the original prompt, as LECO and ESD do, so the later "
      "sampling steps are trained too and the change holds under classifier-free guidance; about "
-     "twice the compute per step.", dict(choices=("noise", "trajectory"))),
+     "1.6 times the compute per run.", dict(choices=("noise", "trajectory"))),
     ("clip_skip", "int", 0, "TX", "all",
      "Clip skip used to read captions and prompts: 0 follows the web UI's own Clip skip setting "
      "(1 in the standalone program); 2 reads the CLIP layer before the last, as many anime models "

@@ -39,7 +39,7 @@ from trainer.modes.base import ModeContext, TrainTask, build_network, release_un
 
 TRAJECTORY_STEPS = 20   # DDIM steps of one stored trajectory
 REFRESH_EVERY = 10      # training steps between two trajectory batches
-TARGET_GUIDANCE = 1.0   # trajectory: the target is pushed this far away from the original prompt
+TARGET_GUIDANCE = 2.0   # trajectory: the target is pushed this far away from the original prompt
 
 
 class IlecoTask(TrainTask):
