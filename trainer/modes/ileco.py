@@ -14,17 +14,17 @@ the formulation of LECO and ESD, in two parts:
 
 - The noisy latent comes from the base model's own denoising trajectory for the original
   prompt: every ``REFRESH_EVERY`` steps the base model (network off) denoises a batch of fresh
-  noise with the original prompt in ``TRAJECTORY_STEPS`` deterministic DDIM steps, keeping the
-  latent at every step; each training step then takes, per sample, the latent of a stored step
-  whose timestep lies in [min, max), at that timestep. Pure noise is what the model sees only
+  noise with the original prompt in ``TRAJECTORY_STEPS`` deterministic DDIM steps (Euler steps
+  of the velocity for flow-matching models), keeping the latent at every step; each training
+  step then takes, per sample, the latent of a stored step whose timestep lies in [min, max),
+  at that timestep. Pure noise is what the model sees only
   at the very first sampling step; the trajectory's latents are those it meets at every step
   while it draws the prompt.
 - The target is guided away from the original prompt: ``e(target) + g * (e(target) - e(orig))``
-  with ``g = TARGET_GUIDANCE`` (ESD's negative guidance; base model, network off). A web UI
-  applies the network to the unguided half of classifier-free guidance too, where a change
-  that does not depend on the prompt cancels out; without the guided target the network only
-  reaches the target prompt's unguided answer, which guidance then pulls back toward the
-  original concept.
+  with ``g = TARGET_GUIDANCE`` (ESD's negative guidance; base model, network off; noise and
+  velocity predictions alike). A web UI applies the network to the unguided half of
+  classifier-free guidance too, where a change that does not depend on the prompt cancels out;
+  on the tests' tiny world, pure noise with the unguided target erased nothing at weight 1.
 
 The README's iLECO notes give both options' measured effect on the tests' tiny world.
 """
