@@ -160,7 +160,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         ctx.extras["resume_pass"] = state["pass"] if state else 0
         ctx.extras["search_dirs"] = [output_dir]
         ctx.extras["data_plan"] = prep.data_plan
-        ctx.extras["keep_for_previews"] = int(getattr(config, "preview_every_steps", 0) or 0) > 0
+        ctx.extras["keep_for_previews"] = config.preview_every_steps > 0
         started = time.time()
         output_dir.mkdir(parents=True, exist_ok=True)
         if config.save_as_json and not resume and dist.is_main:
@@ -235,8 +235,8 @@ def _previewer(task, bundle, prep, model_dtype, result: JobResult, log, control:
     captions = [item.prompt for item in planned[0]] if planned else []
     previewer = Previewer(
         bundle=bundle, network=task.network, prompts=default_prompts(config, captions),
-        folder=preview_folder(prep.logs_dir, prep.name), every=int(config.preview_every_steps),
-        seed=int(config.preview_seed), size=tuple(config.preview_size), steps=int(config.preview_steps),
+        folder=preview_folder(prep.logs_dir, prep.name), every=config.preview_every_steps,
+        seed=config.preview_seed, size=tuple(config.preview_size), steps=config.preview_steps,
         negative=config.negative_prompt or "", autocast_dtype=None if model_dtype == torch.float32 else model_dtype,
         on_parts=_bring_parts(bundle), prefix="" if task.name == "main" else f"{task.name}_")
 

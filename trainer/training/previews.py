@@ -43,14 +43,16 @@ def split_prompts(text: str) -> list[str]:
 def default_prompts(config, captions=()) -> list[str]:
     """The preview prompts of a run: ``preview_prompts`` when set; else iLECO's original and target
     prompts, or the trigger word and the first two captions."""
-    given = split_prompts(getattr(config, "preview_prompts", ""))
+    from trainer.modes import get_mode
+
+    given = split_prompts(config.preview_prompts)
     if given:
         return given
-    if getattr(config, "mode", "") == "iLECO":
+    if get_mode(config.mode).takes_prompts:
         found = [p for p in (config.original_prompt, config.target_prompt) if (p or "").strip()]
         return found or [""]
     found = [c for c in list(captions)[:2] if c]
-    trigger = (getattr(config, "lora_trigger_word", "") or "").strip()
+    trigger = config.lora_trigger_word.strip()
     if trigger and trigger not in found:
         found.insert(0, trigger)
     return found or [""]

@@ -212,7 +212,7 @@ def plan(config, estimate: MemoryEstimate | None, device: Any, free: int | None,
     from trainer.training.memory.estimate import device_kind
 
     kind = device_kind(device)
-    asked = str(getattr(config, "memory_profile", "speed") or "speed")
+    asked = config.memory_profile
     opts = options(config, kind, bf16=bf16, bnb=bnb)
     estimates = {name: (estimate.with_facts(**o.facts) if o.facts else estimate)
                  for name, o in opts.items()} if estimate is not None else {}
@@ -251,8 +251,8 @@ def _apply(config, changes: dict):
     """``config`` with ``changes``, in the 2nd pass too (Difference) where it has its own values."""
     if not changes:
         return config
-    second = getattr(config, "second_pass", None)
-    if second is not None and hasattr(second, "replace"):
+    second = config.second_pass
+    if second is not None:
         same = (second.train_optimizer, second.train_optimizer_settings) == \
             (config.train_optimizer, config.train_optimizer_settings)
         # the optimizer swap was worked out for pass 1's optimizer: pass 2 takes it only when it has the same
