@@ -176,7 +176,9 @@ def test_start_runs_in_the_background_and_shows_progress(tmp_path):
     assert list(ui.follow()) == [("Nothing is training.", gr.update())]
     seen = list(ui.start(False, *_quick(data, logging_save_csv=True)))
     progress, message = seen[-1]
-    assert message.startswith("Finished: saved ") and message.endswith("ui_job.safetensors")
+    saved, check = message.splitlines()  # the file, then the load check of it
+    assert saved.startswith("Finished: saved ") and saved.endswith("ui_job.safetensors")
+    assert check.startswith("load check of ui_job.safetensors") and "0 keys unmatched" in check
     assert (tmp_path / "out" / "ui_job.safetensors").is_file()
     assert any("step 2/3" in p and "loss" in p for p, _ in seen), seen
     assert len(seen) > 3  # the handler reported while training ran
@@ -213,7 +215,8 @@ def test_stop_ends_a_running_job_saves_it_and_resume_finishes_it(tmp_path):
     assert list((tmp_path / "out").glob("long_*steps.safetensors"))
 
     *_, (progress, message) = ui.start(True, *form)
-    assert message.startswith("Finished: saved ") and message.endswith("long.safetensors")
+    saved, check = message.splitlines()
+    assert saved.startswith("Finished: saved ") and saved.endswith("long.safetensors") and "0 keys unmatched" in check
     assert "step 8/8" in progress
 
 
@@ -266,7 +269,8 @@ def test_ui_command_serves_the_standalone_page_and_trains_a_model_folder(tmp_pat
 
     data = image_folder(tmp_path / "data", n=2)
     *_, (progress, message) = demo.traintrain.start(False, *_quick(data, model="tiny", save_lora_name="folder"))
-    assert message == f"Finished: saved {out / 'folder.safetensors'}"
+    assert message.splitlines()[0] == f"Finished: saved {out / 'folder.safetensors'}"
+    assert "load check of folder.safetensors" in message and "0 keys unmatched" in message
 
 
 def _webui_page(tmp_path, host=None):

@@ -141,18 +141,25 @@ class WebUIHost:
                     session.lock.release()
 
     def follow(self, control: Any) -> Callable[[], None]:
-        """Join a run's control: its progress shows in the host's job state, and the host's
-        Interrupt (checked on every event and by a watcher while the run holds the model) becomes
-        ``control.stop()``. Returns the function that leaves it."""
+        """Join a run's control: its progress shows in the host's job state (before the caller's
+        listeners see it), and the host's Interrupt is a stop source the loop asks at every step.
+        Returns the function that leaves it."""
         self._control = control
-        stop_listening = control.listen(on_progress=self._progress, first=True)  # the host's display first
+        stop_listening = control.listen(on_progress=self._progress, first=True)
+        stop_watching = control.watch(self._interrupted)
 
         def leave() -> None:
             stop_listening()
+            stop_watching()
             if self._control is control:
                 self._control = None
 
         return leave
+
+    def _interrupted(self) -> bool:
+        """Whether the host's Interrupt was pressed during the run (said once in the log)."""
+        session = self._session
+        return session is not None and self._check_interrupt(session)
 
     def _progress(self, event: Any) -> None:
         """Show a loop progress event in the host's job state; a host Interrupt requests a stop."""
@@ -195,14 +202,17 @@ class WebUIHost:
         while not session.done.wait(self.poll_s):
             self._check_interrupt(session)
 
-    def _check_interrupt(self, session: _Session) -> None:
+    def _check_interrupt(self, session: _Session) -> bool:
+        """Whether the host's Interrupt is pressed; if so, say it once and stop the run's control."""
         state = session.adapter.state()
-        if getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False):
-            if not session.interrupted_logged:
-                session.interrupted_logged = True
-                self.log("Interrupted from the web UI: stopping after this step.")
-            if self._control is not None:
-                self._control.stop()
+        if not (getattr(state, "interrupted", False) or getattr(state, "stopping_generation", False)):
+            return False
+        if not session.interrupted_logged:
+            session.interrupted_logged = True
+            self.log("Interrupted from the web UI: stopping after this step.")
+        if self._control is not None:
+            self._control.stop()
+        return True
 
     def _load(self, session: _Session, config: Any) -> Any:
         adapter = session.adapter

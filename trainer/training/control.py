@@ -40,6 +40,7 @@ class TrainControl:
         self._progress: list[Callable[[Any], None]] = []
         self._log: list[Callable[[str], None]] = []
         self._preview: list[Callable[[int, Sequence[Path]], None]] = []
+        self._sources: list[Callable[[], bool]] = []
         self.listen(on_progress=on_progress, on_log=on_log, on_preview=on_preview)
 
     # --- commands in ---------------------------------------------------------------------
@@ -54,7 +55,23 @@ class TrainControl:
 
     @property
     def stop_requested(self) -> bool:
+        """Whether a stop was asked for, here or by a watched source (a host's Interrupt)."""
+        if not self._stop.is_set() and any(source() for source in self._listeners(self._sources)):
+            self._stop.set()
         return self._stop.is_set()
+
+    def watch(self, source: Callable[[], bool]) -> Callable[[], None]:
+        """Also stop when ``source()`` says so, asked whenever the loop checks for a stop (a host's
+        own Interrupt); returns a function that stops watching it."""
+        with self._lock:
+            self._sources.append(source)
+
+        def remove() -> None:
+            with self._lock:
+                if source in self._sources:
+                    self._sources.remove(source)
+
+        return remove
 
     def take_save_request(self) -> bool:
         """True once per ``save_now`` call (the request is consumed)."""
@@ -62,10 +79,6 @@ class TrainControl:
             self._save.clear()
             return True
         return False
-
-    def wait_for_stop(self, timeout: float | None = None) -> bool:
-        """Block until a stop is requested (or ``timeout``); whether it was."""
-        return self._stop.wait(timeout)
 
     # --- callbacks out -------------------------------------------------------------------
 
