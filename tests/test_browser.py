@@ -41,7 +41,7 @@ class PageHost(TinyHost):
 
     def follow(self, control):
         """Joins each run (Host.follow) to slow its steps a little."""
-        return control.listen(on_progress=lambda event: time.sleep(0.2))
+        return control.listen(on_progress=lambda event: time.sleep(0.5))
 
 
 def _free_port() -> int:
