@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.cli.train import _ProgressBar
+from trainer.cli.train import _ProgressBar, ctrl_c_stops
 
 
 def demo_command(args) -> int:
@@ -23,13 +23,7 @@ def demo_command(args) -> int:
     bar = _ProgressBar()
     control = TrainControl(on_progress=bar.update, on_log=bar.write)
 
-    def on_sigint(signum, frame):
-        if control.stop_requested:
-            raise KeyboardInterrupt
-        control.stop()
-        print("\nStopping after this step (press Ctrl-C again to abort)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = ctrl_c_stops(control, "press Ctrl-C again to abort")
     started = time.perf_counter()
     try:
         result = run_demo(folder, steps=args.steps or STEPS, control=control, device=args.device)

@@ -38,13 +38,7 @@ def train_command(args) -> int:
     bar = _ProgressBar()
     control = TrainControl(on_progress=bar.update, on_log=bar.write)
 
-    def on_sigint(signum, frame):
-        if control.stop_requested:
-            raise KeyboardInterrupt
-        control.stop()
-        print("\nStopping after this step (press Ctrl-C again to abort without saving)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = ctrl_c_stops(control, "press Ctrl-C again to abort without saving")
     try:
         host = StandaloneHost(output_dir=output_dir)
         result = run_job(config, host=host, control=control, output_dir=output_dir,
@@ -67,6 +61,19 @@ def train_command(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(result.message)
     return 0
+
+
+def ctrl_c_stops(control, again: str):
+    """Make Ctrl-C ask ``control`` to stop after the current step (what was learned is saved) and
+    a second Ctrl-C raise KeyboardInterrupt; returns the previous handler, to put back with
+    ``signal.signal(signal.SIGINT, previous)``. ``again`` says what the second press does."""
+    def on_sigint(signum, frame):
+        if control.stop_requested:
+            raise KeyboardInterrupt
+        control.stop()
+        print(f"\nStopping after this step ({again})...", file=sys.stderr)
+
+    return signal.signal(signal.SIGINT, on_sigint)
 
 
 def error_exit(exc: BaseException) -> tuple[int, str]:
