@@ -1,4 +1,4 @@
-"""Prompt -> text conditioning, encoded the way the web-UIs encode at inference.
+r"""Prompt -> text conditioning, encoded the way the web-UIs encode at inference.
 
 A network is only as good as the conditioning it was trained on, so captions are encoded
 as A1111 and Forge encode prompts when the LoRA is used:
