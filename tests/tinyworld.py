@@ -5,9 +5,10 @@ where two cores are free) on synthetic 64-pixel images of a circle or a square, 
 large, in one of four colours, captioned "a small red circle", "a blue square" (size left out
 of some captions), or "" (so unguided sampling and classifier-free guidance work). Pieces:
 
-- ``PoolVAE``: an identity-like autoencoder. It averages 4x4 pixel cells and mixes RGB into four
-  latent channels with a fixed matrix; decoding inverts the mix and repeats each cell. Flat
-  coloured shapes survive it, and nothing has to be trained for it.
+- ``PoolVAE``: the demo's identity-like autoencoder (``trainer.hosts.tiny.PoolAutoencoder``). It
+  averages 8x8 pixel cells and mixes RGB into four latent channels with a fixed matrix; decoding
+  inverts the mix and repeats each cell. Flat coloured shapes survive it, and nothing has to be
+  trained for it.
 - An SD1-layout ``UNet2DConditionModel`` (the shape of tests/tiny.py) trained from scratch, and a
   random frozen CLIP text encoder (the shipped CLIP tokenizer; hidden size 32), whose distinct
   outputs for distinct words are all the U-Net needs.
@@ -30,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.hosts import tiny as tiny_host
+from trainer.hosts.tiny import PoolAutoencoder
+
 SIZE = 64            # pixels
-FACTOR = 8           # pixels per latent cell (as in every SD family)
+FACTOR = tiny_host.FACTOR   # pixels per latent cell (the autoencoder's, as in every SD family)
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
            "yellow": (1.0, 1.0, -1.0)}
 UNSEEN = {"purple": (1.0, -1.0, 1.0)}          # never drawn in the base world's training data
@@ -44,8 +48,6 @@ TRAIN = dict(steps=450, batch=64, lr=4e-3, seed=0, p_no_size=0.4, p_empty=0.1, n
 # cost half the time of eight narrow ones in CPU attention, for the same colour accuracy.
 UNET = dict(layers_per_block=2, block_out_channels=(16, 32), attention_head_dim=2)
 
-# Fixed, well-conditioned RGB -> 4-channel mix (rows: latent channels).
-_MIX = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.4, 0.4, 0.4]])
 
 
 def world_key() -> str:
@@ -54,7 +56,7 @@ def world_key() -> str:
     only the classifier or the sampler does."""
     import inspect
 
-    parts = [repr((SIZE, FACTOR, COLOURS, BACKGROUND, RADII, SHAPES, TRAIN, UNET, _MIX.tolist()))]
+    parts = [repr((SIZE, FACTOR, COLOURS, BACKGROUND, RADII, SHAPES, TRAIN, UNET, tiny_host._MIX))]
     parts += [inspect.getsource(f) for f in (draw, caption, _dataset, PoolVAE, _components, _train)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -124,56 +126,9 @@ def fraction(images, key: str, value: str) -> float:
     return sum(v == value for v in labels) / max(1, len(labels))
 
 
-# --- the identity-like autoencoder ------------------------------------------------------------
+# --- the identity-like autoencoder: the demo's weightless one (trainer/hosts/tiny.py) ---------
 
-class _Posterior:
-    def __init__(self, mean):
-        self.mean = mean
-
-    def sample(self, generator=None):
-        return self.mean
-
-    def mode(self):
-        return self.mean
-
-
-class _Encoded:
-    def __init__(self, mean):
-        self.latent_dist = _Posterior(mean)
-
-
-class _Decoded:
-    def __init__(self, sample):
-        self.sample = sample
-
-
-class PoolVAE(torch.nn.Module):
-    """Average-pool by FACTOR and mix RGB into four channels; decode inverts both (nearest)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mix", _MIX.clone())
-        self.register_buffer("unmix", torch.linalg.pinv(_MIX))
-        levels = int(np.log2(FACTOR)) + 1
-        self.config = type("Config", (), {"block_out_channels": [8] * levels, "latent_channels": 4,
-                                          "scaling_factor": 1.0, "shift_factor": None})()
-
-    @property
-    def device(self):
-        return self.mix.device
-
-    @property
-    def dtype(self):
-        return self.mix.dtype
-
-    def encode(self, pixels):
-        pooled = torch.nn.functional.avg_pool2d(pixels.to(self.mix.dtype), FACTOR)
-        return _Encoded(torch.einsum("lc,bchw->blhw", self.mix, pooled))
-
-    def decode(self, latents):
-        rgb = torch.einsum("cl,blhw->bchw", self.unmix, latents.to(self.mix.dtype))
-        return _Decoded(rgb.repeat_interleave(FACTOR, -2).repeat_interleave(FACTOR, -1))
-
+PoolVAE = PoolAutoencoder
 
 # --- the model ----------------------------------------------------------------------------------
 
