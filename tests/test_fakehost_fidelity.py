@@ -23,7 +23,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 RECORDS = sorted([*(HERE / "data" / "hosts").glob("*.json"), *(HERE / "data" / "hosts").glob("*.json.gz")])
 FAKEHOST = HERE / "fakehost"
-_FAKE_MODULES = ("modules", "backend", "networks", "fakehost_setup", "fakehost_models", "launch")
+_FAKE_MODULES = ("modules", "modules_forge", "backend", "networks", "fakehost_setup", "fakehost_models",
+                 "fakehost_lora", "launch")
 # Classes of the hosts' own wrappers and containers; everything else on a recorded path (torch,
 # transformers, ldm, Forge's layer and block classes) only has to be there.
 _HOST_WRAPPER_PACKAGES = ("modules.", "backend.text_processing.", "backend.nn.clip.", "backend.patcher.clip.",
