@@ -244,8 +244,8 @@ class CLIP:
     def clone(self):
         return CLIP(self.cond_stage_model, self.patcher.clone())
 
-    def add_patches(self, *args, **kwargs):
-        return self.patcher.add_patches(*args, **kwargs)
+    def add_patches(self, *arg, **kwargs):
+        return self.patcher.add_patches(*arg, **kwargs)
 
 
 class ForgeObjects:

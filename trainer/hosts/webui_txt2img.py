@@ -1,7 +1,7 @@
 """Images from the web UI's own txt2img, and what its LoRA loader made of a file (HOSTS.md §2, §4).
 
 Beside ``webui.py``, the only module that imports the host's ``modules``. What it relies on, read in
-AUTOMATIC1111 1.8.0 and Forge (``dfdcbab6``) and recorded in ``tests/data/hosts/txt2img_api.json``:
+AUTOMATIC1111 1.8.0 and Forge (``dfdcbab6``) and recorded in ``tests/data/hosts/api/txt2img.json``:
 
 - txt2img: ``modules.processing.StableDiffusionProcessingTxt2Img(...)`` (a dataclass; only the fields
   the running host has are passed: ``scheduler`` is Forge / A1111 1.9+) and ``process_images(p)`` ->
