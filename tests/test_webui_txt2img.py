@@ -158,3 +158,29 @@ def test_a_run_in_the_tab_ends_with_the_check_in_the_host(webui, tmp_path):
     assert len(singles) % 3 == 0  # every preview prompt at the three weights
     after = _all_weights(shared.sd_model)
     assert all(torch.equal(after[k], before[k]) for k in before) and not _lock().locked()
+
+
+@pytest.mark.parametrize("network_type", ["lierla", "loha"])
+def test_an_sdxl_file_loads_in_the_host_with_no_key_skipped(webui, network_type):
+    """SDXL files name the U-Net's modules the LDM way (as sd-scripts writes them); the U-Net's
+    modules all load in the host's SDXL model."""
+    from modules import sd_models, shared
+
+    info = sd_models.get_closet_checkpoint_match("xl.safetensors")
+    if webui.flavour == "forge":
+        sd_models.model_data.forge_loading_parameters = dict(checkpoint_info=info, additional_modules=[])
+        sd_models.forge_model_reload()
+    else:
+        sd_models.reload_model_weights(info=info)
+    net = create_network(tiny_bundle("sdxl"), NetworkSpec(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
+                                                          train_text_encoder=False, network_type=network_type))
+    randomize(net)
+    webui.lora_dir.mkdir(parents=True, exist_ok=True)
+    path = save_network(net, webui.lora_dir / f"xl_{network_type}.safetensors", metadata={}, dtype=torch.float32)
+    before = _all_weights(shared.sd_model)
+    [load], [row], _ = _host(webui).check_saved([(path, [0.0, 1.0])], prompts=["a cat"], seed=2, size=(8, 8))
+    assert (load.error, load.unmatched) == ("", [])
+    assert load.modules == load.file_modules == len(net.all_modules) > 0
+    assert not _same(row[0][2], row[1][2])
+    after = _all_weights(shared.sd_model)
+    assert all(torch.equal(after[k], before[k]) for k in before)

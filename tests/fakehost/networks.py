@@ -106,7 +106,9 @@ if FLAVOUR == "a1111":
     def assign_network_names_to_compvis_modules(sd_model):
         mapping = {}
         if sd_model.is_sdxl:
-            for i, embedder in enumerate(sd_model.conditioner.embedders):
+            # a ModuleList in the host; the fake's tree holds the same children by index
+            embedders = sorted(sd_model.conditioner.embedders.named_children(), key=lambda item: int(item[0]))
+            for i, embedder in ((int(n), e) for n, e in embedders):
                 if not hasattr(embedder, "wrapped"):
                     continue
                 for name, module in embedder.wrapped.named_modules():
