@@ -35,7 +35,7 @@ REFERENCE_KEYS = [k.replace(",_", ", ").replace("_=_", " = ") for k in REFERENCE
 EXTENSION_NAMES = ["gradient_accumulation_steps", "train_noise_offset", "train_max_grad_norm",
                    "cache_latents_to_disk", "addift_timestep_schedule", "zero_terminal_snr", "ileco_latents",
                    "clip_skip", "embeddings_dir", "preview_prompts", "preview_every_steps", "preview_seed",
-                   "preview_size", "preview_steps",
+                   "preview_size", "preview_steps", "host_check",
                    "memory_profile"]
 SHIPPED = ["LoRA", "iLECO", "Difference", "Difference_Use2ndPass", "ADDifT_Action_SD1.5", "ADDifT_Action_XL",
            "ADDifT_Style_SD1.5", "ADDifT_Style_XL", "Multi-ADDifT"]

@@ -23,7 +23,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 RECORDS = sorted([*(HERE / "data" / "hosts").glob("*.json"), *(HERE / "data" / "hosts").glob("*.json.gz")])
 FAKEHOST = HERE / "fakehost"
-_FAKE_MODULES = ("modules", "backend", "networks", "fakehost_setup", "fakehost_models", "launch")
+_FAKE_MODULES = ("modules", "modules_forge", "backend", "networks", "fakehost_setup", "fakehost_models",
+                 "fakehost_lora", "launch")
 # Classes of the hosts' own wrappers and containers; everything else on a recorded path (torch,
 # transformers, ldm, Forge's layer and block classes) only has to be there.
 _HOST_WRAPPER_PACKAGES = ("modules.", "backend.text_processing.", "backend.nn.clip.", "backend.patcher.clip.",
@@ -141,3 +142,74 @@ def test_records_cover_both_hosts():
     """The records this file checks against exist for both flavours (the fidelity claim needs them)."""
     flavours = {_read(p)["flavour"] for p in RECORDS}
     assert {"a1111", "forge"} <= flavours
+
+
+# ----------------------------------------------------------------------------- txt2img and the LoRA loaders
+
+API = json.loads((HERE / "data" / "hosts" / "api" / "txt2img.json").read_text(encoding="utf-8"))
+
+
+def _params(fn) -> list[str]:
+    import inspect
+
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        out.append({p.VAR_POSITIONAL: f"*{p.name}", p.VAR_KEYWORD: f"**{p.name}"}.get(p.kind, p.name))
+    return out
+
+
+def _quotes(line: str) -> str:
+    return line.replace('"', "'")
+
+
+@pytest.mark.parametrize("flavour, record", [("a1111", "a1111-1.8"), ("forge", "forge")])
+def test_fake_txt2img_and_lora_loader_have_the_real_names(flavour, record, fake_models, tmp_path):
+    """The fake's processing, extra networks and LoRA loader offer only what the real host has, with
+    the same parameters, and print Forge's loader report in Forge's own words."""
+    import dataclasses
+    import inspect
+
+    real = API[record]
+    fake_models(flavour, tmp_path / "webui")
+    import networks
+    from modules import extra_networks, processing
+
+    txt2img = {f.name for f in dataclasses.fields(processing.StableDiffusionProcessingTxt2Img) if f.init}
+    real_fields = set(real["processing.StableDiffusionProcessing.fields"]) | \
+        set(real["processing.StableDiffusionProcessingTxt2Img.fields"])
+    assert txt2img <= real_fields and ("scheduler" in txt2img) == ("scheduler" in real_fields)
+    assert _params(processing.process_images) == real["processing.process_images"]
+    assert set(_params(processing.Processed.__init__)) <= set(real["processing.Processed.__init__"])
+    for name, params in real["extra_networks.functions"].items():
+        assert _params(getattr(extra_networks, name)) == params, name
+    for name, params in real["networks.functions"].items():
+        if hasattr(networks, name):
+            assert _params(getattr(networks, name)) == params, name
+    used = {"a1111": ("load_networks", "network_restore_weights_from_backup", "network_reset_cached_weight",
+                      "list_available_networks"),
+            "forge": ("load_networks", "load_lora_for_models", "load_lora_state_dict", "list_available_networks")}
+    assert all(name in real["networks.functions"] and hasattr(networks, name) for name in used[flavour])
+    assert {g for g in real["networks.globals"] if hasattr(networks, g)} == set(real["networks.globals"])
+    if flavour == "a1111":  # its loader prints no report (unmatched keys go to logging.debug)
+        assert real["networks.prints"] == []
+        return
+    fake_prints = [_quotes(line.strip()) for line in inspect.getsource(networks).splitlines()
+                   if "print(f" in line and "[LORA]" in line]
+    assert fake_prints == [_quotes(line) for line in real["networks.prints"]]
+    from backend.patcher import lora
+    from modules import shared
+    from modules_forge import main_thread
+
+    import fakehost_models
+
+    for name, params in real["backend.patcher.lora.functions"].items():
+        assert _params(getattr(lora, name)) == params, name
+    for cls, recorded in ((lora.LoraLoader, real["backend.patcher.lora.LoraLoader"]),
+                          (fakehost_models.ModelPatcher, real["backend.patcher.base.ModelPatcher"]),
+                          (fakehost_models.CLIP, real["backend.patcher.clip.CLIP"])):
+        for name, params in recorded.items():
+            if name != "__init__":
+                assert _params(getattr(cls, name)) == params, f"{cls.__name__}.{name}"
+    assert ["shallow_copy"] == [m for m in real["backend.diffusion_engine.base.ForgeObjects"] if m != "__init__"]
+    assert _params(main_thread.run_and_wait_result) == real["modules_forge.main_thread.run_and_wait_result"]
+    assert {k for k in shared.opts.data if "_t2i_" in k} <= set(real["forge_ui_preset_options"])

@@ -27,7 +27,8 @@ from trainer.training.job import run_job
 ROOT = Path(__file__).resolve().parent.parent
 FAKEHOST = Path(__file__).resolve().parent / "fakehost"
 SCRIPT = ROOT / "scripts" / "traintrain.py"
-_FAKE_MODULES = ("modules", "backend", "networks", "fakehost_setup", "fakehost_models", "launch")
+_FAKE_MODULES = ("modules", "modules_forge", "backend", "networks", "fakehost_setup", "fakehost_models",
+                 "fakehost_lora", "launch")
 
 
 def _purge_fake_host() -> None:
@@ -519,6 +520,7 @@ def test_host_interrupt_is_seen_without_progress_events(webui):
 
 def _run(webui, tmp_path, host, *, on_step=None, **values):
     data = image_folder(tmp_path / "data", n=2)
+    values.setdefault("host_check", False)  # the check in the host's txt2img: tests/test_webui_txt2img.py
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_batch_size="1", **values)
     seen = []
     control = TrainControl()

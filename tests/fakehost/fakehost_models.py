@@ -198,20 +198,64 @@ def a1111_model(info) -> FakeLatentDiffusion:
     return FakeLatentDiffusion(load_file(info.filename), info)
 
 
-class LoraLoader:
-    def __init__(self):
-        self.backup = {}
-        self.online_backup = []
-
-
 class ModelPatcher:
+    """Forge's ``backend.patcher.base.ModelPatcher``: one LoraLoader per model (kept on the model),
+    clones sharing the model, and the LoRA patches a clone carries until it is loaded."""
+
     def __init__(self, model: nn.Module):
+        from backend.patcher.lora import LoraLoader
         from modules import devices
 
         self.model = model
         self.load_device = devices.device
         self.offload_device = torch.device("cpu")
-        self.lora_loader = LoraLoader()
+        self.lora_patches = {}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = LoraLoader(model)
+        self.lora_loader = model.lora_loader
+
+    def clone(self):
+        n = ModelPatcher(self.model)
+        n.lora_patches = self.lora_patches.copy()
+        return n
+
+    def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        identifier = (filename, strength_patch, strength_model, online_mode)
+        model_keys = set(k for k, _ in self.model.named_parameters())
+        found, these = set(), {}
+        for key in patches:
+            if key in model_keys:
+                found.add(key)
+                these.setdefault(key, []).append([strength_patch, patches[key], strength_model, None, None])
+        self.lora_patches[identifier] = these
+        return found
+
+    def refresh_loras(self):
+        self.lora_loader.refresh(lora_patches=self.lora_patches, offload_device=self.offload_device)
+
+
+class CLIP:
+    """Forge's ``backend.patcher.clip.CLIP``: the text encoders and their patcher."""
+
+    def __init__(self, cond_stage_model=None, patcher=None):
+        self.cond_stage_model = cond_stage_model
+        self.patcher = patcher
+
+    def clone(self):
+        return CLIP(self.cond_stage_model, self.patcher.clone())
+
+    def add_patches(self, *arg, **kwargs):
+        return self.patcher.add_patches(*arg, **kwargs)
+
+
+class ForgeObjects:
+    """Forge's ``backend.diffusion_engine.base.ForgeObjects``."""
+
+    def __init__(self, unet, clip, vae, clipvision):
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, clipvision
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
 
 
 class JointTextEncoder(Placed):
@@ -298,10 +342,12 @@ class ForgeEngine:
             _text_processing_engine(clip_module, key)
         unet = ModelPatcher(KModel(_strip(state, "model.diffusion_model."), "epsilon"))
         vae_model = tree_module(_strip(state, "first_stage_model."))
-        clip = SimpleNamespace(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model))
+        clip = CLIP(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model))
         vae = SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
-        self.forge_objects = SimpleNamespace(unet=unet, clip=clip, vae=vae, clipvision=None)
-        self.forge_objects_original = SimpleNamespace(**vars(self.forge_objects))
+        self.forge_objects = ForgeObjects(unet=unet, clip=clip, vae=vae, clipvision=None)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = not xl and not sd2, sd2, xl, False
         self.first_stage_model = None
         self.cond_stage_model = None

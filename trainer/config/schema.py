@@ -272,6 +272,11 @@ _EXTENSION_ROWS = [
      "Preview image size, 'height,width' or one number (multiples of 8).", {}),
     ("preview_steps", "int", 20, "TX", "L I D A M",
      "Sampling steps of a preview image (Euler).", dict(minimum=1, maximum=150)),
+    ("host_check", "bool", True, "CH", "L I D A M",
+     "Web UI only: after a run saves its file, render the preview prompts in the web UI's own txt2img "
+     "(its sampler, steps and CFG; the preview size and seed) at LoRA weight 0, 0.5 and 1 (and each "
+     "<name>_<k>steps file at 1), and report what the web UI's LoRA loader matched or skipped. "
+     "The images go next to the previews.", {}),
     ("memory_profile", "choice", "speed", "DD", "L I D A M",
      "How much speed to trade for memory. speed: the settings as they are. balanced: gradient "
      "checkpointing and base weights stored in 16 bits. low: also base weights in fp8 (upcast per "

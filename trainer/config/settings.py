@@ -123,6 +123,7 @@ class TrainConfig:
     preview_seed: int
     preview_size: tuple[int, int]
     preview_steps: int
+    host_check: bool
     memory_profile: Literal['speed', 'balanced', 'low', 'auto']
     # --- end generated attributes ---
     mode: str

@@ -61,6 +61,10 @@ class Host(Protocol):
     # def check(self, config) -> None
     #     raise ModelLoadError for a model/VAE choice that cannot load, without loading anything;
     #     run_job calls it before load.
+    # def check_saved(self, files, *, prompts, seed, size, negative) -> (loads, rows, settings)
+    #     web UI only: after the run (model back), render each (file, weights) through the host's own
+    #     txt2img and report what its LoRA loader matched (see webui_session.WebUIHost.check_saved);
+    #     run_job calls it when host_check is on.
     # def follow(self, control) -> Callable[[], None]
     #     join a run's TrainControl for the run (control.listen(on_progress=...) for the host's own
     #     progress display, control.stop() on the host's Interrupt); returns the function that

@@ -32,7 +32,8 @@ What each host offers is recorded in HOSTS.md; the facts used here:
   handler wrapped in ``wrap_gradio_gpu_call`` (it holds the same lock).
 
 Prompts are encoded by the trainer's own text encoders (built from the host's weights), not by
-the host's conditioning code, for now.
+the host's conditioning code, for now. Generating with the host's own txt2img (the check after a
+save, the prompt preview) is in ``webui_txt2img.py``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ Typical use from the tab::
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import threading
@@ -173,6 +174,73 @@ class WebUIHost:
         state.textinfo = (f"{getattr(event, 'pass_name', '')}: step {state.sampling_step}/{state.sampling_steps}"
                           + (f", loss {loss:.4f}" if loss == loss else ""))
         self._check_interrupt(session)
+
+    # ------------------------------------------------------------------ the host's own txt2img
+    def txt2img_settings(self) -> Any:
+        """The host's txt2img settings now (``webui_txt2img.Txt2ImgSettings``)."""
+        from trainer.hosts import webui_txt2img
+
+        return webui_txt2img.settings(self.adapter.name)
+
+    def generate(self, prompts: list[str], *, seed: int, negative: str = "",
+                 size: tuple[int, int] | None = None) -> tuple[list, Any]:
+        """``prompts`` rendered by the host's txt2img with its current settings, one seed for all;
+        ``size`` (height, width) replaces the host's. Returns (PIL images, the settings used)."""
+        from trainer.hosts import webui_txt2img
+
+        with self._generating("TrainTrain: prompt preview") as adapter:
+            setup = webui_txt2img.settings(adapter.name)
+            height, width = size if size else (setup.height, setup.width)
+            images = [webui_txt2img.txt2img(p, negative=negative, seed=seed, setup=setup, width=width, height=height)
+                      for p in prompts]
+        return images, setup
+
+    def check_saved(self, files: list[tuple[Path, list[float]]], *, prompts: list[str], seed: int,
+                    size: tuple[int, int], negative: str = "") -> tuple[list, list, Any]:
+        """Each saved file through the host's own ``<lora:name:w>`` path at its weights, every prompt
+        (one seed), and what the host's LoRA loader made of it. Returns (HostLoad per file, one row of
+        (weight, file, PIL image) per prompt, the settings used). The model is as before afterwards."""
+        from trainer.hosts import webui_txt2img
+
+        loads, rows = [], [[] for _ in prompts]
+        with self._generating("TrainTrain: check in the web UI") as adapter:
+            setup = webui_txt2img.settings(adapter.name)
+            self.adapter.refresh_loras()  # the files were just written
+            try:
+                for path, weights in files:
+                    for weight in weights:
+                        webui_txt2img.prepare_report(adapter.name)
+                        with webui_txt2img.console_lines() as echo:
+                            for row, prompt in zip(rows, prompts):
+                                tagged = f"{prompt} <lora:{Path(path).stem}:{weight:g}>".strip()
+                                row.append((weight, Path(path), webui_txt2img.txt2img(
+                                    tagged, negative=negative, seed=seed, setup=setup, width=size[1], height=size[0])))
+                        if weight == max(weights):
+                            loads.append(webui_txt2img.report(adapter.name, Path(path), echo.lines))
+            finally:
+                webui_txt2img.drop_networks(adapter.name)
+        return loads, rows, setup
+
+    @contextlib.contextmanager
+    def _generating(self, job: str):
+        """The host's queue lock and job state around a generation here (never during a run)."""
+        if self._session is not None:
+            raise ModelLoadError("a training run is using the web UI's model; generate when it has finished")
+        adapter = self.adapter
+        lock = adapter.queue_lock() if self.hold_gpu_lock else None
+        if lock is not None and not lock.acquire(blocking=False):
+            self.log("Waiting for the web UI to finish its current job...")
+            lock.acquire()
+        try:
+            state = adapter.state()
+            state.begin(job=job)
+            try:
+                yield adapter
+            finally:
+                state.end()
+        finally:
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------------ session internals
     def _begin(self) -> _Session:

@@ -9,6 +9,7 @@ learned plus a resumable state under logs/state/.
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,12 +94,60 @@ def run_job(config, *, host, control: TrainControl | None = None, output_dir: Pa
         follow = getattr(host, "follow", None)
         leave = follow(control) if callable(follow) else None
         try:
-            return _run_prepared(prep, host=host, resume=resume, device=device, control=control)
+            result = _run_prepared(prep, host=host, resume=resume, device=device, control=control)
         finally:
             if callable(leave):
                 leave()
+        # the web UI's own check, once its model is back: a host that renders with its own txt2img
+        if prep.config.host_check and result.saved and not result.stopped and callable(getattr(host, "check_saved", None)):
+            _host_check(host, prep, result, control)
+        return result
     finally:
         prep.release()
+
+
+_STEPS_FILE = re.compile(r"_\d+steps(-\d+)?$")
+
+
+def _captions(prep) -> list[str]:
+    planned = prep.data_plan.get("lora") if isinstance(prep.data_plan, dict) else None
+    return [item.prompt for item in planned[0]] if planned else []
+
+
+def _host_check(host, prep, result: JobResult, control: TrainControl) -> None:
+    """Render the saved files in the web UI's own txt2img (the preview prompts x weight 0 / 0.5 / 1,
+    each ``<name>_<k>steps`` file at 1), record what its LoRA loader matched, and show the grid."""
+    from trainer.training.loadcheck import LoadCheck
+    from trainer.training.previews import default_prompts, grid, preview_folder, save_image
+
+    config, log = prep.config, control.log
+    files = [(Path(p), [1.0] if _STEPS_FILE.search(Path(p).stem) else [0.0, 0.5, 1.0]) for p in result.saved]
+    prompts = default_prompts(config, _captions(prep))
+    log("Checking the saved file in the web UI's own txt2img...")
+    try:
+        loads, rows, setup = host.check_saved(files, prompts=prompts, seed=int(config.preview_seed),
+                                              size=tuple(config.preview_size), negative=config.negative_prompt or "")
+    except Exception as error:  # the run's file is saved; the check only reports
+        log(f"note: the check in the web UI could not run ({type(error).__name__}: {error})")
+        return
+    for load in loads:
+        check = LoadCheck(load.file, load.host, modules=load.modules, file_modules=load.file_modules,
+                          unmatched=list(load.unmatched), error=load.error, in_host=True, said=list(load.said))
+        result.load_checks.append(check)
+        for line in check.said:
+            log(f"  {load.host}: {line}")
+        log(check.summary())
+        if not check.ok:
+            result.notes.append(check.summary())
+    folder = preview_folder(prep.logs_dir, prep.name)
+    for index, row in enumerate(rows):
+        for weight, path, image in row:
+            save_image(image, folder / f"host_{path.stem}_w{weight:g}_{index}.png")
+    sheet = save_image(grid([[image for _, _, image in row] for row in rows]), folder / "host_check.png")
+    columns = ", ".join(f"{path.stem} at {weight:g}" for weight, path, _ in rows[0]) if rows else ""
+    log(f"host check images ({setup.describe()}, seed {config.preview_seed}; columns: {columns}): {sheet}")
+    result.previews.append(sheet)
+    control.preview(result.steps, [sheet])
 
 
 def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobResult:
@@ -231,10 +280,8 @@ def _previewer(task, bundle, prep, model_dtype, result: JobResult, log, control:
     from trainer.training.previews import Previewer, default_prompts, preview_folder
 
     config = task.config
-    planned = prep.data_plan.get("lora") if isinstance(prep.data_plan, dict) else None
-    captions = [item.prompt for item in planned[0]] if planned else []
     previewer = Previewer(
-        bundle=bundle, network=task.network, prompts=default_prompts(config, captions),
+        bundle=bundle, network=task.network, prompts=default_prompts(config, _captions(prep)),
         folder=preview_folder(prep.logs_dir, prep.name), every=config.preview_every_steps,
         seed=config.preview_seed, size=tuple(config.preview_size), steps=config.preview_steps,
         negative=config.negative_prompt or "", autocast_dtype=None if model_dtype == torch.float32 else model_dtype,

@@ -38,12 +38,16 @@ class LoadCheck:
     unmatched: list = field(default_factory=list)  # keys (or module names) that found no layer
     error: str = ""             # the loader refused the file
     skipped: str = ""           # why the check could not run here (a loader missing), not a fault of the file
+    in_host: bool = False       # the web UI's own loader (``loader`` names the host) in its own txt2img
+    said: list = field(default_factory=list)  # the host loader's own report lines (Forge)
 
     @property
     def ok(self) -> bool:
         return not self.skipped and not self.error and not self.unmatched and self.modules == self.file_modules
 
     def summary(self) -> str:
+        if self.in_host:
+            return self._host_summary()
         head = f"load check of {self.file.name} ({self.loader})"
         if self.skipped:
             return f"{head}: skipped, {self.skipped}"
@@ -57,6 +61,22 @@ class LoadCheck:
         elif self.modules != self.file_modules:
             text += (f". WARNING: the file holds {self.file_modules} modules but only {self.modules} "
                      "were loaded")
+        return text
+
+
+    def _host_summary(self) -> str:
+        head = f"check of {self.file.name} in {self.loader}'s own txt2img"
+        if self.error:
+            text = f"{head}: WARNING: {self.error}"
+        else:
+            text = f"{head}: loaded in {self.loader}: {self.modules} modules, {len(self.unmatched)} keys skipped"
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:8]) + (f" and {len(self.unmatched) - 8} more"
+                                                      if len(self.unmatched) > 8 else "")
+            text += f". WARNING: {self.loader} found no layer for these keys: {shown}"
+        elif not self.error and self.modules != self.file_modules:
+            text += (f". WARNING: the file holds {self.file_modules} modules but {self.loader} patched "
+                     f"{self.modules}")
         return text
 
 

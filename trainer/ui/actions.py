@@ -336,9 +336,10 @@ class TrainTrainUI:
     # --- iLECO prompt preview ------------------------------------------------------------
 
     def generate(self, which: str, *args):
-        """Generate Original / Target / All: the iLECO prompts rendered with the chosen model and the
-        trainer's own sampler (``preview_seed``, ``preview_size``, ``preview_steps``; "All": one seed for
-        both); returns (gallery value, message)."""
+        """Generate Original / Target / All: the iLECO prompts rendered with one seed (``preview_seed``;
+        "All": the same for both). In a web UI by its own txt2img with its current txt2img settings;
+        standalone with the chosen model and the trainer's own sampler (``preview_size``,
+        ``preview_steps``). Returns (gallery value, message)."""
         from trainer.training.previews import render
 
         values = ui_form.values_of(args)
@@ -352,6 +353,17 @@ class TrainTrainUI:
             config = self._config(args, with_inputs=False)
         except ConfigError as error:
             return [], _errors(error)
+        names = {"Original": ["original"], "Target": ["target"], "All": ["original", "target"]}[which]
+        in_host = getattr(self.host, "generate", None)
+        if not self.standalone and callable(in_host):  # the web UI's own txt2img, its settings, one seed
+            try:
+                images, setup = in_host([p or "" for p in prompts], seed=int(config.preview_seed),
+                                        negative=config.negative_prompt or "")
+            except Exception as error:
+                return [], f"Error: {error}"
+            message = (f"{which}: the web UI's txt2img ({setup.describe()}, {setup.width}x{setup.height}), "
+                       f"seed {config.preview_seed}")
+            return [(image, f"{name}: {prompt}") for image, name, prompt in zip(images, names, prompts)], message
         try:
             bundle = self.host.load(config)
         except Exception as error:  # a model that cannot load is said like a run's error
@@ -370,7 +382,6 @@ class TrainTrainUI:
                             negative=config.negative_prompt or "")
         finally:
             self.host.restore()
-        names = {"Original": ["original"], "Target": ["target"], "All": ["original", "target"]}[which]
         message = (f"{which}: seed {config.preview_seed}, {config.preview_steps} steps, "
                    f"{config.preview_size[1]}x{config.preview_size[0]} (the preview settings)")
         return [(image, f"{name}: {prompt}") for image, name, prompt in zip(images, names, prompts)], message

@@ -107,7 +107,9 @@ def _train_tab(ui: TrainTrainUI, w: dict) -> dict:
             b["gen_original"] = gr.Button("Generate Original", elem_id="traintrain_generate_original")
             b["gen_target"] = gr.Button("Generate Target", elem_id="traintrain_generate_target")
             b["gen_all"] = gr.Button("Generate All", elem_id="traintrain_generate_all")
-        w["generated"] = gr.Gallery(label="Prompt preview (the model chosen above; preview seed, size and steps)",
+        w["generated"] = gr.Gallery(label="Prompt preview (the model chosen above; preview seed, size and steps)"
+                                    if ui.standalone else
+                                    "Prompt preview (the web UI's txt2img and its settings; the preview seed)",
                                     columns=2, elem_id="traintrain_generated")
     with gr.Row(visible=False, elem_id="traintrain_images") as w["images_group"]:
         w["original_image"] = gr.Image(type="filepath", image_mode="RGBA", label="Original Image",

@@ -20,6 +20,7 @@ class LoadedModel:
 
     def model_load(self):
         self.model.model.to(self.device)
+        self.model.refresh_loras()  # a patcher's LoRA patches are merged when it is loaded for sampling
 
     def model_unload(self, avoid_model_moving=False):
         if not avoid_model_moving:

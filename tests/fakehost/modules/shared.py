@@ -27,6 +27,7 @@ class Options:
 cmd_opts = SimpleNamespace(
     lora_dir=os.path.join(paths.models_path, "Lora"), ckpt_dir=None, vae_dir=None, ckpt=None,
     embeddings_dir=os.path.join(paths.data_path, "embeddings"),
+    ui_config_file=os.path.join(paths.data_path, "ui-config.json"),
     lowvram=False, medvram=False, no_half=True, skip_install=False,
 )
 opts = Options({
@@ -34,6 +35,11 @@ opts = Options({
     "sd_checkpoints_keep_in_cpu": True, "CLIP_stop_at_last_layers": 1, "emphasis": "Original",
     "forge_additional_modules": [], "forge_unet_storage_dtype": "Automatic",
 })
+if FLAVOUR == "forge":  # the txt2img defaults of Forge's UI presets (modules_forge/main_entry.py, processing_scripts/sampler.py)
+    opts.data.update({"forge_preset": "sd", "sd_t2i_sampler": "Euler a", "sd_t2i_scheduler": "Automatic",
+                      "sd_t2i_cfg": 7, "sd_t2i_width": 512, "sd_t2i_height": 640,
+                      "xl_t2i_sampler": "DPM++ 2M SDE", "xl_t2i_scheduler": "Karras", "xl_t2i_cfg": 5,
+                      "xl_t2i_width": 896, "xl_t2i_height": 1152})
 state = shared_state.State()
 device = devices.device
 flavour = FLAVOUR

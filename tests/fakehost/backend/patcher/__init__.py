@@ -1,0 +1,1 @@
+"""Fake Forge ``backend.patcher``."""
