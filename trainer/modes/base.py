@@ -64,11 +64,13 @@ class TrainTask:
 
 
 def trains_text_encoder(cfg) -> bool:
-    """Whether a run's network includes the text encoder: its mode allows it (the registry's
-    ``text_encoder``) and ``network_blocks`` holds BASE."""
+    """Whether a run's network may include text encoders: its mode allows it (the registry's
+    ``text_encoder``) and ``network_blocks`` holds a text-encoder id (BASE; Flux's CLIP, T5). Which
+    encoders get modules is the spec's ``keeps_text_encoder``: only those whose id is selected."""
+    from trainer.config.choices import TEXT_ENCODER_IDS
     from trainer.modes import get_mode
 
-    return get_mode(cfg.mode).text_encoder and "BASE" in cfg.network_blocks
+    return get_mode(cfg.mode).text_encoder and any(b in TEXT_ENCODER_IDS for b in cfg.network_blocks)
 
 
 def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
@@ -83,8 +85,7 @@ def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
     fam = ctx.bundle.family
     if fam.flow:
         flow_notes(cfg, ctx)
-    spec = spec_from_config(cfg, dtype=ctx.lora_dtype,
-                            train_text_encoder=trains_text_encoder(cfg) and not fam.is_dit)
+    spec = spec_from_config(cfg, dtype=ctx.lora_dtype, train_text_encoder=trains_text_encoder(cfg))
     source = from_file or cfg.network_resume
     if source:
         from trainer.network.resume import resume_network
@@ -106,8 +107,17 @@ def flow_notes(cfg, ctx: ModeContext) -> None:
     if cfg.train_snr_gamma > 0:
         ctx.log(f"warning: train_snr_gamma = {cfg.train_snr_gamma} is ignored: min-SNR weighting belongs to the "
                 f"DDPM noise schedule, and {fam.title} is trained with flow matching")
-    if any(b in ("BASE", *fam.text_encoder_ids) for b in cfg.network_blocks):
-        ctx.log(f"note: the {fam.title} text encoder(s) are not trained; prompts are encoded once and cached")
+    named = [b for b in fam.text_encoder_ids if b in cfg.network_blocks]
+    if named and not trains_text_encoder(cfg):
+        ctx.log(f"note: {' and '.join(named)} selected, but {cfg.mode} mode trains no text encoder; "
+                "prompts are encoded once and cached")
+    elif named and fam.te_kinds != ("qwen3",):
+        ctx.log(f"note: the {' and '.join(named)} text encoder(s) train; prompts are encoded at every step "
+                "(not cached), so the text encoders stay loaded")
+    if "BASE" in cfg.network_blocks and not named:
+        how = ("" if fam.te_kinds == ("qwen3",) else
+               f"; select {' / '.join(fam.text_encoder_ids)} to train its text encoder(s)")
+        ctx.log(f"note: BASE is the SD text-encoder id and trains nothing on {fam.title}{how}")
     blocks = list(cfg.network_blocks)
     if effective_blocks(fam, blocks) != tuple(blocks):
         ctx.log(f"note: network_blocks names no {fam.title} block ({' '.join(fam.block_ids[:4])} ...), "
