@@ -808,3 +808,76 @@ def test_flux_schnell_is_told_from_dev_by_its_missing_guidance_embedding(tmp_pat
         assert torch.equal(from_file.unet.state_dict()[key], value), key
     dev_bundle = load_model(config_dir)
     assert dev_bundle.family.variant == "dev" and dev_bundle.family.modelspec_arch(False) == "flux-1-dev/lora"
+
+
+# ----------------------------------------------------------------------------- load check after a save
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_the_load_check_runs_the_family_pipeline(family, tmp_path):
+    """check_file loads a saved Flux / Z-Image file with the family's diffusers pipeline into a weightless
+    copy: every module loads (a fused qkv counts once, when all its parts got the LoRA); Flux's T5
+    modules are named as not read by diffusers; a renamed key is reported."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from trainer.bundle import ModelBundle
+    from trainer.network.io import save_network
+    from trainer.network.network import NetworkSpec, create_network
+    from trainer.training.loadcheck import check_file
+
+    parts = tiny_dit_components(family)
+    blocks = ("D00", "D01") if family == "flux" else ZIMAGE.block_ids[1:]
+    if family == "flux":  # diffusers splits linear1 with Flux.1's full widths: double blocks only here
+        parts["unet"] = tiny_flux_transformer(double=2, single=0)
+        blocks = ("CLIP", "T5") + blocks
+    bundle = ModelBundle(family=get_family(family), prediction_type="flow", **parts).freeze()
+    net = create_network(bundle, NetworkSpec(rank=4, alpha=2.0, blocks=blocks, train_text_encoder=True))
+    path = save_network(net, tmp_path / "n.safetensors", metadata={}, dtype=torch.float32)
+    check = check_file(path, bundle)
+    assert (check.error, check.unmatched) == ("", []), check.summary()
+    t5 = sum(m.lora_name.startswith("lora_te3_") for m in net.all_modules)
+    assert check.modules == check.file_modules == len(net.all_modules) - t5 and check.ok, check.summary()
+    if family == "flux":
+        assert t5 and f"{t5} module(s) not checked" in check.summary() and check.modules > len(net.unet_modules)
+    bad = {k.replace("to_out.0", "to_zz") if "layers.0." in k else k.replace("img_mlp_0", "img_mlp_9"): v
+           for k, v in load_file(str(path)).items()}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    assert not check_file(tmp_path / "bad.safetensors", bundle).ok
+
+
+# ----------------------------------------------------------------------------- previews
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_previews_render_on_the_flow_families(family):
+    """render() samples Flux / Z-Image with Euler on the velocity: same seed, same image; the network
+    changes it; the run's random state is left alone by the Previewer (render is called inside it)."""
+    import numpy as np
+
+    from trainer.training.previews import render
+
+    bundle = tiny_dit_bundle(family)
+    kwargs = dict(seed=3, size=(32, 48), steps=4)
+    first = render(bundle, ["a cat", "a dog"], **kwargs)
+    assert [im.size for im in first] == [(48, 32), (48, 32)]
+    again = render(bundle, ["a cat"], **kwargs)
+    assert np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
+    net = _random_network(bundle)
+    net.apply_to()
+    with_net = render(bundle, ["a cat"], **kwargs)
+    net.remove()
+    assert not np.array_equal(np.asarray(with_net[0]), np.asarray(first[0]))
+
+
+def test_flow_euler_is_the_flow_schedulers_step():
+    """losses.flow_euler takes the step diffusers' FlowMatchEulerDiscreteScheduler takes."""
+    from trainer.training.losses import flow_euler
+
+    sched = tiny_dit_bundle("zimage").noise_scheduler
+    sched.set_timesteps(5)
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    v = lambda x, i: torch.sin(x + i)  # noqa: E731
+    theirs = x.clone()
+    for i, t in enumerate(sched.timesteps):
+        theirs = sched.step(v(theirs, i), t, theirs).prev_sample
+    ours = flow_euler(x, sched.sigmas.tolist(), v)
+    torch.testing.assert_close(ours, theirs)

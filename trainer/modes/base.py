@@ -172,7 +172,8 @@ def repeat_cond(cond: Conditioning, n: int) -> Conditioning:
 FLUX_TRAIN_GUIDANCE = 1.0
 
 
-def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                        guidance: float | None = None) -> torch.Tensor:
     """Run a flow-matching transformer on (B, C, H, W) latents at timesteps t = σ·1000; returns the
     velocity ε − x0 the loss compares with (training/losses.py).
 
@@ -183,6 +184,7 @@ def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, co
     with the negated output. So Flux gets σ and predicts ε − x0; Z-Image gets 1 − σ and predicts
     x0 − ε. (The reference gives Z-Image σ·1000, which is both scaled and reversed against its
     inference, SPEC.md §4.6 and §11; a network trained that way learns a schedule the UIs never use.)
+    ``guidance`` is Flux-dev's embedded guidance scale (training: ``FLUX_TRAIN_GUIDANCE``).
     """
     fam = bundle.family
     model = bundle.unet
@@ -190,7 +192,7 @@ def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, co
     sigma = timesteps.float() / float(bundle.noise_scheduler.config.num_train_timesteps)
     model_t = (sigma if fam.model_time == "sigma" else 1.0 - sigma).to(noisy.device, dtype)
     if fam.name == "flux":
-        out = _flux_forward(model, noisy, model_t, cond)
+        out = _flux_forward(model, noisy, model_t, cond, FLUX_TRAIN_GUIDANCE if guidance is None else guidance)
     elif fam.name == "zimage":
         out = _zimage_forward(model, noisy, model_t, cond)
     else:  # pragma: no cover - a new flow family must say how it is called
@@ -198,7 +200,7 @@ def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, co
     return out * fam.output_sign
 
 
-def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
     b, c, h, w = x.shape
     if h % 2 or w % 2:
         raise ValueError(f"Flux latents need an even height and width, got {h}x{w} (images must be multiples of 16 px)")
@@ -210,7 +212,7 @@ def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -
     txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype)
     guidance = None
     if getattr(model.config, "guidance_embeds", False):
-        guidance = torch.full((b,), FLUX_TRAIN_GUIDANCE, device=x.device, dtype=torch.float32)
+        guidance = torch.full((b,), scale, device=x.device, dtype=torch.float32)
     out = model(hidden_states=packed, timestep=t, guidance=guidance,
                 pooled_projections=cond.pooled.to(x.device, x.dtype), encoder_hidden_states=hidden,
                 txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
