@@ -155,6 +155,20 @@ def _load_transformer_file(path: Path, fam, *, te_path, config_dir, dtype, own_v
                        metadata={"family_source": "keys", "te": str(te_path), "config_dir": folders.describe()})
 
 
+def family_of(path: Path) -> str | None:
+    """The family of a checkpoint file (its key names) or diffusers folder (model_index.json), without
+    loading weights; None when neither tells it."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _folder_family(path, read_json(path / "model_index.json"))
+        if path.is_file():
+            return detect_family(CheckpointFile(path, "model"))
+    except (ModelLoadError, OSError, ValueError):
+        return None
+    return None
+
+
 def _drop(state: dict, prefix: str) -> None:
     for key in [k for k in state if k.startswith(prefix)]:
         del state[key]
@@ -316,6 +330,14 @@ class StandaloneHost:
             return given
         searched = ", ".join(str(f) for f in folders) or "no model folders configured"
         raise ModelLoadError(f"{what} file not found: {name} (searched: {searched})")
+
+    def model_family(self, name: str) -> str | None:
+        """The family of the model ``name`` names ("sd1" ... "flux", "zimage"), read from its keys or
+        model_index.json without loading it; None when it cannot be told (not found, unreadable)."""
+        try:
+            return family_of(self.resolve(name, self.ckpt_dirs, "model"))
+        except ModelLoadError:
+            return None
 
     def restore(self) -> None:
         """Nothing to restore: the standalone program holds no model of its own."""

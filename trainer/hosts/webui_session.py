@@ -101,6 +101,14 @@ class WebUIHost:
                 _refuse_transformer_on_a1111(path)
         self._vae_path(adapter, config_value(config, "vae"))
 
+    def model_family(self, name: str) -> str | None:
+        """The family of the checkpoint ``name`` (read from its file's keys), None when it cannot be told."""
+        from trainer.hosts.standalone import family_of
+
+        info = self.adapter.find_checkpoint(name) if name and name not in _NOT_CHOSEN else None
+        path = Path(info.filename) if info is not None else Path(name or "")
+        return family_of(path) if name and path.exists() else None
+
     def load(self, config: Any) -> Any:
         """Start a session and hand over the model ``config.model`` names (blank: the loaded one).
 

@@ -257,6 +257,10 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     # A page (re)loaded shows what is true now, not what was true when the server started: the
     # remembered model, the queue file, the logs, and the run going on.
     w["model"].change(ui.remember_model, [w["model"]], [])
+    # the block checkboxes list the chosen model's family's ids (Flux.1 / Z-Image: their own blocks)
+    blocks = [w["network_blocks"], w[ui_form.P2 + "network_blocks"]]
+    for chosen in (w["model"], w["model_path"]):
+        chosen.change(ui.blocks_for_model, [w["model"], w["model_path"], *blocks], blocks)
     demo.load(ui.page_load, [], [w["model"], *view, w["log"]])
     demo.load(ui.follow_at_load_shown, [], [w["progress"], w["message"], w["previews"]], show_progress="hidden")
 
