@@ -636,3 +636,248 @@ def test_settings_may_name_transformer_blocks():
     assert effective_blocks(ZIMAGE, ["BASE", "IN01"]) == ZIMAGE.block_ids  # an SD list: every block
     with pytest.raises(ConfigError, match="D19.*Flux.1: CLIP T5 IN D00-D18"):
         quick_config(network_blocks="D19")
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+def _te_network(bundle, blocks=("CLIP", "T5", "D00")):
+    from trainer.network.network import NetworkSpec, create_network
+
+    return create_network(bundle, NetworkSpec(rank=4, alpha=2.0, blocks=blocks, train_text_encoder=True))
+
+
+def test_flux_text_encoders_get_kohya_modules_that_train(tmp_path):
+    """CLIP-L and T5 modules (selected by their block ids) carry sd-scripts' lora_flux.py names, get
+    gradients through the live prompt encoding, change when stepped, and resume from their file."""
+    from safetensors.torch import load_file
+
+    from trainer.conditioning import PromptEncoder
+    from trainer.modes.base import transformer_forward
+    from trainer.network.io import save_network
+    from trainer.network.network import NetworkSpec
+    from trainer.network.resume import resume_network
+
+    bundle = tiny_dit_bundle("flux")
+    net = _te_network(bundle)
+    names = {m.file_name for m in net.te_modules}
+    clip = {n for n in names if n.startswith("lora_te1_")}
+    t5 = {n for n in names if n.startswith("lora_te3_")}
+    assert clip | t5 == names
+    # CLIP-L: q, k, v, out_proj, fc1, fc2 per layer; T5: q, k, v, o, wi_0, wi_1, wo per block (2 layers each here)
+    assert len(clip) == 2 * 6 and len(t5) == 2 * 7
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in clip
+    assert {"lora_te3_encoder_block_1_layer_0_SelfAttention_o", "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_1"} <= t5
+    assert {m.block for m in net.te_modules} == {"CLIP", "T5"}
+    with torch.no_grad():
+        for m in net.all_modules:
+            m.lora_up.weight.normal_(0, 0.1)
+    net.apply_to()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    cond = PromptEncoder(bundle).encode(["a cat", "a dog"])  # live: gradients reach the encoders' modules
+    x, t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300.0, 600.0])
+    transformer_forward(bundle, x, t, cond).pow(2).mean().backward()
+    for m in net.te_modules:
+        assert m.lora_down.weight.grad is not None and m.lora_down.weight.grad.abs().sum() > 0, m.lora_name
+    opt.step()
+    changed = {k.split(".")[0] for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert {m.lora_name for m in net.te_modules} <= changed
+    net.remove()
+    path = save_network(net, tmp_path / "te.safetensors", metadata={}, dtype=torch.float32)
+    keys = set(load_file(str(path)))
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc2.alpha" in keys
+    assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight" in keys
+    back = resume_network(bundle, NetworkSpec(blocks=("CLIP", "T5", "D00"), train_text_encoder=True), str(path))
+    assert back.state_dict().keys() == net.state_dict().keys() and not back.skipped_modules
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    # a setting that names no text encoder leaves the file's text-encoder modules out
+    unet_only = resume_network(bundle, NetworkSpec(blocks=("D00",), train_text_encoder=True), str(path))
+    assert not unet_only.te_modules and set(unet_only.skipped_modules) == names
+
+
+def test_text_encoders_train_only_when_named():
+    """The SD block list (with BASE) on Flux trains every transformer block and no text encoder; CLIP
+    alone trains CLIP-L and nothing else of the encoders; outside LoRA mode nothing is trained there."""
+    from trainer.modes.base import trains_text_encoder
+    from trainer.network.network import NetworkSpec, create_network
+
+    bundle = tiny_dit_bundle("flux")
+    sd_list = create_network(bundle, NetworkSpec(rank=4, alpha=2.0, train_text_encoder=True))
+    assert not sd_list.te_modules and sd_list.unet_modules
+    clip_only = _te_network(bundle, blocks=("CLIP",))
+    assert clip_only.te_modules and not clip_only.unet_modules
+    assert all(m.lora_name.startswith("lora_te1_") for m in clip_only.te_modules)
+    assert trains_text_encoder(quick_config(network_blocks="CLIP,D00"))
+    assert not trains_text_encoder(quick_config(mode="iLECO", original_prompt="a", network_blocks="CLIP,D00"))
+
+
+def test_zimage_text_encoder_is_refused_with_the_reason():
+    from trainer.config import ConfigError
+    from trainer.network.network import NetworkSpec, create_network
+
+    with pytest.raises(ConfigError, match="QWEN3.*cannot be trained.*ComfyUI and Forge Neo"):
+        quick_config(network_blocks="QWEN3,S00")
+    quick_config(mode="iLECO", original_prompt="a cat", network_blocks="QWEN3,S00")  # trains no text encoder
+    with pytest.raises(ValueError, match="remove QWEN3 from network_blocks"):
+        create_network(tiny_dit_bundle("zimage"), NetworkSpec(blocks=("QWEN3", "S00"), train_text_encoder=True))
+    assert main(["layout", "--family", "zimage", "--blocks", "QWEN3,S00"]) == 2
+
+
+@pytest.mark.slow
+def test_layout_lists_the_flux_text_encoders(capsys):
+    """sd-scripts' lora_flux.py on CLIP-L (12 layers x q, k, v, out_proj, fc1, fc2 = 72) and T5-XXL's
+    encoder (24 blocks x q, k, v, o, wi_0, wi_1, wo = 168)."""
+    assert main(["layout", "--family", "flux", "--blocks", "CLIP,T5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("modules: 240  parameters: ")
+    names = [line.split()[0] for line in lines[:-2]]
+    assert sum(n.startswith("lora_te1_text_model_encoder_layers_") for n in names) == 72
+    assert sum(n.startswith("lora_te3_encoder_block_") for n in names) == 168
+    assert "lora_te3_encoder_block_23_layer_1_DenseReluDense_wo" in names
+
+
+@pytest.mark.slow
+def test_a_flux_lora_run_trains_the_named_text_encoders(tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.training.job import run_job
+
+    data = image_folder(tmp_path / "data", n=2)
+    logs = []
+    cfg = quick_config(lora_data_directory=str(data), train_iterations="2", network_blocks="CLIP,T5,D00",
+                       save_lora_name="te_run")
+    res = run_job(cfg, host=TinyHost("flux", tmp_path / "out"), logs_dir=tmp_path / "logs",
+                  control=TrainControl(on_log=logs.append))
+    keys = load_file(str(res.saved[-1]))
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te3_") for k in keys)
+    assert all(k.startswith(("lora_te1_", "lora_te3_", "lora_unet_double_blocks_0_")) for k in keys)
+    assert max(v.abs().max().item() for k, v in keys.items() if k.startswith("lora_te") and "lora_up" in k) > 0
+    assert any("encoded at every step" in line for line in logs)
+
+
+# ----------------------------------------------------------------------------- Flux.1-schnell
+
+def _save_flux_folder(folder, parts):
+    parts["unet"].save_pretrained(folder / "transformer")
+    parts["vae"].save_pretrained(folder / "vae")
+    for i, (te, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
+        parts["text_encoders"][i].save_pretrained(folder / te)
+        parts["tokenizers"][i].save_pretrained(folder / tok)
+    parts["noise_scheduler"].save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+
+
+def test_flux_schnell_is_told_from_dev_by_its_missing_guidance_embedding(tmp_path):
+    """schnell has no guidance_in weights: detected in a single file (against dev's config) and in a
+    diffusers folder; it samples with a fixed shift of 1, is called without guidance, and its files
+    say flux-1-schnell."""
+    from safetensors.torch import save_file
+
+    from trainer.hosts.dit_parts import flow_scheduler, has_guidance_embedding
+    from trainer.hosts.standalone import load_model
+    from trainer.training.losses import sample_timesteps
+
+    assert has_guidance_embedding(["guidance_in.in_layer.weight", "img_in.weight"])
+    assert has_guidance_embedding(["time_text_embed.guidance_embedder.linear_1.weight"])
+    assert not has_guidance_embedding(["time_text_embed.timestep_embedder.linear_1.weight", "double_blocks.0.x"])
+    dev = tiny_dit_components("flux")
+    config_dir = tmp_path / "dev-configs"  # what a single file is read with: dev's configs
+    _save_flux_folder(config_dir, dev)
+    torch.manual_seed(0)
+    schnell = dict(dev, unet=type(dev["unet"]).from_config({**dev["unet"].config, "guidance_embeds": False}),
+                   noise_scheduler=flow_scheduler({**dev["noise_scheduler"].config, "use_dynamic_shifting": False,
+                                                   "shift": 1.0}))
+    folder = tmp_path / "schnell"
+    _save_flux_folder(folder, schnell)
+    from_folder = load_model(folder)
+    file = tmp_path / "flux1-schnell.safetensors"
+    save_file({k: v.contiguous() for k, v in schnell["unet"].state_dict().items()}, str(file))
+    from_file = load_model(file, te_path=folder, config_dir=config_dir)
+    for bundle in (from_folder, from_file):
+        fam = bundle.family
+        assert fam.name == "flux" and fam.variant == "schnell" and not bundle.unet.config.guidance_embeds
+        assert fam.modelspec_arch(False) == "flux-1-schnell/lora" and fam.base_model_version == "flux1"
+        cfg = bundle.noise_scheduler.config
+        assert not cfg.use_dynamic_shifting and cfg.shift == 1.0
+        t = sample_timesteps(2000, 0, 1000, fixed_in_batch=False, device="cpu", scheduler=bundle.noise_scheduler,
+                             generator=torch.Generator().manual_seed(0), latent_hw=(128, 128))
+        s = torch.sigmoid(torch.randn(2000, generator=torch.Generator().manual_seed(0)))
+        torch.testing.assert_close(t / 1000, s)  # shift 1: the logit-normal σ as it is, at any resolution
+    for key, value in schnell["unet"].state_dict().items():
+        assert torch.equal(from_file.unet.state_dict()[key], value), key
+    dev_bundle = load_model(config_dir)
+    assert dev_bundle.family.variant == "dev" and dev_bundle.family.modelspec_arch(False) == "flux-1-dev/lora"
+
+
+# ----------------------------------------------------------------------------- load check after a save
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_the_load_check_runs_the_family_pipeline(family, tmp_path):
+    """check_file loads a saved Flux / Z-Image file with the family's diffusers pipeline into a weightless
+    copy: every module loads (a fused qkv counts once, when all its parts got the LoRA); Flux's T5
+    modules are named as not read by diffusers; a renamed key is reported."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from trainer.bundle import ModelBundle
+    from trainer.network.io import save_network
+    from trainer.network.network import NetworkSpec, create_network
+    from trainer.training.loadcheck import check_file
+
+    parts = tiny_dit_components(family)
+    blocks = ("D00", "D01") if family == "flux" else ZIMAGE.block_ids[1:]
+    if family == "flux":  # diffusers splits linear1 with Flux.1's full widths: double blocks only here
+        parts["unet"] = tiny_flux_transformer(double=2, single=0)
+        blocks = ("CLIP", "T5") + blocks
+    bundle = ModelBundle(family=get_family(family), prediction_type="flow", **parts).freeze()
+    net = create_network(bundle, NetworkSpec(rank=4, alpha=2.0, blocks=blocks, train_text_encoder=True))
+    path = save_network(net, tmp_path / "n.safetensors", metadata={}, dtype=torch.float32)
+    check = check_file(path, bundle)
+    assert (check.error, check.unmatched) == ("", []), check.summary()
+    t5 = sum(m.lora_name.startswith("lora_te3_") for m in net.all_modules)
+    assert check.modules == check.file_modules == len(net.all_modules) - t5 and check.ok, check.summary()
+    if family == "flux":
+        assert t5 and f"{t5} module(s) not checked" in check.summary() and check.modules > len(net.unet_modules)
+    bad = {k.replace("to_out.0", "to_zz") if "layers.0." in k else k.replace("img_mlp_0", "img_mlp_9"): v
+           for k, v in load_file(str(path)).items()}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    assert not check_file(tmp_path / "bad.safetensors", bundle).ok
+
+
+# ----------------------------------------------------------------------------- previews
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_previews_render_on_the_flow_families(family):
+    """render() samples Flux / Z-Image with Euler on the velocity: same seed, same image; the network
+    changes it; the run's random state is left alone by the Previewer (render is called inside it)."""
+    import numpy as np
+
+    from trainer.training.previews import render
+
+    bundle = tiny_dit_bundle(family)
+    kwargs = dict(seed=3, size=(32, 48), steps=4)
+    first = render(bundle, ["a cat", "a dog"], **kwargs)
+    assert [im.size for im in first] == [(48, 32), (48, 32)]
+    again = render(bundle, ["a cat"], **kwargs)
+    assert np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
+    net = _random_network(bundle)
+    net.apply_to()
+    with_net = render(bundle, ["a cat"], **kwargs)
+    net.remove()
+    assert not np.array_equal(np.asarray(with_net[0]), np.asarray(first[0]))
+
+
+def test_flow_euler_is_the_flow_schedulers_step():
+    """losses.flow_euler takes the step diffusers' FlowMatchEulerDiscreteScheduler takes."""
+    from trainer.training.losses import flow_euler
+
+    sched = tiny_dit_bundle("zimage").noise_scheduler
+    sched.set_timesteps(5)
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    v = lambda x, i: torch.sin(x + i)  # noqa: E731
+    theirs = x.clone()
+    for i, t in enumerate(sched.timesteps):
+        theirs = sched.step(v(theirs, i), t, theirs).prev_sample
+    ours = flow_euler(x, sched.sigmas.tolist(), v)
+    torch.testing.assert_close(ours, theirs)

@@ -13,7 +13,7 @@ from helpers import TinyHost, image_folder, pattern_image
 from trainer.ui import form as ui_form
 from trainer.config import PARAMS
 from trainer.ui.page import build_ui
-from trainer.ui.actions import LOADED_FIELDS, UiPaths
+from trainer.ui.actions import LOADED_FIELDS, TrainTrainUI, UiPaths
 
 
 class ListingHost(TinyHost):
@@ -501,3 +501,27 @@ def test_network_type_help_says_when_loha_cannot_train_here(monkeypatch):
     text = help_text(p)
     assert text.startswith(p.help) and "loha is not available here" in text
     assert install_command("lycoris-lora>=3.0") in text and "lierla is not" not in text
+
+
+def test_block_checkboxes_follow_the_chosen_models_family(tmp_path):
+    """Choosing a Flux.1 or Z-Image file lists that family's block ids (ticked: every block but the text
+    encoders, or the ticked ids the family has); an SD model (or one that cannot be read) lists BASE IN.. M00 OUT..."""
+    import ldm
+    from trainer.config.choices import BLOCKID26, FLUX_BLOCK_IDS, ZIMAGE_BLOCK_IDS
+    from trainer.hosts.standalone import StandaloneHost
+
+    models = tmp_path / "models" / "StableDiffusion"
+    models.mkdir(parents=True)
+    ldm.keys_file(models / "flux.safetensors", {"double_blocks.0.img_attn.norm.key_norm.scale": (128,)})
+    ldm.keys_file(models / "zi.safetensors", {"context_refiner.0.attention.k_norm.weight": (128,)})
+    ldm.keys_file(models / "sd.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": (4, 4, 3, 3),
+                                              "cond_stage_model.transformer.text_model.embeddings.x": (768, 768)})
+    ui = TrainTrainUI(StandaloneHost(tmp_path / "models"), standalone=True, paths=UiPaths.under(tmp_path))
+    first, second = ui.blocks_for_model("flux.safetensors", "", list(BLOCKID26), ["BASE", "IN01"])
+    assert first["choices"] == list(FLUX_BLOCK_IDS) == second["choices"]
+    assert first["value"] == [b for b in FLUX_BLOCK_IDS if b not in ("CLIP", "T5")]
+    zi, _ = ui.blocks_for_model("flux.safetensors", "zi.safetensors", ["S03", "D01", "QWEN3"], [])
+    assert zi["choices"] == list(ZIMAGE_BLOCK_IDS) and zi["value"] == ["QWEN3", "S03"]
+    for model in ("sd.safetensors", "missing.safetensors", ""):
+        back, _ = ui.blocks_for_model(model, "", ["D00"], [])
+        assert back["choices"] == list(BLOCKID26) and back["value"] == list(BLOCKID26)

@@ -382,6 +382,29 @@ def test_wrong_names_are_reported_before_the_host_model_moves(webui, tmp_path, m
     assert loads == [] and _placement(shared.sd_model) == "cuda" and not _lock().locked()
 
 
+def test_a_flux_or_zimage_model_is_refused_on_a1111_before_anything_moves(webui):
+    """AUTOMATIC1111 has neither Flux.1 nor Z-Image: choosing such a transformer file stops at the check,
+    naming the reason and where to train it; Forge passes the check (it loads Flux itself)."""
+    import ldm
+    from modules import sd_models, shared
+    from trainer.hosts.base import ModelLoadError
+
+    folder = webui.root / "models" / "Stable-diffusion"
+    ldm.keys_file(folder / "flux-dev.safetensors", {"double_blocks.0.img_attn.norm.key_norm.scale": (128,)})
+    ldm.keys_file(folder / "zimage.safetensors", {"context_refiner.0.attention.k_norm.weight": (128,)})
+    sd_models.list_models()
+    host = _host(webui)
+    for name, title in (("flux-dev.safetensors", "Flux.1"), ("zimage.safetensors", "Z-Image")):
+        if webui.flavour == "a1111":
+            with pytest.raises(ModelLoadError, match=f"is a {title} model, and AUTOMATIC1111 has no {title} support"
+                                                     ".*Forge.*standalone page"):
+                host.check({"model": name, "vae": "None"})
+        else:
+            host.check({"model": name, "vae": "None"})
+    host.check({"model": "base.safetensors", "vae": "None"})  # an SD checkpoint still passes
+    assert _placement(shared.sd_model) == "cuda" and not _lock().locked()
+
+
 @pytest.mark.slow
 def test_merged_lora_makes_the_host_read_the_file(webui):
     from modules import shared

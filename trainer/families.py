@@ -14,7 +14,9 @@ block id (``IN00``..``IN11``, ``M00``, ``OUT00``..``OUT11``) and to its kohya mo
   ``lora_unet_input_blocks_3_0_op``, ``lora_unet_output_blocks_2_2_conv``.
 - Text encoders: ``lora_te`` (SD1/2) or ``lora_te1``/``lora_te2`` (SDXL) + the transformers-4
   path ``text_model.encoder.layers.N...``; transformers 5 dropped the ``text_model.`` prefix of
-  ``CLIPTextModel``, so it is put back.
+  ``CLIPTextModel``, so it is put back. Flux (sd-scripts' ``lora_flux.py``): ``lora_te1`` + the CLIP-L
+  path as above, ``lora_te3`` + the T5 encoder's own path (``lora_te3_encoder_block_0_layer_0_SelfAttention_q``),
+  the names ComfyUI and Forge map to their CLIP-L and T5-XXL.
 
 Why the diffusers->LDM direction is written here: diffusers ships only the LDM->diffusers converter
 (``single_file_utils.convert_ldm_unet_checkpoint``), keyed by the LDM names of a real checkpoint,
@@ -28,7 +30,7 @@ diffusers key exactly (tensor identity is tested with placeholder values), else 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -60,7 +62,9 @@ class Family:
     output_sign: float = 1.0        # the model predicts output_sign * (noise - x0)
     model_time: str = "sigma"       # what the model is given: "sigma" (Flux) | "one_minus_sigma" (Z-Image)
     file_naming: str = "kohya"      # "kohya" (lora_unet_...) | "diffusion_model" (diffusion_model.<diffusers path>)
-    text_encoder_ids: tuple = ()    # block ids of the text encoders (DiT families: no modules there)
+    text_encoder_ids: tuple = ()    # block ids of the text encoders of a transformer family, in te order
+    te_kinds: tuple = ("clip",)     # the kind of each text encoder: "clip" | "t5" | "qwen3"
+    variant: str = ""               # Flux: "dev" | "schnell" (same modules and names; other metadata, schedule)
 
     @property
     def is_dit(self) -> bool:
@@ -76,7 +80,17 @@ class Family:
         """kohya module name of text-encoder ``index``'s module at ``path`` (transformers path)."""
         if not 0 <= index < len(self.te_prefixes):
             raise ValueError(f"{self.title} has {len(self.te_prefixes)} text encoder(s); there is no index {index}")
-        return f"{self.te_prefixes[index]}_{te_kohya_path(path).replace('.', '_')}"
+        if self.te_kind(index) == "clip":
+            path = te_kohya_path(path)
+        return f"{self.te_prefixes[index]}_{path.replace('.', '_')}"
+
+    def te_kind(self, index: int) -> str:
+        """"clip", "t5" or "qwen3": the architecture of text encoder ``index`` (every SD one is a CLIP)."""
+        return self.te_kinds[index] if index < len(self.te_kinds) else "clip"
+
+    def te_block(self, index: int) -> str:
+        """Block id of text encoder ``index``: BASE on the SD families, CLIP/T5/QWEN3 on the transformers."""
+        return self.text_encoder_ids[index] if self.text_encoder_ids else "BASE"
 
     def modelspec_arch(self, v_prediction: bool) -> str:
         """``modelspec.architecture`` of a LoRA for this family (sd-scripts' ids)."""
@@ -103,8 +117,17 @@ FLUX = Family(
     "flux", "Flux.1", "flux1", False, FLUX_BLOCK_IDS, ("lora_te1", "lora_te3"), 0.3611, latent_shift=0.1159,
     default_prediction="flow", modelspec_architecture="flux-1-dev",
     modelspec_implementation="https://github.com/black-forest-labs/flux", default_resolution=1024,
-    denoiser="transformer", flow=True, latent_channels=16, text_encoder_ids=("CLIP", "T5"),
+    denoiser="transformer", flow=True, latent_channels=16, text_encoder_ids=("CLIP", "T5"), te_kinds=("clip", "t5"),
+    variant="dev",
 )
+# Flux.1-schnell: the same family (name "flux": modules, names, calls) without the guidance embedding
+# (no ``guidance_in`` weights), sampled with a fixed shift of 1; sd-scripts' modelspec id for it.
+FLUX_SCHNELL = replace(FLUX, title="Flux.1-schnell", modelspec_architecture="flux-1-schnell", variant="schnell")
+
+
+def flux_family(guidance_embeds: bool) -> "Family":
+    """Flux.1-dev (a guidance embedding: ``guidance_in`` / ``guidance_embeds``) or Flux.1-schnell (none)."""
+    return FLUX if guidance_embeds else FLUX_SCHNELL
 # Z-Image (Turbo): files keyed by the diffusers module path under ``diffusion_model.`` (split q/k/v),
 # the layout diffusers' ZImage loader and ComfyUI's Lumina2/Z-Image key map both read. The model's output
 # is the negative velocity and it is given 1 - sigma (see training/losses.py).
@@ -113,10 +136,21 @@ ZIMAGE = Family(
     default_prediction="flow", modelspec_architecture="z-image",
     modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image", default_resolution=1024,
     denoiser="transformer", flow=True, latent_channels=16, output_sign=-1.0, model_time="one_minus_sigma",
-    file_naming="diffusion_model", text_encoder_ids=("QWEN3",),
+    file_naming="diffusion_model", text_encoder_ids=("QWEN3",), te_kinds=("qwen3",),
 )
 
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL, FLUX, ZIMAGE)}
+
+# Why Z-Image's text encoder gets no modules. ComfyUI and Forge Neo read Qwen3 LoRA keys only in their
+# generic "text_encoders.<their own module path>" form, and those paths differ (ComfyUI:
+# text_encoders.qwen3_4b.transformer.model.layers.N..., Forge Neo: text_encoders.qwen3.model.layers.N...);
+# diffusers' Z-Image loader reads the transformer only. A file cannot hold keys every one of them loads.
+QWEN3_NOT_TRAINED = (
+    "network_blocks has QWEN3, but the Z-Image text encoder (Qwen3) cannot be trained: no LoRA loader reads "
+    "one key layout for it (ComfyUI and Forge Neo each expect their own internal module names, diffusers none), "
+    "so its part of the file would not load; remove QWEN3 from network_blocks (the transformer blocks "
+    "S00-S29 train as before)"
+)
 
 
 def get_family(name: str) -> Family:
@@ -145,12 +179,19 @@ def unet_conv_classes() -> tuple[type, ...]:
     return (ResnetBlock2D, Downsample2D, Upsample2D)
 
 
-def te_classes() -> tuple[type, ...]:
-    """Text-encoder containers whose Linears get modules (CLIP attention and MLP).
+def te_classes(kind: str = "clip") -> tuple[type, ...]:
+    """Text-encoder containers whose Linears get modules: CLIP attention and MLP; for T5 (Flux's
+    second encoder) its attention and gated MLP, the containers sd-scripts' ``lora_flux.py`` wraps.
 
     transformers 5 has one ``CLIPAttention`` class (the SDPA/flash variants of 4.x are gone), so
     the 4.x ``CLIPSdpaAttention``/``CLIPFlashAttention2`` are added only where they exist.
     """
+    if kind == "t5":
+        from transformers.models.t5 import modeling_t5
+
+        return (modeling_t5.T5Attention, modeling_t5.T5DenseGatedActDense)
+    if kind != "clip":
+        raise ValueError(f"no LoRA layout for a {kind} text encoder")
     from transformers.models.clip import modeling_clip
 
     names = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")

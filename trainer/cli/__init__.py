@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("--family", required=True, choices=["sd1", "sd2", "sdxl", "flux", "zimage"])
     lay.add_argument("--network-type", default="lierla", help="lierla, c3lier or loha")
     lay.add_argument("--element", default="Full", help="Full, CrossAttention or SelfAttention")
-    lay.add_argument("--blocks", default=None, help="comma-separated block ids, e.g. BASE,IN04,M00 (default all)")
+    lay.add_argument("--blocks", default=None,
+                     help="comma-separated block ids, e.g. BASE,IN04,M00 or CLIP,T5,D00 "
+                          "(default all; on flux/zimage all but the text encoders)")
 
     t = sub.add_parser("train", help="train a network from a settings JSON")
     t.add_argument("config", help="settings JSON (reference preset format)")

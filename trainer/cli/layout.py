@@ -18,7 +18,7 @@ def _shape(module) -> tuple:
 
 
 def layout_command(family: str, network_type: str, element: str, blocks: str | None) -> int:
-    from trainer.config.choices import NETWORK_ELEMENTS, NETWORK_TYPES
+    from trainer.config.choices import NETWORK_ELEMENTS, NETWORK_TYPES, TEXT_ENCODER_IDS
     from trainer.families import get_family
     from trainer.network.network import NetworkSpec, create_network
 
@@ -28,14 +28,16 @@ def layout_command(family: str, network_type: str, element: str, blocks: str | N
             raise ValueError(f"--network-type {network_type!r}: choose one of {', '.join(NETWORK_TYPES)}")
         if element not in NETWORK_ELEMENTS:
             raise ValueError(f"--element {element!r}: choose one of {', '.join(NETWORK_ELEMENTS)}")
-        chosen = [b.strip() for b in blocks.split(",") if b.strip()] if blocks else list(fam.block_ids)
+        # default: every block; on Flux / Z-Image not the text encoders (named only when wanted, as in a run)
+        chosen = ([b.strip() for b in blocks.split(",") if b.strip()] if blocks else
+                  [b for b in fam.block_ids if b not in fam.text_encoder_ids])
         bad = [b for b in chosen if b not in fam.block_ids]
         if bad:
             raise ValueError(f"--blocks: {', '.join(bad)} not in the {fam.title} block list "
                              f"({', '.join(fam.block_ids)})")
         bundle = meta_bundle(family)
         spec = NetworkSpec(network_type=network_type, rank=4, alpha=4.0, element=element, blocks=chosen,
-                           train_text_encoder="BASE" in chosen)
+                           train_text_encoder=any(b in TEXT_ENCODER_IDS for b in chosen))
         net = create_network(bundle, spec)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -98,6 +98,21 @@ def cross_checks(v: dict[str, object], failed: set[str] = frozenset()) -> tuple[
     return problems, warnings
 
 
+def mode_checks(mode: str, v: dict[str, object], failed: set[str] = frozenset()) -> list[str]:
+    """Problems of values that depend on the mode: a text encoder the mode would train but no file can
+    hold (Z-Image's QWEN3 in a mode that trains text encoders)."""
+    from trainer.families import QWEN3_NOT_TRAINED
+    from trainer.modes import get_mode
+
+    if "network_blocks" in failed or "QWEN3" not in v["network_blocks"]:
+        return []
+    try:
+        trains = get_mode(mode).text_encoder
+    except KeyError:  # an unknown mode is reported by its own check
+        return []
+    return [QWEN3_NOT_TRAINED] if trains else []
+
+
 def _network_checks(v: dict, problems: list[str], warnings: list[str]) -> None:
     strength = v["network_strength"]
     if v["network_type"] == "loha":

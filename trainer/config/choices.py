@@ -45,6 +45,8 @@ BLOCKID26 = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tupl
 # blocks D00-D18 / single-stream blocks S.., OUT (final layer).
 FLUX_BLOCK_IDS = ("CLIP", "T5", "IN") + tuple(f"D{i:02d}" for i in range(19)) + tuple(f"S{i:02d}" for i in range(38)) + ("OUT",)
 ZIMAGE_BLOCK_IDS = ("QWEN3", "IN") + tuple(f"S{i:02d}" for i in range(30)) + ("OUT",)
+# The text-encoder ids: BASE (the SD families' text encoder(s)), CLIP and T5 (Flux.1), QWEN3 (Z-Image).
+TEXT_ENCODER_IDS = ("BASE", "CLIP", "T5", "QWEN3")
 # Ids a settings file may hold besides BLOCKID26 (the UI shows BLOCKID26 only).
 TRANSFORMER_BLOCK_IDS = tuple(dict.fromkeys(FLUX_BLOCK_IDS + ZIMAGE_BLOCK_IDS))
 MEMORY_PROFILES = ("speed", "balanced", "low", "auto")

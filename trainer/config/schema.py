@@ -105,7 +105,8 @@ _REFERENCE_ROWS = [
      {}),
     ("network_blocks(BASE = TextEncoder)", "blocks", C.BLOCKID26, "CB", "all",
      "Blocks that receive modules. BASE is the text encoder(s), IN/M/OUT the U-Net's input, middle "
-     "and output blocks. Ids a model lacks (IN09-IN11, OUT09-OUT11 on SDXL) are skipped.",
+     "and output blocks. Ids a model lacks (IN09-IN11, OUT09-OUT11 on SDXL) are skipped. Flux.1: CLIP and T5 "
+     "(its text encoders, LoRA mode), D00-D18 and S00-S37 (double / single blocks); Z-Image: S00-S29.",
      dict(name="network_blocks", choices=C.BLOCKID26)),
     ("network_resume", "str", "", "TX", "L D A M",
      "Start from the weights of an existing network file (.safetensors or .pt). Only weights are "

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from trainer.config.checks import coerce_params, cross_checks, run_problems
+from trainer.config.checks import coerce_params, cross_checks, mode_checks, run_problems
 from trainer.config.schema import (
     EXTENSION_PARAMS, EXTRA_KEYS, IGNORED_KEYS, PARAMS, REFERENCE_PARAMS, find_param, param, suggest,
 )
@@ -148,7 +148,7 @@ class TrainConfig:
         mode = _coerce_mode(mode, problems)
         texts = {name: _coerce_text(name, values.get(name), problems) for name in _TEXT_FIELDS}
         more_problems, more_warnings = cross_checks(typed, failed)
-        problems += more_problems
+        problems += more_problems + mode_checks(mode, typed, failed)
         found += more_warnings
         second = None
         if get_mode(mode).has_second_pass:

@@ -128,6 +128,17 @@ def load_dit_folder(folder: Path, family_name: str, dtype: Any) -> dict:
     return dict(unet=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=scheduler)
 
 
+# Flux.1-schnell's scheduler differs from dev's (the shipped config): a fixed shift of 1, no
+# resolution-dependent shift (diffusers' FLUX.1-schnell scheduler_config.json).
+SCHNELL_SCHEDULER = {"use_dynamic_shifting": False, "shift": 1.0}
+_GUIDANCE_KEYS = ("guidance_in.", "time_text_embed.guidance_embedder.")
+
+
+def has_guidance_embedding(keys) -> bool:
+    """Whether a Flux transformer's keys hold the guidance embedding (Flux.1-dev; schnell has none)."""
+    return any(k.startswith(_GUIDANCE_KEYS) for k in keys)
+
+
 _CONVERTERS = {"flux": "convert_flux_transformer_checkpoint_to_diffusers",
                "zimage": "convert_z_image_transformer_checkpoint_to_diffusers"}
 # A key only a diffusers-named transformer file has (then it is loaded as it is).
@@ -144,6 +155,8 @@ def load_transformer_file(path: Path, family_name: str, config: dict, dtype: Any
     ckpt = CheckpointFile(path, "model")
     state = {k[len(_LDM_PREFIX):] if k.startswith(_LDM_PREFIX) else k: v for k, v in ckpt.state_dict(dtype).items()}
     ckpt.release()
+    if family_name == "flux" and not has_guidance_embedding(state):  # Flux.1-schnell
+        config = {**config, "guidance_embeds": False}
     if _DIFFUSERS_MARKER[family_name] not in state:
         convert = library_class("diffusers.loaders.single_file_utils", _CONVERTERS[family_name])
         try:

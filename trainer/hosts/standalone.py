@@ -128,8 +128,9 @@ def _load_transformer_file(path: Path, fam, *, te_path, config_dir, dtype, own_v
     chosen VAE file (load_model sets it) or the ``vae/`` folder next to the text encoders."""
     from diffusers import AutoencoderKL
 
+    from trainer.families import flux_family
     from trainer.hosts.dit_parts import (
-        check_text_encoder_path, flow_scheduler, load_text_encoders, load_transformer_file,
+        SCHNELL_SCHEDULER, check_text_encoder_path, flow_scheduler, load_text_encoders, load_transformer_file,
     )
 
     check_text_encoder_path(te_path, fam.name)  # before the transformer is read
@@ -143,10 +144,29 @@ def _load_transformer_file(path: Path, fam, *, te_path, config_dir, dtype, own_v
             raise ModelLoadError(f"{path.name} holds only the {fam.title} transformer; choose a VAE file as well "
                                  f"(the 16-channel Flux VAE, ae.safetensors) or put a diffusers vae/ folder in {te_path}")
         vae = AutoencoderKL.from_pretrained(vae_folder, torch_dtype=dtype, local_files_only=True)
-    scheduler = flow_scheduler(folders.json("scheduler", "scheduler_config.json"))
+    scheduler_config = folders.json("scheduler", "scheduler_config.json")
+    if fam.name == "flux":
+        fam = flux_family(bool(transformer.config.guidance_embeds))  # schnell: no guidance_in weights
+        if fam.variant == "schnell":
+            scheduler_config = {**scheduler_config, **SCHNELL_SCHEDULER}
+    scheduler = flow_scheduler(scheduler_config)
     return ModelBundle(family=fam, unet=transformer, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                        noise_scheduler=scheduler, prediction_type="flow", source=path.name,
                        metadata={"family_source": "keys", "te": str(te_path), "config_dir": folders.describe()})
+
+
+def family_of(path: Path) -> str | None:
+    """The family of a checkpoint file (its key names) or diffusers folder (model_index.json), without
+    loading weights; None when neither tells it."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _folder_family(path, read_json(path / "model_index.json"))
+        if path.is_file():
+            return detect_family(CheckpointFile(path, "model"))
+    except (ModelLoadError, OSError, ValueError):
+        return None
+    return None
 
 
 def _drop(state: dict, prefix: str) -> None:
@@ -192,6 +212,10 @@ def _load_diffusers_folder(folder: Path, *, v_pred: bool | None, family: str | N
         from trainer.hosts.dit_parts import load_dit_folder
 
         parts = load_dit_folder(folder, name, dtype)
+        if fam.name == "flux":  # the folder's own scheduler config already has schnell's fixed shift
+            from trainer.families import flux_family
+
+            fam = flux_family(bool(parts["unet"].config.guidance_embeds))
         return ModelBundle(family=fam, prediction_type="flow", source=str(folder), **parts,
                            metadata={"family_source": "option" if family else "model_index", "config_dir": str(folder)})
     local = dict(local_files_only=True)
@@ -306,6 +330,14 @@ class StandaloneHost:
             return given
         searched = ", ".join(str(f) for f in folders) or "no model folders configured"
         raise ModelLoadError(f"{what} file not found: {name} (searched: {searched})")
+
+    def model_family(self, name: str) -> str | None:
+        """The family of the model ``name`` names ("sd1" ... "flux", "zimage"), read from its keys or
+        model_index.json without loading it; None when it cannot be told (not found, unreadable)."""
+        try:
+            return family_of(self.resolve(name, self.ckpt_dirs, "model"))
+        except ModelLoadError:
+            return None
 
     def restore(self) -> None:
         """Nothing to restore: the standalone program holds no model of its own."""

@@ -95,9 +95,20 @@ class WebUIHost:
         ``load``, so a wrong name is reported while the user's model is still where it was."""
         adapter = self.adapter
         name = str(config_value(config, "model") or "").strip()
-        if name not in _NOT_CHOSEN and adapter.find_checkpoint(name) is None:
-            self._existing_file(adapter, name)
+        if name not in _NOT_CHOSEN:
+            info = adapter.find_checkpoint(name)
+            path = Path(info.filename) if info is not None else self._existing_file(adapter, name)
+            if adapter.name == "AUTOMATIC1111":
+                _refuse_transformer_on_a1111(path)
         self._vae_path(adapter, config_value(config, "vae"))
+
+    def model_family(self, name: str) -> str | None:
+        """The family of the checkpoint ``name`` (read from its file's keys), None when it cannot be told."""
+        from trainer.hosts.standalone import family_of
+
+        info = self.adapter.find_checkpoint(name) if name and name not in _NOT_CHOSEN else None
+        path = Path(info.filename) if info is not None else Path(name or "")
+        return family_of(path) if name and path.exists() else None
 
     def load(self, config: Any) -> Any:
         """Start a session and hand over the model ``config.model`` names (blank: the loaded one).
@@ -372,6 +383,26 @@ class WebUIHost:
         known = ", ".join(adapter.checkpoint_titles()[:8]) or "none found"
         raise ModelLoadError(f"model: {name!r} is not a checkpoint the web UI lists (known: {known}); choose one of "
                              "them, leave it blank for the loaded model, or refresh the list")
+
+
+def _refuse_transformer_on_a1111(path: Path) -> None:
+    """ModelLoadError when ``path`` is a Flux.1 / Z-Image transformer: AUTOMATIC1111 can neither load
+    nor generate with those families, so a network trained here could not be tried in it. Read from the
+    file's key names only (a safetensors header); a file it cannot read is left to the load to report."""
+    from trainer.families import get_family
+    from trainer.hosts.checkpoint_file import CheckpointFile, detect_family
+
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return
+    try:
+        family = get_family(detect_family(CheckpointFile(path, "model")))
+    except Exception:  # not a model this trainer knows: the load names the problem
+        return
+    if family.is_dit:
+        raise ModelLoadError(
+            f"model: {path.name} is a {family.title} model, and AUTOMATIC1111 has no {family.title} support (it "
+            f"cannot load the model or use a {family.title} LoRA), so this tab cannot train it; train it in Forge "
+            "(Flux.1) or a Forge Neo fork (Z-Image), or on the standalone page (python -m trainer ui)")
 
 
 def _same_file(info: Any, path: Path) -> bool:

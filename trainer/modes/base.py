@@ -64,11 +64,13 @@ class TrainTask:
 
 
 def trains_text_encoder(cfg) -> bool:
-    """Whether a run's network includes the text encoder: its mode allows it (the registry's
-    ``text_encoder``) and ``network_blocks`` holds BASE."""
+    """Whether a run's network may include text encoders: its mode allows it (the registry's
+    ``text_encoder``) and ``network_blocks`` holds a text-encoder id (BASE; Flux's CLIP, T5). Which
+    encoders get modules is the spec's ``keeps_text_encoder``: only those whose id is selected."""
+    from trainer.config.choices import TEXT_ENCODER_IDS
     from trainer.modes import get_mode
 
-    return get_mode(cfg.mode).text_encoder and "BASE" in cfg.network_blocks
+    return get_mode(cfg.mode).text_encoder and any(b in TEXT_ENCODER_IDS for b in cfg.network_blocks)
 
 
 def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
@@ -83,8 +85,7 @@ def build_network(cfg, ctx: ModeContext, *, from_file: str | None = None):
     fam = ctx.bundle.family
     if fam.flow:
         flow_notes(cfg, ctx)
-    spec = spec_from_config(cfg, dtype=ctx.lora_dtype,
-                            train_text_encoder=trains_text_encoder(cfg) and not fam.is_dit)
+    spec = spec_from_config(cfg, dtype=ctx.lora_dtype, train_text_encoder=trains_text_encoder(cfg))
     source = from_file or cfg.network_resume
     if source:
         from trainer.network.resume import resume_network
@@ -106,8 +107,17 @@ def flow_notes(cfg, ctx: ModeContext) -> None:
     if cfg.train_snr_gamma > 0:
         ctx.log(f"warning: train_snr_gamma = {cfg.train_snr_gamma} is ignored: min-SNR weighting belongs to the "
                 f"DDPM noise schedule, and {fam.title} is trained with flow matching")
-    if any(b in ("BASE", *fam.text_encoder_ids) for b in cfg.network_blocks):
-        ctx.log(f"note: the {fam.title} text encoder(s) are not trained; prompts are encoded once and cached")
+    named = [b for b in fam.text_encoder_ids if b in cfg.network_blocks]
+    if named and not trains_text_encoder(cfg):
+        ctx.log(f"note: {' and '.join(named)} selected, but {cfg.mode} mode trains no text encoder; "
+                "prompts are encoded once and cached")
+    elif named and fam.te_kinds != ("qwen3",):
+        ctx.log(f"note: the {' and '.join(named)} text encoder(s) train; prompts are encoded at every step "
+                "(not cached), so the text encoders stay loaded")
+    if "BASE" in cfg.network_blocks and not named:
+        how = ("" if fam.te_kinds == ("qwen3",) else
+               f"; select {' / '.join(fam.text_encoder_ids)} to train its text encoder(s)")
+        ctx.log(f"note: BASE is the SD text-encoder id and trains nothing on {fam.title}{how}")
     blocks = list(cfg.network_blocks)
     if effective_blocks(fam, blocks) != tuple(blocks):
         ctx.log(f"note: network_blocks names no {fam.title} block ({' '.join(fam.block_ids[:4])} ...), "
@@ -162,7 +172,8 @@ def repeat_cond(cond: Conditioning, n: int) -> Conditioning:
 FLUX_TRAIN_GUIDANCE = 1.0
 
 
-def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                        guidance: float | None = None) -> torch.Tensor:
     """Run a flow-matching transformer on (B, C, H, W) latents at timesteps t = σ·1000; returns the
     velocity ε − x0 the loss compares with (training/losses.py).
 
@@ -173,6 +184,7 @@ def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, co
     with the negated output. So Flux gets σ and predicts ε − x0; Z-Image gets 1 − σ and predicts
     x0 − ε. (The reference gives Z-Image σ·1000, which is both scaled and reversed against its
     inference, SPEC.md §4.6 and §11; a network trained that way learns a schedule the UIs never use.)
+    ``guidance`` is Flux-dev's embedded guidance scale (training: ``FLUX_TRAIN_GUIDANCE``).
     """
     fam = bundle.family
     model = bundle.unet
@@ -180,7 +192,7 @@ def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, co
     sigma = timesteps.float() / float(bundle.noise_scheduler.config.num_train_timesteps)
     model_t = (sigma if fam.model_time == "sigma" else 1.0 - sigma).to(noisy.device, dtype)
     if fam.name == "flux":
-        out = _flux_forward(model, noisy, model_t, cond)
+        out = _flux_forward(model, noisy, model_t, cond, FLUX_TRAIN_GUIDANCE if guidance is None else guidance)
     elif fam.name == "zimage":
         out = _zimage_forward(model, noisy, model_t, cond)
     else:  # pragma: no cover - a new flow family must say how it is called
@@ -188,7 +200,7 @@ def transformer_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, co
     return out * fam.output_sign
 
 
-def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
     b, c, h, w = x.shape
     if h % 2 or w % 2:
         raise ValueError(f"Flux latents need an even height and width, got {h}x{w} (images must be multiples of 16 px)")
@@ -200,7 +212,7 @@ def _flux_forward(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -
     txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype)
     guidance = None
     if getattr(model.config, "guidance_embeds", False):
-        guidance = torch.full((b,), FLUX_TRAIN_GUIDANCE, device=x.device, dtype=torch.float32)
+        guidance = torch.full((b,), scale, device=x.device, dtype=torch.float32)
     out = model(hidden_states=packed, timestep=t, guidance=guidance,
                 pooled_projections=cond.pooled.to(x.device, x.dtype), encoder_hidden_states=hidden,
                 txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from trainer.conditioning import sdxl_time_ids
-from trainer.training.losses import diffusion_loss, flow_sigma, is_flow, sample_timesteps
+from trainer.training.losses import diffusion_loss, flow_euler, flow_sigma, is_flow, sample_timesteps
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, repeat_cond, unet_forward
 
 TRAJECTORY_STEPS = 20   # DDIM steps of one stored trajectory
@@ -136,11 +136,13 @@ class IlecoTask(TrainTask):
         self.network.multiplier = 0.0
         kept = []
         sigmas = flow_sigma(sched, grid.float()).tolist() + [0.0]
-        for i, t in enumerate(grid.tolist()):
-            kept.append(x)
-            tt = torch.full((b,), t, device=ctx.device, dtype=torch.long)
-            velocity = unet_forward(bundle, x, tt, cond, self.time_ids).float()
-            x = x + (sigmas[i + 1] - sigmas[i]) * velocity
+        steps = grid.tolist()
+
+        def velocity(x, i):
+            tt = torch.full((b,), steps[i], device=ctx.device, dtype=torch.long)
+            return unet_forward(bundle, x, tt, cond, self.time_ids).float()
+
+        flow_euler(x, sigmas, velocity, on_step=lambda i, latent: kept.append(latent))
         return grid.to(ctx.device), torch.stack(kept)
 
     def _trajectory_latents(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

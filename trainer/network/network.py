@@ -32,9 +32,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from trainer.config.choices import BLOCKID26, FLUX_BLOCK_IDS, NETWORK_ELEMENTS, NETWORK_TYPES, ZIMAGE_BLOCK_IDS
+from trainer.config.choices import (
+    BLOCKID26, FLUX_BLOCK_IDS, NETWORK_ELEMENTS, NETWORK_TYPES, TEXT_ENCODER_IDS, ZIMAGE_BLOCK_IDS,
+)
 from trainer.families import (
-    Family, block_id_of, ldm_module_paths, te_classes, unet_attention_classes, unet_conv_classes,
+    QWEN3_NOT_TRAINED, Family, block_id_of, ldm_module_paths, te_classes, unet_attention_classes, unet_conv_classes,
 )
 from trainer.network.layers import MODULE_KINDS, NetworkModule, is_kxk_conv
 
@@ -85,8 +87,14 @@ class NetworkSpec:
 
     @property
     def wants_text_encoder(self) -> bool:
-        """Text-encoder modules are made only with BASE selected and text-encoder training on."""
-        return self.train_text_encoder and "BASE" in self.blocks
+        """Whether any text encoder gets modules: text-encoder training on and a text-encoder id
+        selected (BASE on the SD families; CLIP, T5 on Flux)."""
+        return self.train_text_encoder and any(b in TEXT_ENCODER_IDS for b in self.blocks)
+
+    def keeps_text_encoder(self, block: str) -> bool:
+        """Whether the text encoder whose block id is ``block`` (BASE, CLIP, T5) gets modules. Only an id
+        named in ``blocks`` counts: the every-block fallback of a transformer family leaves them out."""
+        return self.train_text_encoder and block in self.blocks
 
 
 def _check_multiplier(value: Any) -> float:
@@ -124,8 +132,9 @@ def find_targets(family: Family, unet: nn.Module, text_encoders: list, network_t
     if family.is_dit:
         from trainer.network.dit import dit_targets
 
-        return [Target(t.lora_name, t.paths[0], t.block, t.layers[0], False, t.layers, t.file_name, t.elements)
-                for t in dit_targets(family.name, unet)]
+        found = [Target(t.lora_name, t.paths[0], t.block, t.layers[0], False, t.layers, t.file_name, t.elements)
+                 for t in dit_targets(family.name, unet)]
+        return found + _te_targets(family, text_encoders)
     classes = unet_attention_classes()
     if network_type != "lierla":
         classes = classes + unet_conv_classes()
@@ -136,12 +145,19 @@ def find_targets(family: Family, unet: nn.Module, text_encoders: list, network_t
             continue
         name = family.unet_lora_name(path, ldm[path])
         targets[name] = Target(name, path, block_id_of(ldm[path]), layer, False)
+    return list(targets.values()) + _te_targets(family, text_encoders)
+
+
+def _te_targets(family: Family, text_encoders: list) -> list[Target]:
+    """The text encoders' Linear layers (block BASE, or CLIP / T5 on Flux). Z-Image's Qwen3 has none:
+    no LoRA loader reads one layout for it (``families.QWEN3_NOT_TRAINED``)."""
+    targets: dict[str, Target] = {}
     for index, encoder in enumerate(text_encoders):
-        if encoder is None:
+        if encoder is None or family.te_kind(index) == "qwen3":
             continue
-        for path, layer in _layers_inside(encoder, te_classes(), kinds=(nn.Linear,)):
+        for path, layer in _layers_inside(encoder, te_classes(family.te_kind(index)), kinds=(nn.Linear,)):
             name = family.te_lora_name(index, path)
-            targets[name] = Target(name, path, "BASE", layer, True)
+            targets[name] = Target(name, path, family.te_block(index), layer, True)
     return list(targets.values())
 
 
@@ -172,7 +188,7 @@ def select_targets(targets: list[Target], spec: NetworkSpec, family: Family | No
     blocks = effective_blocks(family, spec.blocks) if family is not None else spec.blocks
     kept = []
     for t in targets:
-        if t.is_te and not spec.wants_text_encoder:
+        if t.is_te and not spec.keeps_text_encoder(t.block):
             continue
         if not t.is_te and t.block not in blocks:
             continue
@@ -298,6 +314,8 @@ def create_network(bundle: Any, spec: NetworkSpec) -> Network:
 
     Raises ValueError when the filters leave no module at all.
     """
+    if bundle.family.te_kinds == ("qwen3",) and spec.keeps_text_encoder("QWEN3"):
+        raise ValueError(QWEN3_NOT_TRAINED)
     targets = find_targets(bundle.family, bundle.unet, list(bundle.text_encoders or []), spec.network_type)
     chosen = select_targets(targets, spec, bundle.family)
     if not chosen:

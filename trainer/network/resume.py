@@ -2,7 +2,7 @@
 
 - lierla/c3lier: modules are created only for the layers the file has, with the file's rank and
   alpha; the block and element choices are not applied. Text-encoder entries are used only when
-  the spec trains the text encoder (``BASE`` selected), and skipped otherwise.
+  the spec trains that text encoder (its id selected: ``BASE``, Flux's ``CLIP``/``T5``), and skipped otherwise.
 - loha: modules are created as the spec says (filters applied), with the file's ranks; layers
   the file lacks get no module, and file entries outside the selection are skipped.
 Only weights are restored: no optimizer state, step count or scheduler position.
@@ -33,7 +33,7 @@ def _candidates(bundle: Any, spec: NetworkSpec) -> list[Target]:
     targets = find_targets(bundle.family, bundle.unet, list(bundle.text_encoders or []), spec.network_type)
     if spec.network_type == "loha":
         return select_targets(targets, spec, bundle.family)
-    return [t for t in targets if not t.is_te or spec.wants_text_encoder]
+    return [t for t in targets if not t.is_te or spec.keeps_text_encoder(t.block)]
 
 
 def _check_file_fits(bundle: Any, spec: NetworkSpec, names: set[str], loha_file: bool, where: str) -> None:

@@ -9,6 +9,11 @@ The model it loads into is a skeleton of the bundle's U-Net and text encoders bu
 device from their configs: no weights are copied or touched (so the host's model and the bundle
 stay as they are), and the check costs the same on a full-size model as on a tiny one.
 
+Flux and Z-Image files are loaded by their own diffusers pipeline (``FluxPipeline`` /
+``ZImagePipeline``) into a weightless transformer; a module counts as loaded when every diffusers
+layer it covers got the LoRA (Flux's fused ``qkv`` is three). diffusers' Flux loader reads no T5 keys,
+so a Flux file's ``lora_te3_`` modules are named in the report as not checked rather than as missing.
+
 Where the names differ: LyCORIS names modules by the module tree it is given, which is diffusers'
 for the U-Net; SDXL files use the LDM names of sd-scripts' SDXL U-Net (as the web-UIs expect), so
 for the LyCORIS check those names are first turned into the diffusers tree's
@@ -40,6 +45,7 @@ class LoadCheck:
     skipped: str = ""           # why the check could not run here (a loader missing), not a fault of the file
     in_host: bool = False       # the web UI's own loader (``loader`` names the host) in its own txt2img
     said: list = field(default_factory=list)  # the host loader's own report lines (Forge)
+    not_read: str = ""          # modules of the file this loader does not read by design (Flux's T5 in diffusers)
 
     @property
     def ok(self) -> bool:
@@ -61,8 +67,9 @@ class LoadCheck:
         elif self.modules != self.file_modules:
             text += (f". WARNING: the file holds {self.file_modules} modules but only {self.modules} "
                      "were loaded")
+        if self.not_read:
+            text += f" ({self.not_read})"
         return text
-
 
     def _host_summary(self) -> str:
         head = f"check of {self.file.name} in {self.loader}'s own txt2img"
@@ -85,12 +92,13 @@ def _file_modules(tensors: dict) -> set[str]:
 
 
 def _skeleton(bundle):
-    """(unet, text encoders) with the bundle's configs on the meta device."""
+    """(unet or transformer, text encoders) with the bundle's configs on the meta device."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(bundle.unet.config)
+        denoiser = type(bundle.unet) if bundle.family.is_dit else UNet2DConditionModel
+        unet = denoiser.from_config(bundle.unet.config)
         encoders = [type(te)(te.config) for te in bundle.text_encoders]
     return unet, encoders
 
@@ -139,6 +147,16 @@ def _pipeline(bundle, unet, encoders):
 
     # a copy: the pipeline rewrites some scheduler settings it finds outdated (steps_offset)
     scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+    if bundle.family.name == "flux":
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(scheduler=scheduler, vae=None, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
+                            text_encoder_2=encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=unet)
+    if bundle.family.name == "zimage":
+        from diffusers import ZImagePipeline
+
+        return ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
+                              transformer=unet)
     if bundle.family.name == "sdxl":
         return StableDiffusionXLPipeline(vae=None, text_encoder=encoders[0], text_encoder_2=encoders[1],
                                          tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1],
@@ -158,6 +176,8 @@ def _check_diffusers(path: Path, bundle, tensors: dict) -> LoadCheck:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     unet, encoders = _skeleton(bundle)
+    if bundle.family.is_dit:
+        return _check_dit(path, bundle, tensors, result, unet, encoders)
     with _captured() as records:
         pipe = _pipeline(bundle, unet, encoders)
         try:
@@ -172,6 +192,57 @@ def _check_diffusers(path: Path, bundle, tensors: dict) -> LoadCheck:
             result.error = f"{type(error).__name__}: {error}"[:600]
     result.modules = sum(isinstance(m, BaseTunerLayer) for model in (unet, *encoders) for m in model.modules())
     result.unmatched = _unmatched_keys(records.messages)
+    return result
+
+
+# Flux's T5 modules (lora_te3_): ComfyUI and Forge load them; diffusers' Flux loader reads no T5 keys.
+_DIFFUSERS_SKIPS = {"flux": ("lora_te3_", "its Flux loader reads no T5 keys (ComfyUI and Forge load them)")}
+
+
+def _check_dit(path: Path, bundle, tensors: dict, result: LoadCheck, model, encoders) -> LoadCheck:
+    """Flux / Z-Image: the family's diffusers pipeline loads the file into the weightless transformer and
+    text encoders. A module counts as loaded when every diffusers layer it covers (the parts of a fused
+    ``qkv``/``linear1``) became a LoRA layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainer.network.io import internal_keys
+    from trainer.network.network import find_targets
+
+    names = {id(m): n for n, m in model.named_modules()}
+    te_names = [{id(m): n for n, m in te.named_modules()} for te in encoders]
+    covered = {}  # module name -> (model, [paths])
+    for t in find_targets(bundle.family, model, encoders, "lierla"):
+        layers = t.layers or (t.layer,)
+        if t.is_te:
+            index = bundle.family.text_encoder_ids.index(t.block)
+            covered[t.lora_name] = (encoders[index], [te_names[index][id(layer)] for layer in layers])
+        else:
+            covered[t.lora_name] = (model, [names[id(layer)] for layer in layers])
+    held = sorted(_file_modules(internal_keys(tensors)))
+    skip_prefix, why = _DIFFUSERS_SKIPS.get(bundle.family.name, (None, ""))
+    skipped = [m for m in held if skip_prefix and m.startswith(skip_prefix)]
+    if skipped:
+        result.not_read = f"{len(skipped)} module(s) not checked: diffusers skips them, {why}"
+    result.file_modules = len(held) - len(skipped)
+    with _captured() as records:
+        pipe = _pipeline(bundle, model, encoders)
+        try:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="check",
+                                   low_cpu_mem_usage=True)
+        except Exception as error:  # the loader's own words are the report
+            result.error = f"{type(error).__name__}: {error}"[:600]
+            return result
+    for name in held:
+        if name in skipped:
+            continue
+        where = covered.get(name)
+        if where is None:
+            result.unmatched.append(name)
+            continue
+        owner, paths = where
+        if all(isinstance(owner.get_submodule(p), BaseTunerLayer) for p in paths):
+            result.modules += 1
+    result.unmatched += [k for k in _unmatched_keys(records.messages) if k not in result.unmatched]
     return result
 
 

@@ -55,6 +55,18 @@ def shift_sigmas(sigmas: torch.Tensor, scheduler, latent_hw: tuple | None = None
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
+def flow_euler(x: torch.Tensor, sigmas: list, velocity, on_step=None) -> torch.Tensor:
+    """Euler steps of a flow-matching model from ``sigmas[0]`` down to ``sigmas[-1]``: at step i,
+    ``x += (σ[i+1] − σ[i]) · velocity(x, i)`` (the velocity ε − x0, as ``transformer_forward`` returns it;
+    the step FlowMatchEulerDiscreteScheduler takes). ``on_step(i, x)`` sees the latent before each step.
+    The one sampler of these families: iLECO's trajectory and the previews both run it."""
+    for i in range(len(sigmas) - 1):
+        if on_step is not None:
+            on_step(i, x)
+        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * velocity(x, i)
+    return x
+
+
 def flow_timesteps(batch: int, lo: int, hi: int, *, scheduler, latent_hw: tuple | None, fixed_in_batch: bool,
                    device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flow-matching timesteps σ·1000 (float): logit-normal σ, shifted, mapped into [lo, hi)."""

@@ -4,7 +4,8 @@
 training encodes them (``conditioning.PromptEncoder``: the web-UIs' chunking and layers), Euler
 sampling with classifier-free guidance (diffusers' ``EulerDiscreteScheduler`` built from the
 bundle's noise schedule, so v-prediction and zero-terminal-SNR models sample right), the latents
-decoded with the family's latent scale. It is written here rather than taken from a diffusers
+decoded with the family's latent scale. Flux and Z-Image sample with Euler steps on the velocity
+(``losses.flow_euler``, the sampler iLECO's trajectory uses) down their shifted schedule. It is written here rather than taken from a diffusers
 pipeline because the pipelines assume the VAE's configured scaling factor and their own prompt
 encoding, while a preview must show the model exactly as training sees it.
 
@@ -90,6 +91,8 @@ def render(bundle, prompts: list[str], *, seed: int, size: tuple[int, int], step
 
     from trainer.modes.base import unet_forward
 
+    if bundle.family.flow:
+        return _render_flow(bundle, prompts, seed=seed, size=size, steps=steps, autocast_dtype=autocast_dtype)
     device = bundle.device
     factor = bundle.vae_scale_factor
     height, width = (int(size[0]) // factor) * factor, (int(size[1]) // factor) * factor
@@ -115,6 +118,51 @@ def render(bundle, prompts: list[str], *, seed: int, size: tuple[int, int], step
             pos, neg = out.chunk(2)
             latents = scheduler.step(neg + guidance * (pos - neg), t, latents).prev_sample
         pixels = bundle.vae.decode((latents / bundle.family.latent_scale).to(vae_dtype)).sample
+        arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray(arr, "RGB"))
+    return images
+
+
+# Flux.1-dev's guidance scale at inference (FluxPipeline's default); schnell has no guidance input.
+FLUX_PREVIEW_GUIDANCE = 3.5
+
+
+def _render_flow(bundle, prompts: list[str], *, seed: int, size: tuple[int, int], steps: int,
+                 autocast_dtype: torch.dtype | None) -> list[Image.Image]:
+    """Flux / Z-Image: Euler on the velocity (``losses.flow_euler``, iLECO's sampler) from σ = 1 down the
+    family's shifted schedule, as their pipelines sample: no negative prompt and no classifier-free
+    guidance (Flux-dev takes its guidance as an input, schnell and Z-Image-Turbo sample without)."""
+    from trainer.modes.base import transformer_forward
+    from trainer.training.losses import flow_euler, shift_sigmas
+
+    device = bundle.device
+    factor = bundle.vae_scale_factor * (2 if bundle.family.name == "flux" else 1)  # Flux packs 2x2 latents
+    height, width = (int(size[0]) // factor) * factor, (int(size[1]) // factor) * factor
+    if height <= 0 or width <= 0:
+        raise ValueError(f"preview size {size} is too small; use at least {factor} pixels a side")
+    latent_hw = (height // bundle.vae_scale_factor, width // bundle.vae_scale_factor)
+    sched = bundle.noise_scheduler
+    plain = torch.linspace(1.0, 1.0 / int(steps), int(steps))
+    sigmas = shift_sigmas(plain, sched, latent_hw).tolist() + [0.0]
+    total = float(sched.config.num_train_timesteps)
+    encoder = PromptEncoder(bundle)
+    unet_dtype = next(bundle.unet.parameters()).dtype
+    vae_dtype = next(iter([*bundle.vae.parameters(), *bundle.vae.buffers()])).dtype
+    fam = bundle.family
+    images = []
+    for prompt in prompts:
+        with _autocast(device, autocast_dtype):
+            cond = encoder.encode([prompt]).to(device)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        latents = torch.randn((1, bundle.latent_channels, *latent_hw), generator=generator).to(device)
+
+        def velocity(x, i):
+            t = torch.full((1,), sigmas[i] * total, device=device)
+            with _autocast(device, autocast_dtype):
+                return transformer_forward(bundle, x.to(unet_dtype), t, cond, guidance=FLUX_PREVIEW_GUIDANCE).float()
+
+        latents = flow_euler(latents, sigmas, velocity)
+        pixels = bundle.vae.decode((latents / fam.latent_scale + fam.latent_shift).to(vae_dtype)).sample
         arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(arr, "RGB"))
     return images

@@ -111,6 +111,16 @@ class TrainTrainUI:
             return last
         return choices[0] if choices else None
 
+    def blocks_for_model(self, model: str | None, model_path: str | None, blocks: list | None,
+                         p2_blocks: list | None) -> tuple:
+        """The block checkboxes (1st and 2nd pass) for the chosen model's family: Flux.1 and Z-Image list
+        their own ids (text encoders, IN, D../S.., OUT), the SD families BASE IN.. M00 OUT... Ticked ids
+        the family has stay ticked; when none does, every block but a transformer's text encoders is."""
+        finder = getattr(self.host, "model_family", None)
+        chosen = (model_path or "").strip() or (model or "").strip()
+        family = finder(chosen) if finder is not None and chosen else None
+        return ui_form.block_updates(family, blocks), ui_form.block_updates(family, p2_blocks)
+
     def remember_model(self, model: str | None) -> None:
         """Keep the Model choice for the next visit or restart (only a listed one)."""
         if model and model in self.model_choices() and self._state().get("model") != model:

@@ -92,6 +92,25 @@ def make_widget(p: Param, value: object, prefix: str = "", visible: bool = True)
     return gr.Textbox(value=value, lines=3 if p.name.endswith("_prompts") else 1, **common)
 
 
+def block_ids(family: str | None) -> tuple:
+    """The block ids the page lists for a model family (None: not known, the SD list)."""
+    from trainer.config.choices import BLOCKID26, FLUX_BLOCK_IDS, ZIMAGE_BLOCK_IDS
+
+    return {"flux": FLUX_BLOCK_IDS, "zimage": ZIMAGE_BLOCK_IDS}.get(family or "", BLOCKID26)
+
+
+def block_updates(family: str | None, ticked: list | None):
+    """A ``gr.update`` of a block CheckboxGroup for ``family``: its ids, the ticked ones it has kept;
+    none left: every id but a transformer family's text encoders (those train only when ticked)."""
+    from trainer.config.choices import TEXT_ENCODER_IDS
+
+    ids = block_ids(family)
+    kept = [b for b in ids if b in (ticked or [])]
+    if not kept:
+        kept = [b for b in ids if not (family in ("flux", "zimage") and b in TEXT_ENCODER_IDS)]
+    return gr.update(choices=list(ids), value=kept)
+
+
 def default_values() -> dict[str, object]:
     """Every field at its default (mode LoRA, no model, empty prompts and images)."""
     return values_from_config(TrainConfig(), keep_model=("", ""), keep_vae=NO_VAE)

@@ -230,8 +230,12 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     train["queue"].click(ui.add_to_queue, form, [w["message"], *view], api_name="traintrain_add_queue")
     train["save"].click(ui.save_preset, [w["preset_overwrite"], *form],
                         [w["message"], w["preset"], w["preset_overwrite"]], api_name="traintrain_save_preset")
-    train["load"].click(ui.load_preset, [w["preset"], *current_model], loaded, api_name="traintrain_load_preset")
-    train["load_json"].click(ui.load_json, [w["json_name"], *current_model], loaded, api_name="traintrain_load_json")
+    blocks = [w["network_blocks"], w[ui_form.P2 + "network_blocks"]]
+    for button, handler, name, api in ((train["load"], ui.load_preset, "preset", "traintrain_load_preset"),
+                                       (train["load_json"], ui.load_json, "json_name", "traintrain_load_json")):
+        # then the block ids the loaded settings hold are fitted to the chosen model's family
+        button.click(handler, [w[name], *current_model], loaded, api_name=api).then(
+            ui.blocks_for_model, [w["model"], w["model_path"], *blocks], blocks)
     train["refresh_presets"].click(ui.refresh_presets, [], [w["preset"]])
     train["refresh_models"].click(ui.refresh_models, [], [w["model"], w["vae"]])
     train["copy"].click(ui.copy_first_pass, [w[p.name] for p in ui_form.PASS2],
@@ -259,6 +263,9 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     # A page (re)loaded shows what is true now, not what was true when the server started: the
     # remembered model, the queue file, the logs, and the run going on.
     w["model"].change(ui.remember_model, [w["model"]], [])
+    # the block checkboxes list the chosen model's family's ids (Flux.1 / Z-Image: their own blocks)
+    for chosen in (w["model"], w["model_path"]):
+        chosen.change(ui.blocks_for_model, [w["model"], w["model_path"], *blocks], blocks)
     demo.load(ui.page_load, [], [w["model"], *view, w["log"]])
     demo.load(ui.follow_at_load_shown, [], [w["progress"], w["message"], w["previews"]], show_progress="hidden")
 

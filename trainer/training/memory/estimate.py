@@ -31,6 +31,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.config.choices import TEXT_ENCODER_IDS
+
 MiB = 2**20
 GiB = 2**30
 
@@ -185,7 +187,7 @@ def config_facts(config: Any, family: str, kind: str) -> dict:
         "lora_bytes": PRECISION_BYTES.get(str(config.train_lora_precision), 4),
         "vae_bytes": PRECISION_BYTES.get(str(getattr(config, "train_VAE_precision", "fp32")), 4),
         "optimizer": str(config.train_optimizer),
-        "train_te": facts.text_encoder and "BASE" in list(config.network_blocks or []),
+        "train_te": facts.text_encoder and any(b in TEXT_ENCODER_IDS for b in list(config.network_blocks or [])),
         # set by a memory profile (trainer/training/memory/profiles.py): bytes per stored U-Net
         # weight (1 = fp8), the U-Net placed only after caching, optimizer state paged to the host
         "unet_bytes": PRECISION_BYTES.get(precision, 4), "unet_after_caching": False, "offload_optimizer": False,
