@@ -118,8 +118,9 @@ def form(**settings) -> list:
 
 
 def start(client, **settings) -> tuple[str, str]:
-    """Press Start Training with ``settings`` and wait for the run to end; (progress, message)."""
-    return tuple(client.predict(False, *form(**settings), api_name="/traintrain_start"))
+    """Press Start Training with ``settings`` and wait for the run to end; (progress, message)
+    (the tab's other outputs, such as the preview gallery, are left out)."""
+    return tuple(client.predict(False, *form(**settings), api_name="/traintrain_start"))[:2]
 
 
 def start_in_background(client, settings: dict, min_step: int = 0):
@@ -136,14 +137,16 @@ def start_in_background(client, settings: dict, min_step: int = 0):
 
 def lora_settings(data_dir: Path, name: str, **more) -> dict:
     base = {"mode": "LoRA", "lora_data_directory": str(data_dir), "save_lora_name": name,
-            "train_iterations": "2", "train_batch_size": "1", "network_rank": "2", "network_alpha": "2"}
+            "train_iterations": "2", "train_batch_size": "1", "network_rank": "2", "network_alpha": "2",
+            "host_check": False}
     base.update(more)
     return base
 
 
 def ileco_settings(name: str) -> dict:
     return {"mode": "iLECO", "original_prompt": "cat", "target_prompt": "dog", "save_lora_name": name,
-            "train_iterations": "2", "train_batch_size": "1", "network_rank": "2", "network_alpha": "2"}
+            "train_iterations": "2", "train_batch_size": "1", "network_rank": "2", "network_alpha": "2",
+            "host_check": False}
 
 
 def assert_host_unchanged(baseline) -> None:
@@ -169,8 +172,11 @@ def test_lora_run_on_the_loaded_model_loads_in_the_host(client, data_dir, baseli
 
     name = f"live_lora_{RUN_ID}"
     memory_before = resident_bytes()
+    run_log = log_size()
     progress, message = start(client, **lora_settings(data_dir, name, train_learning_rate="1e-2"))
     assert "Error" not in message and name in message, (progress, message)
+    said = log_since(run_log)  # the after-save load check runs on the host's own diffusers
+    assert "could not run" not in said and "WARNING" not in said, said
     listed = loras()
     assert name in listed and listed[name].is_file()          # saved into the LoRA folder, list refreshed
     assert_host_unchanged(baseline)
@@ -187,6 +193,19 @@ def test_lora_run_on_the_loaded_model_loads_in_the_host(client, data_dir, baseli
         assert "couldn't find" not in report.lower() and "not found" not in report.lower(), report
 
 
+def test_host_check_renders_the_saved_file_in_the_hosts_txt2img(client, data_dir, baseline):
+    """host_check: after the save, the tab renders the file through the host's own txt2img and
+    reports what the host's LoRA loader matched (after the memory check above: the host keeps a
+    weight backup once it has applied a LoRA)."""
+    name = f"live_check_{RUN_ID}"
+    progress, message = start(client, **lora_settings(data_dir, name, host_check=True, preview_prompts=PROMPT,
+                                                      preview_size="64"))
+    assert "Error" not in message and name in message, (progress, message)
+    assert re.search(r"loaded in \S+: \d+ modules, 0 keys skipped", message), message
+    assert "WARNING" not in message, message
+    assert_host_unchanged(baseline)
+
+
 def test_ileco_run_on_the_loaded_model(client, baseline):
     name = f"live_ileco_{RUN_ID}"
     progress, message = start(client, **ileco_settings(name))
@@ -199,7 +218,7 @@ def test_interrupt_saves_what_was_learned(client, data_dir, baseline):
     name = f"live_stop_{RUN_ID}"
     job = start_in_background(client, lora_settings(data_dir, name, train_iterations="40"), min_step=1)
     rest("/sdapi/v1/interrupt", {})
-    progress, message = job.result(timeout=1800)
+    progress, message = job.result(timeout=1800)[:2]
     assert "Stopped" in message, (progress, message)
     folder = next(iter(loras().values())).parent
     steps_files = sorted(folder.glob(f"{name}_*steps.safetensors"))
@@ -234,7 +253,7 @@ def test_generation_waits_for_a_run(client, data_dir, baseline):
     image = {}
     thread = threading.Thread(target=lambda: image.setdefault("pixels", txt2img()))
     thread.start()
-    progress, message = job.result(timeout=1800)
+    progress, message = job.result(timeout=1800)[:2]
     thread.join(timeout=1800)
     assert name in message, (progress, message)
     assert np.array_equal(image["pixels"], baseline)

@@ -142,26 +142,43 @@ def _unmatched_keys(messages: list[str]) -> list[str]:
     return found
 
 
+def _vae_skeleton(bundle):
+    """A weightless VAE of the bundle's width (meta device). The check never decodes, but the
+    pipelines of diffusers before 0.32 (the web UIs' own, e.g. Forge's 0.31) read ``vae.config``
+    in their constructor and fail on ``vae=None``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    config = getattr(bundle.vae, "config", None)
+    channels = tuple(getattr(config, "block_out_channels", None) or (128, 256, 512, 512))
+    with torch.device("meta"):
+        return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=channels,
+                             down_block_types=("DownEncoderBlock2D",) * len(channels),
+                             up_block_types=("UpDecoderBlock2D",) * len(channels),
+                             latent_channels=int(getattr(config, "latent_channels", 4) or 4), norm_num_groups=8)
+
+
 def _pipeline(bundle, unet, encoders):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     # a copy: the pipeline rewrites some scheduler settings it finds outdated (steps_offset)
     scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+    vae = _vae_skeleton(bundle)
     if bundle.family.name == "flux":
         from diffusers import FluxPipeline
 
-        return FluxPipeline(scheduler=scheduler, vae=None, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
+        return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
                             text_encoder_2=encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=unet)
     if bundle.family.name == "zimage":
         from diffusers import ZImagePipeline
 
-        return ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
+        return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
                               transformer=unet)
     if bundle.family.name == "sdxl":
-        return StableDiffusionXLPipeline(vae=None, text_encoder=encoders[0], text_encoder_2=encoders[1],
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
                                          tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1],
                                          unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=None, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0], unet=unet,
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0], unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
