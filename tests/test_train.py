@@ -103,6 +103,91 @@ def test_latents_are_encoded_once_and_disk_cache_matches_memory(tmp_path, monkey
     assert losses[1] == pytest.approx(losses[2], rel=1e-5)
 
 
+def _cache_first(monkeypatch):
+    """Make the job cache every latent before training (as the low profile on a GPU does)."""
+    from trainer.training.memory import profiles
+
+    real = profiles.plan
+
+    def plan(*args, **kwargs):
+        memory = real(*args, **kwargs)
+        memory.defer_unet = True  # on the CPU the U-Net is where it is going already; only the caching moves
+        return memory
+
+    monkeypatch.setattr(profiles, "plan", plan)
+
+
+@pytest.mark.slow
+def test_latents_on_first_use_train_the_same_weights_as_caching_first(tmp_path, monkeypatch):
+    data = image_folder(tmp_path / "data", n=3)
+    common = dict(lora_data_directory=str(data), train_iterations="5", image_mirroring=True, save_overwrite=True)
+    messages = []
+    control = TrainControl(on_log=messages.append,
+                           on_progress=lambda e: messages.append(e.message or f"step {e.step}"))
+    lazy = run_job(quick_config(save_lora_name="lazy", **common), host=TinyHost("sd1", tmp_path / "o"),
+                   logs_dir=tmp_path / "logs", control=control)
+    first = next(i for i, m in enumerate(messages) if m.startswith("latents: 6 to cache"))
+    done = messages.index("caching latents 6/6 (all cached)")
+    assert first < messages.index("step 1") < done  # a step was taken before the last latent was cached
+    with monkeypatch.context() as patch:
+        _cache_first(patch)
+        messages.clear()
+        eager = run_job(quick_config(save_lora_name="eager", **common), host=TinyHost("sd1", tmp_path / "o"),
+                        logs_dir=tmp_path / "logs", control=control)
+        assert messages.index("caching latents 6/6") < messages.index("step 1")
+    # and from a disk cache written by a lazy run (a second lazy run reads every latent back)
+    for name in ("disk1", "disk2"):
+        disk = run_job(quick_config(save_lora_name=name, cache_latents_to_disk=True, **common),
+                       host=TinyHost("sd1", tmp_path / "o"), logs_dir=tmp_path / "logs")
+    a, b, c = (_final_weights(r.saved[-1]) for r in (lazy, eager, disk))
+    assert a.keys() == b.keys() == c.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k
+
+
+@pytest.mark.slow
+def test_stop_and_resume_with_latents_cached_on_first_use(tmp_path):
+    """The stop comes before the first epoch ends: the resumed run encodes the rest as it goes."""
+    data = image_folder(tmp_path / "data", n=4)
+    common = dict(lora_data_directory=str(data), train_iterations="6", save_overwrite=True, image_mirroring=True)
+    full = run_job(quick_config(save_lora_name="full", **common), host=TinyHost("sd1", tmp_path / "a"),
+                   logs_dir=tmp_path / "logs")
+    stop = TrainControl()
+    stop.listen(on_progress=lambda e: stop.stop() if e.step == 2 and not e.message else None)
+    cfg = quick_config(save_lora_name="part", **common)
+    first = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", control=stop)
+    assert first.stopped and first.steps == 2
+    second = run_job(cfg, host=TinyHost("sd1", tmp_path / "b"), logs_dir=tmp_path / "logs", resume=True)
+    a, b = _final_weights(full.saved[-1]), _final_weights(second.saved[-1])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_latent_cache_gives_each_sample_the_same_latent_in_any_order(tmp_path):
+    from tiny import tiny_vae
+    from trainer.data.buckets import plan_samples
+    from trainer.data.cache import LatentCache
+    from trainer.data.images import discover_images
+
+    data = image_folder(tmp_path / "data", n=3)
+    specs = plan_samples(discover_images(data), (64, 64), 64, 64, 2.0, mirroring=True)
+    vae = tiny_vae().eval()
+    upfront = LatentCache(vae, specs, scale=0.18).build()
+    assert upfront.complete and upfront.vae_calls == len(specs)
+    seen = []
+    lazy = LatentCache(vae, specs, scale=0.18, progress=lambda done, total: seen.append((done, total)))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    lazy.ensure([4, 1])
+    assert lazy.done == 2 and not lazy.complete and lazy.latents[0] is None
+    lazy.get([1, 5, 0, 2, 3])  # 1 is not encoded again
+    assert lazy.complete and lazy.vae_calls == len(specs) and seen[-1] == (len(specs), len(specs))
+    assert torch.equal(torch.get_rng_state(), before)  # the run's random state is left alone
+    for x, y in zip(upfront.latents, lazy.latents):
+        assert torch.equal(x, y)
+
+
 def test_refuses_to_overwrite_existing_network(tmp_path):
     data = image_folder(tmp_path / "data", n=1)
     out = tmp_path / "out"
@@ -244,10 +329,11 @@ def _first_grads(tmp_path, monkeypatch, **values):
 
         handle = optimizer.register_step_pre_hook(keep_grads)
         try:
-            grabbed.setdefault("loss", real(task, opts, dist, step, *rest))
+            loss = real(task, opts, dist, step, *rest)  # a device tensor, read back by the loop
+            grabbed.setdefault("loss", float(loss))
         finally:
             handle.remove()
-        return grabbed["loss"]
+        return loss
 
     monkeypatch.setattr(loop, "_one_step", spy)
     data = image_folder(tmp_path / "data", n=2)

@@ -4,11 +4,27 @@ Latents are kept in memory (CPU) by default; with ``disk_dir`` they are also wri
 read back from ``.pt`` files keyed by the image, its crop and flip, and the VAE, so a second
 run on the same data skips the VAE entirely. Text embeddings are cached per prompt while
 the text encoder is frozen.
+
+A latent is encoded either up front (``build``) or the first time a batch needs it
+(``ensure``, what LoRA mode does unless its memory profile wants the VAE gone before the U-Net
+arrives). Encoding on first use was chosen over a background encoder thread: the first step
+then waits for one batch's latents instead of all of them, while the batch order stays exactly
+the seeded one (a background filler whose first epoch "uses what is ready" would make the
+order, and so the trained weights, depend on timing); no second thread competes with the step
+for a CPU's cores or for the GPU's stream, and autocast, which is per thread, needs no care
+beyond switching it off around the encode. The total VAE work is the same, spread over the
+first epoch, and a run shorter than one epoch encodes only what it uses.
+
+Every latent is a pure function of its sample: the posterior sample's noise comes from a
+generator seeded by the image path, crop and flip (``sample_seed``), never from the global
+random state. So it does not matter whether a latent was encoded up front, on first use in
+whatever order, or read from the disk cache: the same seed trains the same weights.
 """
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +36,12 @@ from trainer.atomic import atomic_path
 from trainer.conditioning import Conditioning
 
 
-def encode_latents(vae, pixels: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
-    """VAE-encode pixels in [-1, 1] to scaled latents (one random sample of the posterior)."""
+def encode_latents(vae, pixels: torch.Tensor, scale: float, shift: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAE-encode pixels in [-1, 1] to scaled latents (one random sample of the posterior,
+    drawn with ``generator`` when given, on the CPU, so the draw is the same on every device)."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return (dist.sample() - shift) * scale
+    return (dist.sample(generator=generator) - shift) * scale
 
 
 def encode_latents_mean(vae, pixels: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
@@ -42,6 +60,13 @@ def mask_to_latent(mask: np.ndarray | None, latent_hw: tuple[int, int]) -> torch
     return F.interpolate(t, size=latent_hw, mode="nearest")[0]
 
 
+def sample_seed(spec) -> int:
+    """The seed of a sample's posterior draw: from its image path, bucket, crop and flip only, so
+    a latent is the same whenever, in whatever order and in whichever run it is encoded."""
+    text = f"{Path(spec.item.path).resolve()}|{spec.bucket}|{spec.crop_box}|{spec.flip}"
+    return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
+
+
 def _spec_key(spec, vae_id: str) -> str:
     src = Path(spec.item.path)
     stat = src.stat()
@@ -50,34 +75,75 @@ def _spec_key(spec, vae_id: str) -> str:
 
 
 class LatentCache:
-    """Latents (and latent-resolution masks) of every planned sample, computed once."""
+    """Latents (and latent-resolution masks) of every planned sample, each computed once.
 
-    def __init__(self, vae, *, scale: float, shift: float = 0.0, disk_dir: Path | None = None,
-                 vae_id: str = "vae", warn: Callable[[str], None] | None = None):
+    ``specs`` are the planned samples; ``latents[i]`` / ``masks[i]`` hold sample ``i`` once it is
+    encoded (None before). ``build`` encodes every sample now; ``ensure(indices)`` encodes the
+    ones a batch needs that are still missing. ``progress(done, total)`` is told after each
+    encoded or read-back sample.
+    """
+
+    def __init__(self, vae, specs: list | None = None, *, scale: float, shift: float = 0.0,
+                 disk_dir: Path | None = None, vae_id: str = "vae", warn: Callable[[str], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None):
         self.vae, self.scale, self.shift = vae, scale, shift
         self.warn = warn or (lambda message: None)
+        self.progress = progress
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self.vae_id = vae_id
-        self.latents: list[torch.Tensor] = []
+        self.specs: list = []
+        self.latents: list[torch.Tensor | None] = []
         self.masks: list[torch.Tensor | None] = []
         self.vae_calls = 0
+        self.done = 0
+        if specs is not None:
+            self.plan(specs)
 
-    @torch.no_grad()
-    def build(self, specs: list, progress: Callable[[int, int], None] | None = None) -> "LatentCache":
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # The VAE's posterior samples use a forked RNG, so a run that reads its latents back
-        # from disk draws the same noise and timesteps afterwards as the run that encoded them.
-        devices = [self.vae.device] if self.vae.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            for i, spec in enumerate(specs):
-                latent, mask = self._load_or_encode(spec, factor)
-                self.latents.append(latent)
-                self.masks.append(mask)
-                if progress:
-                    progress(i + 1, len(specs))
+    def plan(self, specs: list) -> "LatentCache":
+        """Set the samples to cache (nothing is encoded yet)."""
+        self.specs = list(specs)
+        self.latents = [None] * len(self.specs)
+        self.masks = [None] * len(self.specs)
+        self.done = 0
         return self
 
-    def _load_or_encode(self, spec, factor: int):
+    @property
+    def complete(self) -> bool:
+        """Whether every planned sample has its latent."""
+        return self.done == len(self.specs)
+
+    def build(self, specs: list | None = None, progress: Callable[[int, int], None] | None = None) -> "LatentCache":
+        """Encode (or read back) every planned sample now."""
+        if specs is not None:
+            self.plan(specs)
+        if progress is not None:
+            self.progress = progress
+        return self.ensure(range(len(self.specs)))
+
+    @torch.no_grad()
+    def ensure(self, indices) -> "LatentCache":
+        """Encode (or read back) the samples of ``indices`` that have no latent yet, in that order.
+
+        Autocast is off while the VAE runs (a step's autocast must not change a latent)."""
+        missing = [i for i in dict.fromkeys(int(i) for i in indices) if self.latents[i] is None]
+        if not missing:
+            return self
+        device_type = self.vae.device.type
+        off = torch.autocast(device_type=device_type, enabled=False) if device_type in ("cuda", "cpu") else nullcontext()
+        with off:
+            for i in missing:
+                self.latents[i], self.masks[i] = self._load_or_encode(self.specs[i])
+                self.done += 1
+                if self.progress:
+                    self.progress(self.done, len(self.specs))
+        return self
+
+    def get(self, indices) -> list[torch.Tensor]:
+        """The latents of ``indices`` (encoded first where missing)."""
+        self.ensure(indices)
+        return [self.latents[int(i)] for i in indices]
+
+    def _load_or_encode(self, spec):
         path = None
         if self.disk_dir is not None:
             path = self.disk_dir / f"{_spec_key(spec, self.vae_id)}.pt"
@@ -87,7 +153,8 @@ class LatentCache:
                     return loaded
         pixels, mask = spec.load()
         x = torch.from_numpy(np.ascontiguousarray(pixels))[None]
-        latent = encode_latents(self.vae, x, self.scale, self.shift)[0].float().cpu()
+        generator = torch.Generator().manual_seed(sample_seed(spec))
+        latent = encode_latents(self.vae, x, self.scale, self.shift, generator)[0].float().cpu()
         self.vae_calls += 1
         lmask = mask_to_latent(mask, tuple(latent.shape[-2:]))
         if path is not None:

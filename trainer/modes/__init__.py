@@ -16,6 +16,7 @@ _IMAGES = tuple(Need(attr, f"{key} is not set; {{mode}} learns the change from t
 register_mode(Mode(
     name="LoRA", tasks="trainer.modes.lora", inputs="images", needs=(_FOLDER,),
     text_encoder=True,  # the only mode whose network can include the text encoder (BASE)
+    latents_on_first_use=True,
 ))
 register_mode(Mode(
     name="iLECO", tasks="trainer.modes.ileco", inputs="prompts",

@@ -27,6 +27,7 @@ class ModeContext:
     cache_dir: object = None           # folder for on-disk latent caches, or None
     extras: dict = field(default_factory=dict)
     dist: object = None                # trainer.training.distributed.Dist; None = one process
+    latents_on_first_use: bool = False  # encode a latent when a batch first needs it (the job decides)
 
     def __post_init__(self):
         self._encoder = None
@@ -142,6 +143,15 @@ def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = 
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``; on CUDA through pinned (page-locked) memory with a non-blocking
+    copy, so the transfer needs no host-side wait and overlaps the work already queued."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def unet_forward(bundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,

@@ -1,9 +1,11 @@
 """LoRA mode: plain noise (or v) prediction on captioned, bucketed images (SPEC.md §4.1).
 
 prepare: discover images and captions, plan bucketed samples (sub-images, mirroring),
-encode every sample's latent once (LatentCache), and encode every caption once while the
-text encoder is frozen (TextCache). When BASE is among the blocks the text encoder gets
-network modules and captions are encoded live every step so those modules train.
+encode every sample's latent once (LatentCache: up front, or the first time a batch needs it
+when ``ctx.latents_on_first_use``; the VAE leaves once every latent is cached), and encode
+every caption once while the text encoder is frozen (TextCache). When BASE is among the blocks
+the text encoder gets network modules and captions are encoded live every step so those
+modules train.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from trainer.conditioning import sdxl_time_ids
 from trainer.data.cache import LatentCache, TextCache
 from trainer.training.losses import add_noise, diffusion_loss, make_noise, sample_timesteps, training_target
-from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, unet_forward
+from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, to_device, unet_forward
 
 
 def prepare_images(cfg, ctx: ModeContext):
@@ -38,11 +40,20 @@ def prepare_images(cfg, ctx: ModeContext):
     skipped = f" ({len(items) - used} skipped)" if used < len(items) else ""
     ctx.log(f"{used} images{skipped} -> {len(specs)} training samples in {len({s.bucket for s in specs})} buckets")
     fam = ctx.bundle.family
-    cache = LatentCache(ctx.bundle.vae, scale=fam.latent_scale, shift=fam.latent_shift,
+    every = max(1, len(specs) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % every == 0:
+            ctx.log(f"caching latents {done}/{total}" + (" (all cached)" if done == total and lazy else ""))
+
+    lazy = ctx.latents_on_first_use
+    cache = LatentCache(ctx.bundle.vae, specs, scale=fam.latent_scale, shift=fam.latent_shift,
                         disk_dir=ctx.cache_dir if cfg.cache_latents_to_disk else None,
-                        vae_id=str(ctx.bundle.source), warn=lambda m: ctx.log(f"warning: {m}"))
-    step = max(1, len(specs) // 10)
-    cache.build(specs, progress=lambda i, n: ctx.log(f"caching latents {i}/{n}") if i == n or i % step == 0 else None)
+                        vae_id=str(ctx.bundle.source), warn=lambda m: ctx.log(f"warning: {m}"), progress=progress)
+    if lazy:
+        ctx.log(f"latents: {len(specs)} to cache, each the first time a batch needs it (training starts now)")
+    else:
+        cache.build()
     return items, specs, cache
 
 
@@ -61,6 +72,7 @@ class LoraTask(TrainTask):
         self.batcher = BucketBatcher(groups, cfg.train_batch_size,
                                      num_multiply=cfg.image_num_multiply, seed=cfg.train_seed)
         self._iter = iter(self.batcher)
+        self._vae_gone = cache.complete  # the job released it already when caching came first
 
     @property
     def epoch(self):
@@ -82,7 +94,10 @@ class LoraTask(TrainTask):
     def compute_loss(self, step: int) -> torch.Tensor:
         cfg, ctx, bundle = self.config, self.ctx, self.ctx.bundle
         idx = self._batch()
-        latents = torch.stack([self.cache.latents[i] for i in idx]).to(ctx.device)
+        latents = to_device(torch.stack(self.cache.get(idx)), ctx.device)
+        if self.cache.complete and not self._vae_gone:
+            self._vae_gone = True
+            release_unused(ctx, vae=True)  # every latent is cached
         noise = make_noise(latents, cfg.train_noise_offset)
         sched = bundle.noise_scheduler
         t = sample_timesteps(len(idx), cfg.train_min_timesteps, cfg.train_max_timesteps,
@@ -119,7 +134,8 @@ class LoraTask(TrainTask):
 def build_tasks(cfg, ctx: ModeContext):
     """LoRA mode has one pass."""
     _, specs, cache = prepare_images(cfg, ctx)
-    release_unused(ctx, vae=True)
+    if cache.complete:
+        release_unused(ctx, vae=True)
     net = build_network(cfg, ctx)
     ctx.log(f"network: {len(net.unet_modules)} U-Net modules, {len(net.te_modules)} text-encoder modules")
     task = LoraTask(cfg, ctx, specs=specs, cache=cache, network=net)

@@ -46,6 +46,8 @@ class Mode:
         needs: settings that must be set before a run starts, in the order they are reported.
         passes: the training passes, in order; ``("copy", "main")`` means a 2nd-pass panel exists.
         text_encoder: whether its network may train the text encoder (BASE in network_blocks).
+        latents_on_first_use: whether it can encode latents as batches first need them (the VAE then
+            stays through the first epoch, which the memory estimate counts).
         shown_without_effect: settings the page shows in this mode although nothing reads them
             (kept from the reference so every saved key has a widget).
     """
@@ -56,6 +58,7 @@ class Mode:
     needs: tuple[Need, ...] = ()
     passes: tuple[str, ...] = ("main",)
     text_encoder: bool = False
+    latents_on_first_use: bool = False
     shown_without_effect: frozenset[str] = field(default_factory=frozenset)
 
     @property

@@ -183,6 +183,7 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         bundle.text_options = replace(bundle.text_options,
                                       embeddings_dir=str(Path(config.embeddings_dir).expanduser()))
     result = JobResult("")
+    undo_compile = None
     try:
         memory = _memory_plan(config, bundle, device, log)
         estimate, free, run_config = memory.estimate, memory.free, memory.config
@@ -200,12 +201,16 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         if run_config.use_gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
             bundle.unet.train()  # diffusers checkpoints only in train mode; SD has no dropout
+        undo_compile = _speed_switches(run_config, bundle, device, logs_dir, log)
         if config.zero_terminal_snr:
             from trainer.training.losses import rescale_zero_terminal_snr
 
             rescale_zero_terminal_snr(bundle.noise_scheduler)
+        # Latents are encoded as batches need them, so the first step does not wait for all of
+        # them; a profile that keeps the U-Net off the device until the VAE has left caches first.
         ctx = ModeContext(bundle=bundle, device=device, model_dtype=model_dtype, lora_dtype=lora_dtype,
-                          vae_dtype=vae_dtype, log=log, cache_dir=logs_dir / "cache", dist=dist)
+                          vae_dtype=vae_dtype, log=log, cache_dir=logs_dir / "cache", dist=dist,
+                          latents_on_first_use=not memory.defer_unet)
         ctx.extras["resume_pass"] = state["pass"] if state else 0
         ctx.extras["search_dirs"] = [output_dir]
         ctx.extras["data_plan"] = prep.data_plan
@@ -270,6 +275,8 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
         log("Done.")
         return result
     finally:
+        if undo_compile is not None:
+            undo_compile()
         host.restore()
 
 
@@ -363,6 +370,19 @@ def _memory_plan(config, bundle, device, log):
     if memory.hint:
         log(memory.hint)
     return memory
+
+
+def _speed_switches(config, bundle, device, logs_dir: Path, log):
+    """Channels-last, pinned batch transfer and (``compile_unet``) torch.compile, each logged once
+    (training/speed.py); returns the function that undoes the compile, or None."""
+    from trainer.training import speed
+
+    log(f"  {speed.channels_last(bundle.unet, device, transformer=bundle.family.flow)}")
+    log(f"  {speed.pinned_transfer(device)}")
+    if not config.compile_unet:
+        log("  compile: off (compile_unet)")
+        return None
+    return speed.compile_forward(bundle.unet, logs_dir / "compile", lambda m: log(f"  {m}"))
 
 
 def _place(module, device, dtype) -> None:

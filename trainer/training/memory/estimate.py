@@ -7,7 +7,8 @@ alive together and returns the largest phase as a :class:`MemoryEstimate`:
   file (``.ckpt``) holds the file's tensors while it builds the fp32 modules;
 - caching latents: every frozen module, plus one VAE encode at the largest bucket;
 - training: the frozen modules that stay (the VAE and an untrained text encoder leave only when
-  the trainer frees them: ``free_after_caching``), the network's parameters, gradients and
+  the trainer frees them: ``free_after_caching``; a mode that encodes latents on first use keeps
+  the VAE through the first epoch: ``vae_in_training``), the network's parameters, gradients and
   optimizer state, and the working memory of one forward + backward at the largest bucket.
 
 Working memory is ``intercept + slope x latent cells x batch`` for the U-Net and an amount per
@@ -191,6 +192,8 @@ def config_facts(config: Any, family: str, kind: str) -> dict:
         # set by a memory profile (trainer/training/memory/profiles.py): bytes per stored U-Net
         # weight (1 = fp8), the U-Net placed only after caching, optimizer state paged to the host
         "unet_bytes": PRECISION_BYTES.get(precision, 4), "unet_after_caching": False, "offload_optimizer": False,
+        # latents encoded as batches need them: the VAE stays during the first epoch's steps
+        "vae_in_training": facts.latents_on_first_use,
         "networks": len(facts.passes),  # an earlier pass's network (Difference's copy) stays applied
         "preview_cells": _preview_cells(config),
     }
@@ -224,7 +227,8 @@ def _weights(params: dict, model_bytes: float, vae_bytes: int, te_bytes: int | N
 def _kept(weights: dict, facts: dict) -> dict:
     out = dict(weights)
     if facts["free_after_caching"]:
-        out.pop("VAE weights")
+        if not facts.get("vae_in_training"):
+            out.pop("VAE weights")
         if not facts["train_te"]:
             out.pop("text encoder weights")
     return out

@@ -177,11 +177,14 @@ def options(config, kind: str, *, bf16: bool | None = None, bnb: bool | None = N
             low.choices.append("VAE: bf16 while it encodes the images (about 0.6x the encoding memory)")
         low.defer_unet = True
         low.facts["unet_after_caching"] = True
+        low.facts["vae_in_training"] = False  # every latent is cached before the U-Net arrives
         low.choices.append("U-Net: moved to the GPU after latents and captions are cached (the VAE and the "
                            "text encoders have left by then)")
     out["low"] = low
     for opt in (balanced, low):
-        opt.choices.append("latents and captions: cached before training; the VAE and untrained text "
+        when = ("before training" if opt.defer_unet else
+                "as the first epoch reaches them (where the mode can), so training starts at once")
+        opt.choices.append(f"latents and captions: cached {when}; the VAE and untrained text "
                            "encoders are freed after caching")
     return out
 
