@@ -36,7 +36,7 @@ EXTENSION_NAMES = ["gradient_accumulation_steps", "train_noise_offset", "train_m
                    "cache_latents_to_disk", "addift_timestep_schedule", "zero_terminal_snr", "ileco_latents",
                    "clip_skip", "embeddings_dir", "preview_prompts", "preview_every_steps", "preview_seed",
                    "preview_size", "preview_steps", "host_check",
-                   "memory_profile"]
+                   "memory_profile", "compile_unet"]
 SHIPPED = ["LoRA", "iLECO", "Difference", "Difference_Use2ndPass", "ADDifT_Action_SD1.5", "ADDifT_Action_XL",
            "ADDifT_Style_SD1.5", "ADDifT_Style_XL", "Multi-ADDifT"]
 

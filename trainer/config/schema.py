@@ -286,6 +286,10 @@ _EXTENSION_ROWS = [
      "that the memory estimate says fits in the free GPU memory (speed on a CPU). Each change is "
      "logged with its reason; it only ever switches savings on.",
      dict(choices=C.MEMORY_PROFILES)),
+    ("compile_unet", "bool", False, "CH", "L I D A M",
+     "Compile the U-Net (or transformer) with torch.compile: faster steps on a GPU after a slower "
+     "first one. The compiled kernels are kept under the logs folder (logs/compile), so a second run "
+     "does not compile again. Where compiling fails, training goes on uncompiled and says why.", {}),
 ]
 
 _REQUIRED_ROWS = 17  # the "Required Parameters" group of the UI (SPEC.md §3.1)

@@ -125,6 +125,7 @@ class TrainConfig:
     preview_steps: int
     host_check: bool
     memory_profile: Literal['speed', 'balanced', 'low', 'auto']
+    compile_unet: bool
     # --- end generated attributes ---
     mode: str
     model: str

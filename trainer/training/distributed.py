@@ -75,6 +75,13 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="mean").item())
 
+    def mean_tensor(self, value):
+        """The mean of a scalar tensor over the processes, as a tensor (no wait for the device)."""
+        if not self.enabled:
+            return value
+        t = value.detach().reshape(1).to(self.accelerator.device, torch.float32)
+        return self.accelerator.reduce(t, reduction="mean")[0]
+
     def any(self, flag: bool) -> bool:
         """True on every process when the flag is set on any (a stop request, say)."""
         if not self.enabled:

@@ -6,11 +6,19 @@ loop owns everything else: optimizer and scheduler, gradient accumulation, mixed
 gradient clipping, exactly ``train_iterations`` optimizer steps, the CSV log, progress
 events, periodic saves, stop requests (finish the step, save, write a resumable state) and
 resuming from such a state.
+
+A step never waits for the device: its loss stays a device tensor, and the losses are read back
+(one host-device sync for several steps) only at log intervals (``LoopOptions.log_every``; on a
+GPU every ``GPU_LOG_EVERY`` steps, on a CPU every step, where reading costs nothing) and before
+anything that needs them (a save, a stop, a preview, the end). The CSV still gets one row per
+step, each with its own loss; between reads, progress events carry the last loss read. A loss
+that is not finite stops the run at the read that finds it, naming its step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -79,9 +87,11 @@ class LoopOptions:
     free_memory: int | None = None             # free device memory when the run started
     keep_other_state: bool = False             # a state already at state_path is another run's: keep it
     preview: Callable[[int], object] | None = None  # called with the steps done after every step (renders when due)
+    log_every: int = 0                         # steps between loss reads (0: GPU_LOG_EVERY on CUDA, else 1)
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+GPU_LOG_EVERY = 10  # steps between loss reads on a GPU (each read waits for the device)
 
 
 class SaveFailed(RuntimeError):
@@ -154,6 +164,12 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
         settings=optimizers.parse_settings(cfg.train_lr_scheduler_settings, field="train_lr_scheduler_settings"),
     )
     notes = list(opt_info.notes) + list(sched_info.notes)
+    log_every = opts.log_every or (GPU_LOG_EVERY if opts.device.type == "cuda" else 1)
+    if dist.is_main:
+        kind = {"fused": "fused (one kernel per group)", "foreach": "foreach (multi-tensor)",
+                "as set": "fused/foreach as train_optimizer_settings says"}.get(opt_info.step_kind, "its own")
+        opts.control.log(f"  optimizer step: {opt_info.name}, {kind}; losses read back every "
+                         f"{log_every} step{'s' if log_every > 1 else ''}")
     optimizer = opt_info.optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = torch.amp.GradScaler("cuda") if opts.model_dtype == torch.float16 and opts.device.type == "cuda" else None
@@ -211,11 +227,31 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             raise SaveFailed(f"{problem}. Nothing learned is lost: the training state (step {done}) is in "
                              f"{kept}. Free some space or fix the folder, then {then} (--resume, or tick "
                              "'resume the stopped run' on the page).", kept) from error
+    pending: list[tuple] = []  # (step, epoch, loss tensor, lrs, seconds) of the steps not read yet
+
+    def read_losses() -> None:
+        """Read the pending steps' losses in one transfer; CSV rows, EMA and the finite check."""
+        nonlocal ema, last
+        if not pending:
+            return
+        values = torch.stack([p[2].detach().float().reshape(()) for p in pending]).cpu().tolist()
+        rows = list(pending)
+        pending.clear()
+        for (at, epoch, _, lrs_at, elapsed), value in zip(rows, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss became {value} at step {at}; lower train_learning_rate, "
+                    "or use bf16/fp32 model precision instead of fp16")
+            last = value
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
+            if opts.csv is not None and dist.is_main:
+                opts.csv.row(at, epoch, value, ema, lrs_at, elapsed)
+
     t0, window = time.perf_counter(), []
     for step in range(start, total):
         tic = time.perf_counter()
         try:
-            last = _one_step(task, opts, dist, step, accum, scaler, optimizer, params, max_norm)
+            loss = _one_step(task, opts, dist, step, accum, scaler, optimizer, params, max_norm)
         except (_OOM, MemoryError) as exc:
             optimizer.zero_grad(set_to_none=True)
             if opts.device.type == "cuda":
@@ -223,17 +259,16 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             kept = _save(opts, opt_info, f"{opts.stem}_{step}steps", step, final=False) if step > 0 and dist.is_main else None
             raise TrainingOutOfMemory(_oom_text(exc, opts, step, kept), kept) from exc
         lrs = sched_info.lr_values()  # after the step: schedule-free optimizers update it there
-        sched_info.step(last)
+        sched_info.step(loss)  # only reduce_on_plateau reads the loss (and so waits for it)
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-
-        ema = last if ema is None else 0.9 * ema + 0.1 * last
+        pending.append((done, task.epoch, loss, lrs, time.perf_counter() - t0))
+        if done % log_every == 0 or done == total:
+            read_losses()
         window.append(time.perf_counter() - tic)
         window = window[-20:]
         rate = len(window) / sum(window) if sum(window) > 0 else 0.0
-        if opts.csv is not None and dist.is_main:
-            opts.csv.row(done, task.epoch, last, ema, lrs, time.perf_counter() - t0)
         if dist.is_main:
             _emit(opts, ProgressEvent(task.name, done, total, last, ema, lrs, rate,
                                       (total - done) / rate if rate else 0.0, task.epoch))
@@ -248,6 +283,7 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
             if asked:
                 opts.control.log(f"saved {path} (step {done}); training goes on")
         if dist.any(opts.control.stop_requested) and done < total:
+            read_losses()  # the state keeps the loss EMA
             if not dist.is_main:
                 return LoopResult(done, True, saved, last, notes)
             write_state(done)  # first: a failing network save then loses nothing
@@ -262,19 +298,17 @@ def run(task: Task, opts: LoopOptions) -> LoopResult:
 
 
 def _one_step(task, opts: LoopOptions, dist, step: int, accum: int, scaler, optimizer, params,
-              max_norm: float) -> float:
-    """Forward/backward over ``accum`` micro-batches, clip, optimizer step; the mean loss."""
-    loss_sum = 0.0
+              max_norm: float) -> torch.Tensor:
+    """Forward/backward over ``accum`` micro-batches, clip, optimizer step; the mean loss as a
+    device tensor (nothing here waits for the device)."""
+    loss_sum = None
     for _ in range(accum):
         with _autocast(opts.device, opts.model_dtype):
             loss = dist.run(task.network, lambda: task.compute_loss(step))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss became {loss.item()} at step {step + 1}; lower train_learning_rate, "
-                "or use bf16/fp32 model precision instead of fp16")
         scaled = loss / accum
         (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum += loss.detach().float().item()
+        value = loss.detach().float()
+        loss_sum = value if loss_sum is None else loss_sum + value
     if max_norm > 0:
         if scaler:
             scaler.unscale_(optimizer)
@@ -284,7 +318,7 @@ def _one_step(task, opts: LoopOptions, dist, step: int, accum: int, scaler, opti
         scaler.update()
     else:
         optimizer.step()
-    return dist.mean(loss_sum / accum)
+    return dist.mean_tensor(loss_sum / accum)
 
 
 def _oom_text(exc, opts: LoopOptions, step: int, kept: Path | None) -> str:
