@@ -193,6 +193,19 @@ def import_diffusers_without_bitsandbytes() -> bool:
     return True
 
 
+def quiet_library_output() -> None:
+    """For a process the trainer owns (CLI): transformers' and diffusers' own progress bars ("Loading
+    weights") and their info and warning lines stay off the console; the trainer says what it loads
+    and what went wrong. Errors still show. A web UI's libraries are the host's: not called there."""
+    for name in ("transformers", "diffusers"):
+        try:
+            module = __import__(f"{name}.utils.logging", fromlist=["logging"])
+        except ImportError:  # pragma: no cover - both are required packages
+            continue
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+
+
 def import_quietly(module: str):
     """``importlib.import_module(module)`` with the package's own import-time log warnings held back
     (bitsandbytes warns about an optional 'kernels' package on every CPU import)."""

@@ -44,9 +44,10 @@ def queue_command(args) -> int:
 
 
 def _run_command(queue: JobQueue, args) -> int:
-    from trainer.compat import import_diffusers_without_bitsandbytes
+    from trainer.compat import import_diffusers_without_bitsandbytes, quiet_library_output
 
     import_diffusers_without_bitsandbytes()  # this process is ours: skip what training never uses
+    quiet_library_output()
     from trainer.hosts.standalone import StandaloneHost
     from trainer.training.control import TrainControl
 

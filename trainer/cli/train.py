@@ -31,9 +31,10 @@ def train_command(args) -> int:
     except (ConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from trainer.compat import import_diffusers_without_bitsandbytes
+    from trainer.compat import import_diffusers_without_bitsandbytes, quiet_library_output
 
     import_diffusers_without_bitsandbytes()  # this process is ours: skip what training never uses
+    quiet_library_output()
     output_dir = Path(args.output_dir or "output")
     bar = _ProgressBar()
     control = TrainControl(on_progress=bar.update, on_log=bar.write)

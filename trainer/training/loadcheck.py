@@ -114,19 +114,32 @@ class _Records(logging.Handler):
 
 @contextlib.contextmanager
 def _captured():
-    """Collect the warnings diffusers, transformers and PEFT log or warn while loading."""
+    """Collect the warnings diffusers, transformers and PEFT log or warn while loading.
+
+    Meanwhile they reach only this collector (the check's summary says what matters), also where a
+    process has set those libraries to show errors only (the CLI keeps their chatter off the console)."""
     records = _Records()
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    kept = [(logger, logger.level, list(logger.handlers), logger.propagate) for logger in loggers]
     for logger in loggers:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
         logger.addHandler(records)
+        logger.propagate = False
+        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield records
         records.messages += [str(w.message) for w in caught]
     finally:
-        for logger in loggers:
+        for logger, level, handlers, propagate in kept:
             logger.removeHandler(records)
+            for handler in handlers:
+                logger.addHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _unmatched_keys(messages: list[str]) -> list[str]:
