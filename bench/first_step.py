@@ -2,6 +2,7 @@
 
     python bench/first_step.py                          # this checkout, SD1.5 at 128 px on the CPU
     python bench/first_step.py --before /tmp/old-tree   # also an older checkout, alternating runs
+    python bench/first_step.py --model small            # a small SD1.5-shaped model (~1 GiB of RAM)
 
 Each run is a fresh interpreter that runs the CLI's ``train`` command exactly as a user does
 (``trainer.cli.main(["train", ...])``) on the bench's random-weight full-size SD1.5 file (written
@@ -12,6 +13,12 @@ model load, latent and caption caching and one step. Times are the fastest of ``
 (other work on the machine only slows a run down); CPU time is steadier than wall time on a busy
 machine. Also printed: what was imported by then (bitsandbytes, peft, diffusers' single-file
 module) and the lines the run wrote to the console.
+
+``--model small`` keeps SD1.5's layout, its full VAE and CLIP-L text encoder, but narrows the
+U-Net to 64/128/256/256 channels (about 4 % of its parameters), written once as an LDM single file
+with its own ``unet/config.json``: the same imports, conversion, caching and text encoding as the
+full model, in about a fifth of the memory. The child hands that config folder to the standalone
+host (``config_dir``), which the CLI has no option for.
 """
 
 from __future__ import annotations
@@ -69,6 +76,17 @@ def child(tree: str, config: str, out: str) -> None:
 
     train_cli._ProgressBar.update = update
     train_cli._ProgressBar.write = write
+    config_dir = os.environ.get("FIRST_STEP_CONFIG_DIR")
+    if config_dir:
+        from trainer.hosts import standalone
+
+        original_init = standalone.StandaloneHost.__init__
+
+        def init(self, *args, **kwargs):
+            kwargs.setdefault("config_dir", config_dir)
+            original_init(self, *args, **kwargs)
+
+        standalone.StandaloneHost.__init__ = init
     timeline.append((round(_since_start(), 1), round(cpu_now(), 1), "(interpreter started, trainer.cli imported)"))
     from trainer.cli import main
 
@@ -90,11 +108,43 @@ def write_config(folder: Path, checkpoint: Path, images: Path, resolution: int) 
     return path
 
 
-def run_once(tree: Path, config: Path, work: Path, threads: int) -> dict:
+def write_small_checkpoint(folder: Path) -> tuple[Path, Path]:
+    """A small SD1.5-shaped single file (narrow U-Net, full VAE and CLIP-L) and its config folder."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path, config_dir = folder / "sd1-small.safetensors", folder / "sd1-small-config"
+    if path.is_file() and (config_dir / "unet" / "config.json").is_file():
+        return path, config_dir
+    sys.path.insert(0, str(ROOT / "tests"))
+    import ldm  # the LDM key layout (test helper)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shipped = ROOT / "trainer" / "assets" / "sd1"
+    unet_config = json.loads((shipped / "unet" / "config.json").read_text())
+    unet_config["block_out_channels"] = [64, 128, 256, 256]
+    torch.manual_seed(0)
+    parts = {"unet": UNet2DConditionModel.from_config(unet_config),
+             "vae": AutoencoderKL.from_config(json.loads((shipped / "vae" / "config.json").read_text())),
+             "text_encoders": [CLIPTextModel(CLIPTextConfig.from_json_file(str(shipped / "text_encoder" / "config.json")))]}
+    state = {k: v.half().contiguous() for k, v in ldm.ldm_state_dict("sd1", parts).items()}
+    (config_dir / "unet").mkdir(parents=True, exist_ok=True)
+    (config_dir / "unet" / "config.json").write_text(json.dumps(unet_config, indent=1))
+    tmp = path.with_suffix(".partial")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path, config_dir
+
+
+def run_once(tree: Path, config: Path, work: Path, threads: int, config_dir: Path | None = None) -> dict:
     out = work / "result.json"
     if out.exists():
         out.unlink()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+    if config_dir is not None:
+        env["FIRST_STEP_CONFIG_DIR"] = str(config_dir)
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(tree), "--config",
                            str(config), "--out", str(out)], env=env, capture_output=True, text=True)
     if not out.exists():
@@ -111,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--before", help="an older checkout to compare with (its trainer/ package is used)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--model", choices=("full", "small"), default="full",
+                   help="full-size SD1.5, or a small SD1.5-shaped model (narrow U-Net)")
+    p.add_argument("--images", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "traintrain-bench"))
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -124,8 +177,12 @@ def main(argv=None) -> int:
     from common import write_checkpoint, write_images
 
     cache = Path(args.cache_dir)
-    checkpoint = write_checkpoint("sd1", cache)
-    images = write_images(cache / f"images-{args.resolution}", 4, args.resolution)
+    config_dir = None
+    if args.model == "small":
+        checkpoint, config_dir = write_small_checkpoint(cache)
+    else:
+        checkpoint = write_checkpoint("sd1", cache)
+    images = write_images(cache / f"images-{args.resolution}-{args.images}", args.images, args.resolution)
     work = Path(tempfile.mkdtemp(prefix="first-step-", dir=cache))
     config = write_config(work, checkpoint, images, args.resolution)
     trees = {"this checkout": ROOT}
@@ -135,7 +192,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         for name, tree in trees.items():
             tic = time.perf_counter()
-            runs[name].append(run_once(tree, config, work, args.threads))
+            runs[name].append(run_once(tree, config, work, args.threads, config_dir))
             print(f"{name}: first step at {runs[name][-1]['wall']:.1f} s wall, {runs[name][-1]['cpu']:.1f} s CPU "
                   f"({time.perf_counter() - tic:.0f} s)", flush=True)
     print()
