@@ -193,17 +193,29 @@ def import_diffusers_without_bitsandbytes() -> bool:
     return True
 
 
-def quiet_library_output() -> None:
-    """For a process the trainer owns (CLI): transformers' and diffusers' own progress bars ("Loading
-    weights") and their info and warning lines stay off the console; the trainer says what it loads
-    and what went wrong. Errors still show. A web UI's libraries are the host's: not called there."""
+def quiet_library_output():
+    """For a run in a process the trainer owns (CLI): transformers' and diffusers' own progress bars
+    ("Loading weights") and their info and warning lines stay off the console; the trainer says what
+    it loads and what went wrong. Errors still show. A web UI's libraries are the host's: not called
+    there. Returns a function that puts both libraries' settings back as they were."""
+    undo = []
     for name in ("transformers", "diffusers"):
         try:
             module = __import__(f"{name}.utils.logging", fromlist=["logging"])
         except ImportError:  # pragma: no cover - both are required packages
             continue
+        level, bars = module.get_verbosity(), module.is_progress_bar_enabled()
         module.set_verbosity_error()
         module.disable_progress_bar()
+        undo.append((module, level, bars))
+
+    def restore() -> None:
+        for module, level, bars in undo:
+            module.set_verbosity(level)
+            if bars:
+                module.enable_progress_bar()
+
+    return restore
 
 
 def import_quietly(module: str):

@@ -47,7 +47,7 @@ def _run_command(queue: JobQueue, args) -> int:
     from trainer.compat import import_diffusers_without_bitsandbytes, quiet_library_output
 
     import_diffusers_without_bitsandbytes()  # this process is ours: skip what training never uses
-    quiet_library_output()
+    loud_again = quiet_library_output()
     from trainer.hosts.standalone import StandaloneHost
     from trainer.training.control import TrainControl
 
@@ -64,6 +64,7 @@ def _run_command(queue: JobQueue, args) -> int:
                                  on_item=lambda i: print(f"[{i.id}] {i.name}: {i.status} {i.message}".rstrip()))
     finally:
         signal.signal(signal.SIGINT, previous)
+        loud_again()
     if not done:
         print("nothing to run: no pending items")
     return 1 if any(i.status == "failed" for i in done) else 0

@@ -34,7 +34,7 @@ def train_command(args) -> int:
     from trainer.compat import import_diffusers_without_bitsandbytes, quiet_library_output
 
     import_diffusers_without_bitsandbytes()  # this process is ours: skip what training never uses
-    quiet_library_output()
+    loud_again = quiet_library_output()
     output_dir = Path(args.output_dir or "output")
     bar = _ProgressBar()
     control = TrainControl(on_progress=bar.update, on_log=bar.write)
@@ -57,6 +57,7 @@ def train_command(args) -> int:
         return code
     finally:
         signal.signal(signal.SIGINT, previous)
+        loud_again()
     bar.close()
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

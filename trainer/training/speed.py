@@ -35,7 +35,10 @@ def channels_last(unet, device: torch.device, *, transformer: bool = False) -> s
         return "channels-last: not used (a transformer has no convolutions to gain from it)"
     if torch.device(device).type != "cuda":
         return f"channels-last: not used on {torch.device(device).type} (it speeds up CUDA convolutions only)"
-    unet.to(memory_format=torch.channels_last)
+    try:
+        unet.to(memory_format=torch.channels_last)
+    except (RuntimeError, TypeError) as error:  # a weight storage without that layout (fp8 on an old torch)
+        return f"channels-last: not used ({_reason(error)})"
     return "channels-last: the U-Net's convolution weights are in channels-last (NHWC) format"
 
 
