@@ -101,7 +101,8 @@ class _ProgressBar:
         if event.message:
             return
         self._bar.n = event.step
-        post = {"loss": f"{event.loss_ema:.4f}"}
+        # no loss before the first read-back (on a GPU the loop reads losses every few steps)
+        post = {"loss": f"{event.loss_ema:.4f}"} if event.loss_ema == event.loss_ema else {}
         if event.lrs:
             post["lr"] = f"{event.lrs[-1]:.2e}"
         if event.epoch is not None:
