@@ -79,6 +79,7 @@ from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer
 from transformers.models.clip import modeling_clip
+from transformers.models.t5 import modeling_t5
 from transformers.optimization import AdafactorSchedule
 from accelerate import init_empty_weights, Accelerator
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # the whole of diffusers imports

@@ -257,7 +257,9 @@ def _run_prepared(prep, *, host, resume, device, control: TrainControl) -> JobRe
                     csv.close()
             result.saved += out.saved
             result.notes += out.notes
-            if out.saved and not out.stopped and dist.is_main:
+            # a web UI's own check (host_check, after restore) replaces the diffusers one
+            host_checks = prep.config.host_check and callable(getattr(host, "check_saved", None))
+            if out.saved and not out.stopped and dist.is_main and not host_checks:
                 _load_check(out.saved[-1], bundle, result, log)
             result.steps = out.steps_done
             if out.stopped:

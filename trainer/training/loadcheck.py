@@ -174,18 +174,18 @@ def _vae_skeleton(bundle):
 def _pipeline(bundle, unet, encoders):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from trainer.hosts.dit_parts import library_class
+
     # a copy: the pipeline rewrites some scheduler settings it finds outdated (steps_offset)
     scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
     vae = _vae_skeleton(bundle)
     if bundle.family.name == "flux":
-        from diffusers import FluxPipeline
-
-        return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
+        flux_pipeline = library_class("diffusers", "FluxPipeline")  # newer than A1111's diffusers
+        return flux_pipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
                             text_encoder_2=encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=unet)
     if bundle.family.name == "zimage":
-        from diffusers import ZImagePipeline
-
-        return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
+        zimage_pipeline = library_class("diffusers", "ZImagePipeline")
+        return zimage_pipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=bundle.tokenizers[0],
                               transformer=unet)
     if bundle.family.name == "sdxl":
         return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
@@ -213,10 +213,12 @@ def _check_diffusers(path: Path, bundle, tensors: dict) -> LoadCheck:
         try:
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="check",
                                    low_cpu_mem_usage=True)
-        except TypeError as error:
-            if "low_cpu_mem_usage" not in str(error):
+        except (TypeError, NotImplementedError) as error:
+            # older diffusers/PEFT (a web UI's own, e.g. Forge's 0.31 / 0.13) cannot load into a
+            # model on the meta device: that says nothing about the file
+            if "low_cpu_mem_usage" not in str(error) and "meta tensor" not in str(error):
                 raise
-            result.skipped = f"this diffusers cannot load into a weightless model ({error})"
+            result.skipped = f"this diffusers cannot load into a weightless model ({error})"[:600]
             return result
         except Exception as error:  # the loader's own words are the report
             result.error = f"{type(error).__name__}: {error}"[:600]
