@@ -113,6 +113,7 @@ def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models,
         assert sorted(model.state_dict()) == sorted(record["state_dict_keys"])
         assert _compare_paths(record["path_types"], model) == []
         assert not any(p.is_inference() for p in model.parameters())  # A1111 loads outside inference mode
+        assert sum(p.requires_grad for p in model.parameters()) == record["tensors"]["n_requires_grad"]
         return
     with torch.inference_mode():
         engine = models.ForgeEngine(state, info)
@@ -134,6 +135,9 @@ def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models,
         assert all(p.is_inference() == inference for p in encoder.parameters()), name
     inference = record["unet_tensors"]["n_inference_params"] == record["unet_tensors"]["n_params"]
     assert all(p.is_inference() == inference for p in unet.parameters())
+    assert sum(p.requires_grad for p in unet.parameters()) == record["unet_tensors"]["n_requires_grad"]
+    vae = objects.vae.first_stage_model
+    assert sum(p.requires_grad for p in vae.parameters()) == record["vae_tensors"]["n_requires_grad"]
     assert type(objects.unet.model).__name__ == record["kmodel_type"].rsplit(".", 1)[-1]
     assert objects.unet.model.predictor.prediction_type == record["prediction_type"]
 

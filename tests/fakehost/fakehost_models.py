@@ -47,8 +47,10 @@ class Placed(nn.Module):
         return torch.device(self.placement)
 
 
-def tree_module(state: dict, root: nn.Module | None = None) -> nn.Module:
-    """A module tree whose ``state_dict()`` has exactly the keys of ``state`` (floats as parameters)."""
+def tree_module(state: dict, root: nn.Module | None = None, *, requires_grad: bool = False) -> nn.Module:
+    """A module tree whose ``state_dict()`` has exactly the keys of ``state`` (floats as parameters).
+    ``requires_grad`` as the real host leaves its parameters: both hosts' U-Net parameters and
+    Forge's VAE parameters require grad (tests/data/hosts: ``n_requires_grad``)."""
     root = root if root is not None else Placed()
     for key, tensor in state.items():
         *path, leaf = key.split(".")
@@ -60,7 +62,7 @@ def tree_module(state: dict, root: nn.Module | None = None) -> nn.Module:
                 node.add_module(part, child)
             node = child
         if tensor.is_floating_point():
-            node.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=False))
+            node.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=requires_grad))
         else:
             node.register_buffer(leaf, tensor.clone())
     return root
@@ -162,7 +164,8 @@ class FakeLatentDiffusion(Placed):
     def __init__(self, state: dict, info):
         super().__init__()
         self.model = nn.Module()
-        self.model.diffusion_model = tree_module(_strip(state, "model.diffusion_model."), nn.Module())
+        self.model.diffusion_model = tree_module(_strip(state, "model.diffusion_model."), nn.Module(),
+                                                 requires_grad=True)
         self.first_stage_model = tree_module(_strip(state, "first_stage_model."), nn.Module())
         self.is_sdxl = any(k.startswith("conditioner.") for k in state)
         self.is_sd2 = not self.is_sdxl and any(k.startswith("cond_stage_model.model.") for k in state)
@@ -320,7 +323,7 @@ def _open_clip_to_hf(ldm: dict) -> dict:
 class KModel(Placed):
     def __init__(self, unet_state: dict, prediction_type: str):
         super().__init__()
-        self.diffusion_model = tree_module(unet_state, nn.Module())
+        self.diffusion_model = tree_module(unet_state, nn.Module(), requires_grad=True)
         self.predictor = SimpleNamespace(prediction_type=prediction_type)
 
 
@@ -341,7 +344,7 @@ class ForgeEngine:
         for key, clip_module in clip_model.named_children():  # one text-processing engine per CLIP
             _text_processing_engine(clip_module, key)
         unet = ModelPatcher(KModel(_strip(state, "model.diffusion_model."), "epsilon"))
-        vae_model = tree_module(_strip(state, "first_stage_model."))
+        vae_model = tree_module(_strip(state, "first_stage_model."), requires_grad=True)
         clip = CLIP(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model))
         vae = SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
         self.forge_objects = ForgeObjects(unet=unet, clip=clip, vae=vae, clipvision=None)

@@ -202,10 +202,12 @@ if FLAVOUR == "a1111":
             loaded_networks.append(net)
 
     def network_restore_weights_from_backup(self):
+        # in place and without no_grad of its own, as A1111 1.8's: the caller's grad mode decides
+        # (a generation's forward runs under no_grad; anyone else must do so too, since the U-Net's
+        # parameters require grad)
         backup = getattr(self, "network_weights_backup", None)
         if backup is not None:
-            with torch.no_grad():
-                self.weight.copy_(backup)
+            self.weight.copy_(backup)
 
     def network_reset_cached_weight(self):
         self.network_current_names = ()

@@ -242,11 +242,16 @@ class WebUIHost:
         if lock is not None and not lock.acquire(blocking=False):
             self.log("Waiting for the web UI to finish its current job...")
             lock.acquire()
+        import torch
+
         try:
             state = adapter.state()
             state.begin(job=job)
+            # the hosts' LoRA code changes weights in place and leaves grad mode to its caller; the
+            # U-Net's parameters require grad, so nothing here may record autograd (as in a generation)
             try:
-                yield adapter
+                with torch.no_grad():
+                    yield adapter
             finally:
                 state.end()
         finally:
