@@ -52,15 +52,8 @@ def _save_zimage_folder(folder):
 def test_flux_diffusers_folder_loads(tmp_path):
     from trainer.hosts.standalone import load_model
 
-    parts = tiny_dit_components("flux")
     folder = tmp_path / "flux"
-    parts["unet"].save_pretrained(folder / "transformer")
-    parts["vae"].save_pretrained(folder / "vae")
-    for i, (te, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
-        parts["text_encoders"][i].save_pretrained(folder / te)
-        parts["tokenizers"][i].save_pretrained(folder / tok)
-    parts["noise_scheduler"].save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    _save_flux_folder(folder, tiny_dit_components("flux"))
     bundle = load_model(folder)
     assert bundle.family is FLUX and [type(t).__name__ for t in bundle.text_encoders] == ["CLIPTextModel",
                                                                                          "T5EncoderModel"]

@@ -61,15 +61,18 @@ class LoadCheck:
             return f"{head}: WARNING: it does not load: {self.error}"
         text = f"{head}: loaded: {self.modules} modules, {len(self.unmatched)} keys unmatched"
         if self.unmatched:
-            shown = ", ".join(self.unmatched[:8]) + (f" and {len(self.unmatched) - 8} more"
-                                                      if len(self.unmatched) > 8 else "")
-            text += f". WARNING: these keys found no layer and would be skipped: {shown}"
+            text += f". WARNING: these keys found no layer and would be skipped: {self._shown()}"
         elif self.modules != self.file_modules:
             text += (f". WARNING: the file holds {self.file_modules} modules but only {self.modules} "
                      "were loaded")
         if self.not_read:
             text += f" ({self.not_read})"
         return text
+
+    def _shown(self) -> str:
+        """The first unmatched keys, and how many more."""
+        more = len(self.unmatched) - 8
+        return ", ".join(self.unmatched[:8]) + (f" and {more} more" if more > 0 else "")
 
     def _host_summary(self) -> str:
         head = f"check of {self.file.name} in {self.loader}'s own txt2img"
@@ -78,9 +81,7 @@ class LoadCheck:
         else:
             text = f"{head}: loaded in {self.loader}: {self.modules} modules, {len(self.unmatched)} keys skipped"
         if self.unmatched:
-            shown = ", ".join(self.unmatched[:8]) + (f" and {len(self.unmatched) - 8} more"
-                                                      if len(self.unmatched) > 8 else "")
-            text += f". WARNING: {self.loader} found no layer for these keys: {shown}"
+            text += f". WARNING: {self.loader} found no layer for these keys: {self._shown()}"
         elif not self.error and self.modules != self.file_modules:
             text += (f". WARNING: the file holds {self.file_modules} modules but {self.loader} patched "
                      f"{self.modules}")
