@@ -79,6 +79,13 @@ def _placement(sd_model) -> str:
     return sd_model.placement
 
 
+def _submodule(root, path: str):
+    """The module at a dotted ``path`` from ``root``, through plain attributes as well (forge_objects)."""
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
 def _weights(sd_model) -> dict:
     if hasattr(sd_model, "forge_objects"):
         return {k: v.clone() for k, v in sd_model.forge_objects.unet.model.diffusion_model.state_dict().items()}
@@ -266,13 +273,13 @@ def test_loaded_model_is_handed_over_and_put_back(webui):
         parts = webui.parts["base"]
         assert torch.allclose(_unet_out(bundle.unet), _unet_out(parts["unet"]), atol=1e-5)
         assert torch.allclose(_te_out(bundle.text_encoders[0]), _te_out(parts["text_encoders"][0]), atol=1e-5)
-        conv = bundle.unet.conv_in.weight
-        if webui.flavour == "a1111":  # shared with the host: no second copy in memory
-            host_conv = sd_model.get_submodule("model.diffusion_model.input_blocks.0.0").weight
-            assert conv.data_ptr() == host_conv.data_ptr()
-        else:  # Forge's inference tensors are cloned into ordinary ones
-            assert not any(p.is_inference() for p in bundle.unet.parameters())
-            assert not any(p.is_inference() for p in bundle.text_encoders[0].parameters())
+        # Shared with the host, no second copy in memory; Forge's inference tensors are shared
+        # through ordinary tensors on the same storage, which autograd can save.
+        unet_module = "model.diffusion_model" if webui.flavour == "a1111" else "forge_objects.unet.model.diffusion_model"
+        host_conv = _submodule(sd_model, unet_module + ".input_blocks.0.0").weight
+        assert bundle.unet.conv_in.weight.data_ptr() == host_conv.data_ptr()
+        assert not any(p.is_inference() for p in bundle.unet.parameters())
+        assert not any(p.is_inference() for p in bundle.text_encoders[0].parameters())
         assert bundle.metadata["name"] == "base" and bundle.metadata["sha256"]
     finally:
         host.restore()
@@ -444,13 +451,13 @@ def test_a_lora_merged_by_a_patcher_on_an_a1111_style_model_is_seen(webui):
         patched.backup.clear()
 
 
-def test_inference_tensors_in_an_a1111_style_model_are_cloned(webui):
+def test_inference_tensors_in_an_a1111_style_model_are_shared_as_ordinary_tensors(webui):
     """A patcher-based host (reForge) may put inference tensors into an A1111-style model (a LoRA
     patched in and out during a generation); training on the loaded model still works."""
     from modules import shared
 
     if webui.flavour != "a1111":
-        pytest.skip("Forge's weights are always cloned")
+        pytest.skip("Forge's weights are all inference tensors: covered by the hand-over test")
     sd_model = shared.sd_model
     layer = sd_model.get_submodule("model.diffusion_model.input_blocks.1.1.proj_in")
     with torch.inference_mode():
@@ -460,6 +467,8 @@ def test_inference_tensors_in_an_a1111_style_model_are_cloned(webui):
     bundle = host.load(quick_config(lora_data_directory="x"))
     try:
         assert not any(p.is_inference() for p in bundle.unet.parameters())
+        shared_weight = bundle.unet.get_submodule("down_blocks.0.attentions.0.proj_in").weight
+        assert shared_weight.data_ptr() == layer.weight.data_ptr()  # no copy
         assert torch.allclose(_unet_out(bundle.unet), _unet_out(webui.parts["base"]["unet"]), atol=1e-5)
     finally:
         host.restore()

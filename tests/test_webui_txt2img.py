@@ -184,3 +184,43 @@ def test_an_sdxl_file_loads_in_the_host_with_no_key_skipped(webui, network_type)
     assert not _same(row[0][2], row[1][2])
     after = _all_weights(shared.sd_model)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_lora_left_merged_by_the_last_generation_is_taken_out_not_read_from_disk(webui):
+    """Both hosts leave a prompt's LoRA merged into the weights after a generation (backups kept
+    by their loaders). A run on the loaded model puts the originals back with the host's own
+    loader and shares them, instead of reading the checkpoint file (a second copy of the model);
+    the host's next generation with that LoRA merges it again."""
+    from test_webui import _unet_out
+
+    from helpers import quick_config
+    from modules import processing, shared
+    from trainer.hosts.webui import adapter
+
+    _, path = _saved(webui, "lierla", "left_merged")
+    sd_model = shared.sd_model
+    before = _all_weights(sd_model)
+
+    def render():
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=f"a cat <lora:{path.stem}:1>", seed=3, steps=2,
+                                                        width=16, height=16)
+        return processing.process_images(p).images[0]
+
+    with_lora = render()
+    assert adapter().lora_merged(sd_model)  # as the real hosts leave it
+    host = _host(webui)
+    bundle = host.load(quick_config(lora_data_directory="x"))
+    try:
+        assert any("was taken out with" in m for m in host.messages), host.messages
+        assert not any("from disk" in m for m in host.messages)
+        assert torch.allclose(_unet_out(bundle.unet), _unet_out(webui.parts["base"]["unet"]), atol=1e-5)
+        root = (sd_model.forge_objects.unet.model.diffusion_model if webui.flavour == "forge"
+                else sd_model.model.diffusion_model)
+        host_conv = root.get_submodule("input_blocks.0.0").weight
+        assert bundle.unet.conv_in.weight.data_ptr() == host_conv.data_ptr()  # shared, not read from the file
+    finally:
+        host.restore()
+    assert shared.sd_model is sd_model
+    after = _all_weights(sd_model)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the originals, LoRA out
+    assert _same(render(), with_lora)  # and the host's next generation merges it again

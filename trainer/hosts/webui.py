@@ -13,8 +13,8 @@ What each host offers is recorded in HOSTS.md; the facts used here:
   keys plus the hijack's ``.wrapped`` segments; flags ``is_sd1/is_sd2/is_sdxl``, v-prediction
   when ``parameterization == "v"``. Forge: ``forge_objects.{unet,clip,vae}``; UNet LDM keys in
   ``unet.model.diffusion_model``, LDM VAE keys in ``vae.first_stage_model``, transformers CLIPs
-  in ``clip.cond_stage_model.{clip_l,clip_h,clip_g}``; every tensor an inference tensor (cloned
-  here); v-prediction from ``unet.model.predictor.prediction_type``.
+  in ``clip.cond_stage_model.{clip_l,clip_h,clip_g}``; every tensor an inference tensor (shared
+  through ordinary tensors on the same storage); v-prediction from ``unet.model.predictor.prediction_type``.
 - Offload / restore: A1111 ``unload_model_weights()`` (moves the model to the CPU, 1.6+) and
   ``send_model_to_device(model)``; Forge ``unload_model_weights()`` (= ``unload_all_models``),
   ``soft_empty_cache()``, and ``memory_management.load_models_gpu(patchers)`` to put back what
@@ -184,8 +184,8 @@ class A1111Adapter(_HostCalls):
         return any(getattr(patcher, "backup", None)
                    for patcher in (getattr(objects, "unet", None), getattr(clip, "patcher", None)))
 
-    def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict, bool]:
-        """(state dict, text-encoder layouts, clone?) of the loaded model; tensors are shared.
+    def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict]:
+        """(state dict, text-encoder layouts) of the loaded model; tensors are shared.
 
         Keys still carry the hijack's wrapper segments; the session removes them for every host.
         """
@@ -193,7 +193,7 @@ class A1111Adapter(_HostCalls):
         text = "conditioner." if family == "sdxl" else "cond_stage_model."
         prefixes = ("model.diffusion_model.", "first_stage_model.", text)
         state = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-        return state, {}, False
+        return state, {}
 
     def remember(self, model: Any) -> dict:
         return {"model": model, "device": _device_of(model) if model is not None else None,
@@ -261,7 +261,9 @@ class ForgeAdapter(_HostCalls):
                 return True
         return False
 
-    def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict, bool]:
+    def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict]:
+        """(state dict, text-encoder layouts) of the loaded model: inference tensors, shared as
+        ordinary tensors on the same storage when the bundle is built."""
         from trainer.hosts.components import TEXT_ENCODERS
         from trainer.hosts.webui_weights import hf_text_encoder_state, prefixed, text_encoder_has_projection
 
@@ -277,7 +279,7 @@ class ForgeAdapter(_HostCalls):
                                        with_projection=text_encoder_has_projection(family, index, config_dir))
             state.update(prefixed(slot.ldm_prefix, hf))
             layouts[index] = "clip"  # Forge holds OpenCLIP encoders in transformers layout
-        return state, layouts, True
+        return state, layouts
 
     def remember(self, model: Any) -> dict:
         from backend import memory_management

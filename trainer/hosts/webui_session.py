@@ -322,19 +322,19 @@ class WebUIHost:
                                te_path=Path(te) if te and te != "None" else None)
 
     def _from_loaded(self, adapter: Any, model: Any, vae_path: Path | None, ticked: bool) -> Any:
-        from trainer.hosts.webui_weights import (bundle_from_host_state, has_inference_tensors, normalise_keys,
-                                                  unusable_tensors)
+        from trainer.hosts.webui_weights import bundle_from_host_state, normalise_keys, unusable_tensors
 
         family = adapter.family(model)
         info = getattr(model, "sd_checkpoint_info", None)
         host_prediction = adapter.prediction(model)
         reason, state = None, None
+        if adapter.lora_merged(model) and self._unmerge(adapter) and not adapter.lora_merged(model):
+            self.log(f"The LoRA the last generation merged into the {adapter.name} model was taken out with "
+                     f"{adapter.name}'s own loader (its next generation with a LoRA merges it again).")
         if adapter.lora_merged(model):
             reason = "its weights carry a LoRA merged in by the last generation"
         else:
-            state, layouts, clone = adapter.weights(model, family, self.config_dir)
-            # A patcher-based host (reForge) may leave inference tensors in an A1111-style model.
-            clone = clone or has_inference_tensors(state)
+            state, layouts = adapter.weights(model, family, self.config_dir)
             state = normalise_keys(state)  # the hosts' wrappers (A1111 hijack, Forge TI) out of the key paths
             bad = unusable_tensors(state)
             if bad:
@@ -350,8 +350,24 @@ class WebUIHost:
         vae = self._vae(vae_path, family) if vae_path is not None else None
         return bundle_from_host_state(
             state, family=family, host_prediction=host_prediction, v_pred_option=ticked or None,
-            config_dir=self.config_dir, te_layouts=layouts, vae=vae, clone=clone,
+            config_dir=self.config_dir, te_layouts=layouts, vae=vae,
             source=str(getattr(info, "title", "") or "the web UI's loaded model"), metadata=_checkpoint_meta(info))
+
+    @staticmethod
+    def _unmerge(adapter: Any) -> bool:
+        """Put the weights a LoRA was merged into back the host's own way (``drop_networks``: the
+        backups its loader keeps go back in place); False if that fails. Reading the checkpoint
+        file instead would hold a second copy of the model in memory."""
+        import torch
+
+        from trainer.hosts.webui_txt2img import drop_networks
+
+        try:
+            with torch.no_grad():  # A1111 restores its layers in place; their weights require grad
+                drop_networks(adapter.name)
+        except Exception:  # noqa: BLE001 - a host without that loader: the file is read instead
+            return False
+        return True
 
     def _from_file(self, path: Path, vae_path: Path | None, v_pred: bool | None, info: Any,
                    te_path: Path | None = None) -> Any:

@@ -7,10 +7,13 @@ turns that dict into diffusers / transformers modules with the same converters t
 loader uses (``ldm_convert.py``: diffusers' single-file utilities, configs shipped in
 ``trainer/assets``), so nothing about key mapping is written twice.
 
-Tensors are *shared* with the host where that is safe: the modules are built with empty
-weights and the host's tensors are assigned, not copied (ENV-NOTES.md §6). Where the host's
-tensors cannot go into autograd (Forge loads under ``torch.inference_mode()``, so every weight
-is an inference tensor), ``clone=True`` copies them outside inference mode first.
+Tensors are *shared* with the host: the modules are built with empty weights and the host's
+tensors are assigned, not copied (ENV-NOTES.md §6), so a CPU-only host does not hold the model
+twice during a run. Forge loads under ``torch.inference_mode()``, and autograd cannot save an
+inference tensor for the backward; such a tensor is shared through an ordinary tensor made on
+the same storage (``outside_inference``), not copied. The trainer never writes into base
+weights (low-precision storage and the networks put new tensors beside them), so sharing
+leaves the host's model bit-identical; the web-UI tests check that after every run.
 
 The host's text stack is not used to encode prompts: the bundle carries transformers text
 encoders built from the host's text-encoder weights, and the trainer encodes with those.
@@ -86,17 +89,39 @@ def unusable_tensors(state: Mapping[str, Any]) -> list[str]:
     return bad
 
 
-def has_inference_tensors(state: Mapping[str, Any]) -> bool:
-    """Whether any tensor of ``state`` is an inference tensor (autograd cannot save those)."""
-    return any(getattr(value, "is_inference", lambda: False)() for value in state.values())
+def outside_inference(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every inference tensor replaced by an ordinary tensor on the same storage.
 
-
-def clone_outside_inference(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Ordinary copies of (possibly inference-mode) tensors, which autograd can save."""
+    An inference tensor has no version counter, so autograd refuses to save it for the backward
+    (a frozen layer's weight is needed for its input's gradient). An ordinary tensor ``set_`` on
+    the same storage is allowed there and costs no memory: on a CPU-only host, copying instead
+    would put a second SDXL U-Net (10 GB in fp32) beside the host's. Where this torch refuses
+    the aliasing, the tensor is copied.
+    """
     import torch
 
+    out: dict[str, Any] = {}
     with torch.inference_mode(False):
-        return {key: value.clone() if hasattr(value, "clone") else value for key, value in state.items()}
+        for key, value in state.items():
+            if not getattr(value, "is_inference", lambda: False)():
+                out[key] = value
+                continue
+            out[key] = _ordinary_view(value)
+    return out
+
+
+def _ordinary_view(tensor: Any) -> Any:
+    """An ordinary tensor sharing ``tensor``'s storage, shape and strides (a copy if refused)."""
+    import torch
+
+    try:
+        view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+        if not view.is_inference() and view.data_ptr() == tensor.data_ptr():
+            return view
+    except (RuntimeError, TypeError, AttributeError):
+        pass
+    return tensor.clone()
 
 
 def hf_text_encoder_state(state: Mapping[str, Any], *, with_projection: bool) -> dict[str, Any]:
@@ -120,7 +145,7 @@ def hf_text_encoder_state(state: Mapping[str, Any], *, with_projection: bool) ->
 
 def bundle_from_host_state(state: Mapping[str, Any], *, family: str, host_prediction: str | None,
                            v_pred_option: bool | None = None, config_dir: Any = None,
-                           te_layouts: Mapping[int, str] | None = None, vae: Any = None, clone: bool = False,
+                           te_layouts: Mapping[int, str] | None = None, vae: Any = None,
                            source: str = "the loaded model", metadata: Mapping[str, Any] | None = None) -> Any:
     """A frozen ModelBundle from an LDM-keyed state dict of a web-UI's loaded model.
 
@@ -129,7 +154,7 @@ def bundle_from_host_state(state: Mapping[str, Any], *, family: str, host_predic
     ``v_pred_option`` True forces v-prediction (the ``model_v_pred`` tick). ``te_layouts`` maps a
     text-encoder index to "clip" where the host holds it in transformers layout rather than the
     checkpoint's (Forge converts OpenCLIP encoders at load). ``vae`` replaces the state's VAE.
-    ``clone`` copies every tensor first (needed for inference tensors).
+    The tensors are shared with the host, inference tensors included (``outside_inference``).
     """
     from trainer.bundle import ModelBundle
     from trainer.families import get_family
@@ -140,7 +165,7 @@ def bundle_from_host_state(state: Mapping[str, Any], *, family: str, host_predic
 
     fam = get_family(family)
     folders = ConfigFolders(family, config_dir)
-    weights = clone_outside_inference(state) if clone else dict(state)
+    weights = outside_inference(state)
     unet = build_unet(weights, folders.json("unet"), source=source)
     if vae is None:
         vae = build_vae(weights, folders.json("vae"), source=source)

@@ -95,6 +95,13 @@ def _sample(sd_model, prompt: str, seed: int, width: int, height: int) -> Image.
 
 
 def process_images(p: StableDiffusionProcessing) -> Processed:
+    # The real hosts generate under torch.no_grad() (A1111 1.8's process_images_inner) or
+    # torch.inference_mode() (Forge's): a LoRA merged there is merged in that mode.
+    with torch.inference_mode() if FLAVOUR == "forge" else torch.no_grad():
+        return _process_images(p)
+
+
+def _process_images(p: StableDiffusionProcessing) -> Processed:
     from modules import extra_networks
 
     sd_model = shared.sd_model
