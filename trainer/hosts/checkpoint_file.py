@@ -296,9 +296,9 @@ def detect_family(ckpt: CheckpointFile) -> str:
     return by_keys
 
 
-def read_safetensors(path: Path, dtype: Any = None) -> dict[str, Any]:
+def read_safetensors(path: Path, dtype: Any = None, keep: Any = None) -> dict[str, Any]:
     """Read a safetensors file tensor by tensor with plain reads, casting floating tensors to
-    ``dtype`` on the way.
+    ``dtype`` on the way; ``keep(key)`` False leaves a tensor unread (a part of an all-in-one file).
 
     safetensors' own ``load_file`` memory-maps the file, and the mapped pages stay resident
     for as long as any tensor from it lives; reading each tensor into its own buffer and
@@ -316,7 +316,7 @@ def read_safetensors(path: Path, dtype: Any = None) -> dict[str, Any]:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
         base = 8 + length
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__" and (keep is None or keep(k))),
                          key=lambda kv: kv[1]["data_offsets"][0])
         for key, info in entries:
             start, end = info["data_offsets"]

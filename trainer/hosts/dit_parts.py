@@ -148,25 +148,81 @@ _LDM_PREFIX = "model.diffusion_model."
 
 def load_transformer_file(path: Path, family_name: str, config: dict, dtype: Any) -> Any:
     """A transformer from a single file: original keys (BFL Flux, Z-Image's fused ``qkv``; with or
-    without ``model.diffusion_model.``) through diffusers' converter, or diffusers-named keys as they are."""
-    from trainer.hosts.checkpoint_file import CheckpointFile
-    from trainer.hosts.ldm_convert import _cast, _empty_weights, _finish, assign_weights
+    without ``model.diffusion_model.``) through diffusers' converter, or diffusers-named keys as they are.
+    An all-in-one file (the transformer under ``model.diffusion_model.`` beside ``vae.*`` and
+    ``text_encoders.*``, as Forge saves and reads Flux) gives its transformer only; the rest is not read."""
+    from trainer.hosts.checkpoint_file import CheckpointFile, read_safetensors
 
     ckpt = CheckpointFile(path, "model")
-    state = {k[len(_LDM_PREFIX):] if k.startswith(_LDM_PREFIX) else k: v for k, v in ckpt.state_dict(dtype).items()}
+    _refuse_packed(ckpt.shapes, path.name)
+    if ckpt.is_safetensors and ckpt.has_prefix(_LDM_PREFIX):
+        try:
+            state = read_safetensors(path, dtype, keep=lambda key: key.startswith(_LDM_PREFIX))
+        except Exception as error:
+            raise ckpt._unreadable(error) from error
+    else:
+        state = ckpt.state_dict(dtype)
     ckpt.release()
+    return transformer_from_state(state, family_name, config, dtype=dtype, source=path.name)
+
+
+# Keys that only packed (quantised) files have: bitsandbytes' nf4/fp4 quant state, fp8 "scaled" weights.
+_PACKED_MARKERS = (".quant_state.", "bitsandbytes__", ".absmax", ".quant_map", "scale_weight")
+
+
+def _refuse_packed(keys, name: str) -> None:
+    packed = next((k for k in keys if any(m in k for m in _PACKED_MARKERS)), None)
+    if packed is not None:
+        raise ModelLoadError(f"{name} holds quantised weights (e.g. {packed}: bitsandbytes nf4/fp4 or scaled fp8), "
+                             "which cannot be trained; choose a bf16, fp16 or plain fp8 version of the model")
+
+
+def transformer_from_state(state: dict, family_name: str, config: dict, *, dtype: Any = None,
+                           source: str = "the transformer") -> Any:
+    """A diffusers transformer from a state dict in the original layout (BFL Flux / Z-Image's, with or
+    without ``model.diffusion_model.``; other keys ignored) or with diffusers names. The converter splits
+    fused tensors into views, so the module shares the given tensors where the layout allows."""
+    from trainer.hosts.ldm_convert import _cast, _empty_weights, _finish, assign_weights
+
+    if any(k.startswith(_LDM_PREFIX) for k in state):
+        state = {k[len(_LDM_PREFIX):]: v for k, v in state.items() if k.startswith(_LDM_PREFIX)}
     if family_name == "flux" and not has_guidance_embedding(state):  # Flux.1-schnell
         config = {**config, "guidance_embeds": False}
     if _DIFFUSERS_MARKER[family_name] not in state:
         convert = library_class("diffusers.loaders.single_file_utils", _CONVERTERS[family_name])
         try:
-            state = convert(state)
+            state = _flux_narrow_linear1(convert, state, config) if family_name == "flux" else convert(dict(state))
         except (IndexError, KeyError, ValueError, RuntimeError) as error:  # diffusers' converter on a partial file
-            raise ModelLoadError(f"{path.name} is not a complete {family_name} transformer: diffusers' converter "
+            raise ModelLoadError(f"{source} is not a complete {family_name} transformer: diffusers' converter "
                                  f"failed ({type(error).__name__}: {error}); the file may be incomplete") from error
     with _empty_weights():
         model = transformer_class(config).from_config(config)
-    return _finish(assign_weights(model, _cast(state, dtype), "transformer", path.name))
+    return _finish(assign_weights(model, _cast(state, dtype), "transformer", source))
+
+
+_FLUX_WIDTH = 3072  # diffusers' Flux converter fixes the width (inner_dim) at Flux.1's
+
+
+def _flux_narrow_linear1(convert: Any, state: dict, config: dict) -> dict:
+    """diffusers' Flux converter on a transformer of any width. It splits each single block's fused
+    ``linear1`` at Flux.1's fixed width (3072), so for another width (the tests' tiny models) it is
+    handed a shape-only stand-in of the full-width tensor, and the real one is split by the same rule
+    (q, k, v of the width, then the MLP) into the names the converter gave the stand-in's parts."""
+    import torch
+
+    width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
+    if width == _FLUX_WIDTH:
+        return convert(dict(state))
+    fused = {k: v for k, v in state.items() if k.startswith("single_blocks.") and ".linear1." in k}
+    stand_in = {k: torch.empty((3 * _FLUX_WIDTH + 4 * _FLUX_WIDTH, *v.shape[1:]), device="meta") for k, v in fused.items()}
+    out = convert({**state, **stand_in})
+    for key, tensor in fused.items():
+        block, kind = key.split(".")[1], key.rsplit(".", 1)[1]
+        parts = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width], dim=0)
+        names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        for name, piece in zip(names, parts):
+            out[f"single_transformer_blocks.{block}.{name}.{kind}"] = piece
+    return out
 
 
 def check_text_encoder_path(te_path: Path | None, family_name: str) -> Path:
