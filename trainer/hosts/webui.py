@@ -14,15 +14,21 @@ What each host offers is recorded in HOSTS.md; the facts used here:
   when ``parameterization == "v"``. Forge: ``forge_objects.{unet,clip,vae}``; UNet LDM keys in
   ``unet.model.diffusion_model``, LDM VAE keys in ``vae.first_stage_model``, transformers CLIPs
   in ``clip.cond_stage_model.{clip_l,clip_h,clip_g}``; every tensor an inference tensor (shared
-  through ordinary tensors on the same storage); v-prediction from ``unet.model.predictor.prediction_type``.
+  through ordinary tensors on the same storage); v-prediction from
+  ``unet.model.predictor.prediction_type``. Forge's Flux.1 engine
+  (``backend.diffusion_engine.flux.Flux``, no family flags): the BFL transformer in
+  ``unet.model.diffusion_model``, ``clip_l`` + ``t5xxl`` (``IntegratedT5``, transformers' T5 names under
+  ``transformer.``) with their tokenizers in ``clip.tokenizer``, the LDM-named 16-channel VAE; schnell
+  has no ``guidance_in`` weights (tests/data/hosts/forge_flux*.json.gz).
 - Offload / restore: A1111 ``unload_model_weights()`` (moves the model to the CPU, 1.6+) and
   ``send_model_to_device(model)``; Forge ``unload_model_weights()`` (= ``unload_all_models``),
   ``soft_empty_cache()``, and ``memory_management.load_models_gpu(patchers)`` to put back what
   was loaded; if the engine itself was replaced, ``forge_loading_parameters`` + ``forge_hash =
   None`` + ``forge_model_reload()``.
 - Weights that carry a LoRA merged by the last generation (A1111 modules with
-  ``network_current_names``; Forge ``lora_loader.backup``), or quantised weights, are not
-  handed over: the checkpoint file is read instead.
+  ``network_current_names``; Forge ``lora_loader.backup``) are first put back with the host's
+  own loader (``drop_networks``); where that fails, and for quantised weights, the checkpoint
+  file is read instead (Flux: its transformer only, ``webui_dit.py``).
 - LoRA folder ``shared.cmd_opts.lora_dir`` (default ``<models_path>/Lora``); the host's list is
   refreshed with ``networks.list_available_networks()`` (the built-in Lora extension's module).
 - Progress / interrupt: ``shared.state.begin(job=)``/``end()``, ``sampling_step(s)``,
@@ -241,25 +247,33 @@ class ForgeAdapter(_HostCalls):
             if getattr(model, flag, False):
                 return name
         kind = type(model).__name__
-        if any(word in kind.lower() for word in ("flux", "zimage", "z_image", "lumina")):
+        if kind == "Flux":  # backend.diffusion_engine.flux.Flux: Flux.1-dev and -schnell (no guidance_in)
+            return "flux"
+        if any(word in kind.lower() for word in ("zimage", "z_image", "lumina")):
             raise ModelLoadError(
-                f"the loaded model is a {kind}, which cannot be handed over for training yet; choose its "
-                "transformer file as the Model and the folder of its text encoders as the Text Encoder (it is then "
-                "read from disk), or train it from the standalone page or the CLI")
+                f"the loaded model is a {kind}, which cannot be handed over for training (Forge has no Z-Image; a "
+                "Forge Neo fork's is not read yet); choose its transformer file as the Model and the folder of its "
+                "text encoder as the Text Encoder (it is then read from disk), or train it from the standalone page "
+                "or the CLI")
         raise ModelLoadError(f"the loaded model is a {kind}, which cannot be trained "
-                             "(supported: SD1.x, SD2.x, SDXL base); choose another checkpoint")
+                             "(supported: SD1.x, SD2.x, SDXL base, Flux.1); choose another checkpoint")
 
     def prediction(self, model: Any) -> str:
         predictor = getattr(model.forge_objects.unet.model, "predictor", None)
         return "v_prediction" if getattr(predictor, "prediction_type", "") == "v_prediction" else "epsilon"
 
     def lora_merged(self, model: Any) -> bool:
+        return bool(self.lora_merged_in(model))
+
+    def lora_merged_in(self, model: Any) -> list[str]:
+        """The parts ("unet", "clip") whose weights carry a LoRA merged in by the last generation."""
         objects = model.forge_objects
-        for patcher in (objects.unet, getattr(objects.clip, "patcher", None)):
+        found = []
+        for name, patcher in (("unet", objects.unet), ("clip", getattr(objects.clip, "patcher", None))):
             loader = getattr(patcher, "lora_loader", None)
             if loader is not None and (getattr(loader, "backup", None) or getattr(loader, "online_backup", None)):
-                return True
-        return False
+                found.append(name)
+        return found
 
     def weights(self, model: Any, family: str, config_dir: Any) -> tuple[dict, dict]:
         """(state dict, text-encoder layouts) of the loaded model: inference tensors, shared as
@@ -268,6 +282,8 @@ class ForgeAdapter(_HostCalls):
         from trainer.hosts.webui_weights import hf_text_encoder_state, prefixed, text_encoder_has_projection
 
         objects = model.forge_objects
+        if family == "flux":
+            return self._flux_weights(objects), {}, True
         state = prefixed("model.diffusion_model.", objects.unet.model.diffusion_model.state_dict())
         state.update(prefixed("first_stage_model.", objects.vae.first_stage_model.state_dict()))
         layouts = {}
@@ -280,6 +296,33 @@ class ForgeAdapter(_HostCalls):
             state.update(prefixed(slot.ldm_prefix, hf))
             layouts[index] = "clip"  # Forge holds OpenCLIP encoders in transformers layout
         return state, layouts
+
+    @staticmethod
+    def _flux_weights(objects: Any) -> dict:
+        """Forge's Flux engine as its all-in-one checkpoint keys it (``webui_dit.FLUX_PREFIXES``): the
+        transformer in BFL names, the VAE in LDM names, CLIP-L and T5 in transformers' names."""
+        from trainer.hosts.webui_dit import CLIP_L, T5XXL, TRANSFORMER, VAE
+        from trainer.hosts.webui_weights import hf_text_encoder_state, prefixed
+
+        state = prefixed(TRANSFORMER, objects.unet.model.diffusion_model.state_dict())
+        state.update(prefixed(VAE, objects.vae.first_stage_model.state_dict()))
+        encoders = objects.clip.cond_stage_model
+        for key, prefix in (("clip_l", CLIP_L), ("t5xxl", T5XXL)):
+            encoder = getattr(encoders, key, None)
+            if encoder is None:
+                raise ModelLoadError(f"the loaded Flux model has no {key} text encoder in the web UI; choose one in "
+                                     "its VAE / Text Encoder selection")
+            if key == "clip_l":
+                state.update(prefixed(prefix, hf_text_encoder_state(encoder.state_dict(), with_projection=False)))
+            else:  # IntegratedT5: transformers' T5 names under transformer., beside a logit_scale
+                state.update(prefixed(prefix, {k[len("transformer."):]: v for k, v in encoder.state_dict().items()
+                                               if k.startswith("transformer.")}))
+        return state
+
+    def tokenizers(self, model: Any, family: str) -> list:
+        """The tokenizers the host holds for ``family``'s text encoders (Flux: CLIP-L, T5), None where absent."""
+        holder = getattr(model.forge_objects.clip, "tokenizer", None)
+        return [getattr(holder, key, None) for key in ("clip_l", "t5xxl")]
 
     def remember(self, model: Any) -> dict:
         from backend import memory_management

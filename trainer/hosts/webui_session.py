@@ -325,6 +325,8 @@ class WebUIHost:
         from trainer.hosts.webui_weights import bundle_from_host_state, normalise_keys, unusable_tensors
 
         family = adapter.family(model)
+        if family == "flux":
+            return self._flux_from_loaded(adapter, model, vae_path)
         info = getattr(model, "sd_checkpoint_info", None)
         host_prediction = adapter.prediction(model)
         reason, state = None, None
@@ -368,6 +370,15 @@ class WebUIHost:
         except Exception:  # noqa: BLE001 - a host without that loader: the file is read instead
             return False
         return True
+
+    def _flux_from_loaded(self, adapter: Any, model: Any, vae_path: Path | None) -> Any:
+        from trainer.hosts.webui_dit import flux_from_loaded
+
+        vae = self._vae(vae_path, "flux") if vae_path is not None else None
+        info = getattr(model, "sd_checkpoint_info", None)
+        return flux_from_loaded(adapter, model, vae=vae, config_dir=self.config_dir, log=self.log,
+                                source=str(getattr(info, "title", "") or "the web UI's loaded model"),
+                                metadata=_checkpoint_meta(info))
 
     def _from_file(self, path: Path, vae_path: Path | None, v_pred: bool | None, info: Any,
                    te_path: Path | None = None) -> Any:
