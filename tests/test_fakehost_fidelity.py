@@ -41,6 +41,8 @@ def _read(path: Path) -> dict:
 
 
 def _family(record: dict) -> str:
+    if record.get("sd_model_type", "").endswith(".flux.Flux"):
+        return "flux"
     return "sdxl" if record["is_sdxl"] is True else "sd2" if record["is_sd2"] is True else "sd1"
 
 
@@ -104,8 +106,11 @@ def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models,
     record = _read(record_path)
     family = _family(record)
     models = fake_models(record["flavour"], tmp_path / "webui")
-    state = _full_size_ldm_state(family)
     info = SimpleNamespace(filename=str(tmp_path / "model.safetensors"), shorthash="0123456789", title="model")
+    if family == "flux":
+        _compare_flux(record, models, info)
+        return
+    state = _full_size_ldm_state(family)
     if record["flavour"] == "a1111":
         model = models.FakeLatentDiffusion(state, info)
         assert {f: getattr(model, f) for f in ("is_sd1", "is_sd2", "is_sdxl")} == \
@@ -140,6 +145,66 @@ def test_fake_host_model_matches_the_recorded_real_one(record_path, fake_models,
     assert sum(p.requires_grad for p in vae.parameters()) == record["vae_tensors"]["n_requires_grad"]
     assert type(objects.unet.model).__name__ == record["kmodel_type"].rsplit(".", 1)[-1]
     assert objects.unet.model.predictor.prediction_type == record["prediction_type"]
+
+
+def _full_size_flux_file(record: dict) -> dict:
+    """An all-in-one Flux.1 file's keys and shapes at full size (meta tensors), written by the tests' own
+    helpers from the shipped configs: BFL transformer (dev, or schnell without the guidance embedding; its
+    tensors fp8 for an fp8 record), LDM VAE, CLIP-L and T5 under ``text_encoders.``."""
+    from ldm import clip_to_ldm, vae_to_ldm
+    from tiny_dit import flux_to_bfl, t5_state
+    from trainer.hosts.meta import meta_parts
+
+    parts = meta_parts("flux")
+    bfl = flux_to_bfl(parts["unet"])
+    if "guidance_in.in_layer.weight" not in record["unet_state_dict_keys"]:
+        bfl = {k: v for k, v in bfl.items() if not k.startswith("guidance_in.")}
+    if record["storage_dtype"].startswith("torch.float8"):
+        bfl = {k: v.to(torch.bfloat16 if k.endswith(".scale") else torch.float8_e4m3fn) for k, v in bfl.items()}
+    state = {f"model.diffusion_model.{k}": v for k, v in bfl.items()}
+    state.update(vae_to_ldm(parts["vae"], prefix="vae."))
+    clip, t5 = parts["text_encoders"]
+    state.update(clip_to_ldm(clip, "text_encoders.clip_l.transformer."))
+    state.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5_state(t5).items()})
+    return state
+
+
+def _compare_flux(record: dict, models, info) -> None:
+    """The fake Forge's Flux engine against the record of real Forge's (tests/data/hosts/forge_flux*)."""
+    state = _full_size_flux_file(record)
+    with torch.inference_mode():
+        engine = models.Flux(state, info)
+    assert type(engine).__name__ == record["sd_model_type"].rsplit(".", 1)[-1]
+    flags = ("is_sd1", "is_sd2", "is_sdxl", "is_sd3", "use_distilled_cfg_scale")
+    assert {f: getattr(engine, f) for f in flags} == {f: record[f] for f in flags}
+    assert engine.model_config.huggingface_repo == record["huggingface_repo"]
+    objects = engine.forge_objects
+    kmodel = objects.unet.model
+    assert type(kmodel).__name__ == record["kmodel_type"].rsplit(".", 1)[-1]
+    assert type(kmodel.predictor).__name__ == record["predictor_type"].rsplit(".", 1)[-1]
+    assert (kmodel.predictor.prediction_type, kmodel.predictor.mu) == (record["prediction_type"], record["predictor_mu"])
+    assert str(kmodel.storage_dtype) == record["storage_dtype"]
+    dit = kmodel.diffusion_model
+    shapes = {k: [list(v.shape), str(v.dtype)] for k, v in dit.state_dict().items()}
+    assert shapes == {k: v[:2] for k, v in record["unet_state_dict"].items()}  # names, full-size shapes, dtypes
+    assert _compare_paths(record["unet_path_types"], dit) == []
+    assert sorted(name for name, _ in dit.named_modules()) == sorted(record["unet_module_types"])  # the whole tree
+    assert all(p.is_inference() for p in dit.parameters()) and record["unet_tensors"]["n_inference_params"] == \
+        record["unet_tensors"]["n_params"]
+    assert sum(p.requires_grad for p in dit.parameters()) == record["unet_tensors"]["n_requires_grad"]
+    vae = objects.vae.first_stage_model
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == \
+        {k: v[0] for k, v in record["vae_state_dict"].items()}
+    encoders = objects.clip.cond_stage_model
+    assert sorted(name for name, _ in encoders.named_children()) == sorted(record["text_encoders"])
+    for name, facts in record["text_encoders"].items():
+        encoder = getattr(encoders, name)
+        assert type(encoder).__name__ == facts["type"].rsplit(".", 1)[-1], name
+        assert {k: list(v.shape) for k, v in encoder.state_dict().items()} == \
+            {k: v[0] for k, v in facts["state_dict"].items()}, name
+        assert _compare_paths(facts["path_types"], encoder) == [], name
+    assert type(objects.clip.tokenizer).__name__ == record["clip_tokenizer_type"].rsplit(".", 1)[-1]
+    assert sorted(vars(objects.clip.tokenizer)) == sorted(record["tokenizers"])
 
 
 def test_records_cover_both_hosts():

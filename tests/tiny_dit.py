@@ -103,3 +103,65 @@ def tiny_dit_bundle(family: str, seed: int = 0):
 
     parts = tiny_dit_components(family, seed)
     return ModelBundle(family=get_family(family), prediction_type="flow", source=f"tiny-{family}", **parts).freeze()
+
+
+def _swap_halves(t):
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def flux_to_bfl(transformer) -> dict:
+    """A diffusers FluxTransformer2DModel's tensors in the original BFL layout (``double_blocks.*``,
+    fused ``qkv`` / ``linear1``): the inverse of diffusers' single-file converter, for writing the
+    files and host models that Forge and the BFL downloads hold."""
+    sd = transformer.state_dict()
+    out = {}
+
+    def pair(src, dst):
+        for kind in ("weight", "bias"):
+            if f"{src}.{kind}" in sd:
+                out[f"{dst}.{kind}"] = sd[f"{src}.{kind}"]
+
+    def fused(srcs, dst):
+        for kind in ("weight", "bias"):
+            out[f"{dst}.{kind}"] = torch.cat([sd[f"{s}.{kind}"] for s in srcs], dim=0)
+
+    pair("x_embedder", "img_in")
+    pair("context_embedder", "txt_in")
+    for src, dst in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in")):
+        pair(f"time_text_embed.{src}.linear_1", f"{dst}.in_layer")
+        pair(f"time_text_embed.{src}.linear_2", f"{dst}.out_layer")
+    doubles = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}
+    for i in sorted(doubles):
+        s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        pair(s + "norm1.linear", d + "img_mod.lin")
+        pair(s + "norm1_context.linear", d + "txt_mod.lin")
+        fused([s + "attn.to_q", s + "attn.to_k", s + "attn.to_v"], d + "img_attn.qkv")
+        fused([s + "attn.add_q_proj", s + "attn.add_k_proj", s + "attn.add_v_proj"], d + "txt_attn.qkv")
+        for src, dst in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                         ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{d}{dst}.scale"] = sd[f"{s}attn.{src}.weight"]
+        pair(s + "attn.to_out.0", d + "img_attn.proj")
+        pair(s + "attn.to_add_out", d + "txt_attn.proj")
+        pair(s + "ff.net.0.proj", d + "img_mlp.0")
+        pair(s + "ff.net.2", d + "img_mlp.2")
+        pair(s + "ff_context.net.0.proj", d + "txt_mlp.0")
+        pair(s + "ff_context.net.2", d + "txt_mlp.2")
+    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}
+    for i in sorted(singles):
+        s, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        pair(s + "norm.linear", d + "modulation.lin")
+        fused([s + "attn.to_q", s + "attn.to_k", s + "attn.to_v", s + "proj_mlp"], d + "linear1")
+        pair(s + "proj_out", d + "linear2")
+        out[d + "norm.query_norm.scale"] = sd[s + "attn.norm_q.weight"]
+        out[d + "norm.key_norm.scale"] = sd[s + "attn.norm_k.weight"]
+    out["final_layer.linear.weight"] = sd["proj_out.weight"]
+    out["final_layer.linear.bias"] = sd["proj_out.bias"]
+    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(sd["norm_out.linear.weight"])
+    out["final_layer.adaLN_modulation.1.bias"] = _swap_halves(sd["norm_out.linear.bias"])
+    return out
+
+
+def t5_state(t5) -> dict:
+    """A transformers T5EncoderModel's tensors with the tied token embedding once, as T5 files store them."""
+    return {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}

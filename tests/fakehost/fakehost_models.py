@@ -238,14 +238,17 @@ class ModelPatcher:
 
 
 class CLIP:
-    """Forge's ``backend.patcher.clip.CLIP``: the text encoders and their patcher."""
+    """Forge's ``backend.patcher.clip.CLIP``: the text encoders, their tokenizers and their patcher."""
 
     def __init__(self, cond_stage_model=None, patcher=None):
         self.cond_stage_model = cond_stage_model
         self.patcher = patcher
+        self.tokenizer = None
 
     def clone(self):
-        return CLIP(self.cond_stage_model, self.patcher.clone())
+        n = CLIP(self.cond_stage_model, self.patcher.clone())
+        n.tokenizer = self.tokenizer
+        return n
 
     def add_patches(self, *arg, **kwargs):
         return self.patcher.add_patches(*arg, **kwargs)
@@ -273,6 +276,8 @@ class IntegratedCLIP(nn.Module):
         # Forge adds a text_projection layer to every CLIP, but its weight stays unset (and out of the
         # state dict) unless the checkpoint has one: OpenCLIP's (clip_g, clip_h) do, CLIP-L's do not.
         self.transformer = tree_module(dict(transformer_state), nn.Module())
+        if "text_projection" not in self.transformer._modules:  # the layer is there, with no weight
+            self.transformer.add_module("text_projection", nn.Module())
         self.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
 
 
@@ -359,10 +364,130 @@ class ForgeEngine:
         self.sd_model_hash = info.shorthash
 
 
-def forge_model(info) -> ForgeEngine:
+class IntegratedT5(nn.Module):
+    """Forge's T5 holder (``backend.nn.t5.IntegratedT5``): transformers' T5 names under ``transformer``
+    (``shared``, ``encoder.block.N...``; the token embedding once), next to a ``logit_scale``."""
+
+    def __init__(self, transformer_state: dict):
+        super().__init__()
+        self.transformer = tree_module(dict(transformer_state), nn.Module())
+        self.logit_scale = nn.Parameter(torch.tensor(4.6055), requires_grad=False)
+
+
+class ObjectDict:
+    """Forge's ``backend.nn.base.ObjectDict``: the tokenizers as attributes (``clip_l``, ``t5xxl``)."""
+
+    def __init__(self, items: dict):
+        for key, value in items.items():
+            setattr(self, key, value)
+
+
+class PredictionFlux(SimpleNamespace):
+    """Forge's ``backend.modules.k_prediction.PredictionFlux`` (prediction type "const", a shift ``mu``)."""
+
+
+def _flux_weightless_modules(dit: nn.Module, guidance: bool) -> None:
+    """The modules of Forge's IntegratedFluxTransformer2DModel that hold no weights (norms without an
+    affine part, activations, the RoPE embedder; schnell's ``guidance_in`` is an Identity), so the fake's
+    module tree is the host's (tests/data/hosts/forge_flux*: ``unet_module_types``)."""
+    def put(path: str, module: nn.Module) -> None:
+        *parents, leaf = path.split(".")
+        node = dit
+        for part in parents:
+            node = node.get_submodule(part)
+        node.add_module(leaf, module)
+
+    put("pe_embedder", nn.Module())
+    if guidance:
+        put("guidance_in.silu", nn.SiLU())
+    else:
+        put("guidance_in", nn.Identity())
+    for name in ("time_in", "vector_in"):
+        put(f"{name}.silu", nn.SiLU())
+    for name, _ in list(dit.double_blocks.named_children()):
+        for side in ("img", "txt"):
+            put(f"double_blocks.{name}.{side}_norm1", nn.LayerNorm(1, elementwise_affine=False))
+            put(f"double_blocks.{name}.{side}_norm2", nn.LayerNorm(1, elementwise_affine=False))
+            put(f"double_blocks.{name}.{side}_mlp.1", nn.GELU(approximate="tanh"))
+    for name, _ in list(dit.single_blocks.named_children()):
+        put(f"single_blocks.{name}.pre_norm", nn.LayerNorm(1, elementwise_affine=False))
+        put(f"single_blocks.{name}.mlp_act", nn.GELU(approximate="tanh"))
+    put("final_layer.norm_final", nn.LayerNorm(1, elementwise_affine=False))
+    put("final_layer.adaLN_modulation.0", nn.SiLU())
+
+
+def _flux_tokenizers():
+    """The tokenizers Forge loads from its own FLUX.1 folder (here the tests' tiny CLIP BPE for both)."""
+    from tiny import tiny_tokenizer
+    from tiny_dit import TEXT_LEN
+
+    t5 = tiny_tokenizer()
+    t5.model_max_length = TEXT_LEN
+    return ObjectDict({"clip_l": tiny_tokenizer(), "t5xxl": t5})
+
+
+def _storage_dtype(state: dict):
+    """What Forge stores a transformer in on a CPU: the file's own fp8 when most tensors are fp8, else fp32."""
+    counts = {}
+    for value in state.values():
+        counts[value.dtype] = counts.get(value.dtype, 0) + 1
+    major = max(counts, key=counts.get) if counts else torch.float32
+    return major if major in (torch.float8_e4m3fn, torch.float8_e5m2) else torch.float32
+
+
+class Flux:
+    """Forge's ``backend.diffusion_engine.flux.Flux`` (not a module), loaded from an all-in-one BFL file
+    (``model.diffusion_model.*`` transformer, ``vae.*`` LDM VAE, ``text_encoders.clip_l.transformer.*`` and
+    ``text_encoders.t5xxl.transformer.*``). Flux.1-schnell has no ``guidance_in`` weights; Forge then uses
+    its schnell config (shift 1, no distilled CFG scale)."""
+
+    def __init__(self, state: dict, info):
+        unet_state = _strip(state, "model.diffusion_model.")
+        schnell = not any(k.startswith("guidance_in.") for k in unet_state)
+        storage = _storage_dtype(unet_state)
+        unet_state = {k: v.to(storage) for k, v in unet_state.items()}
+        clip_model = JointTextEncoder()
+        clip_model.add_module("clip_l", IntegratedCLIP(_hf_clip(_strip(state, "text_encoders.clip_l.transformer."))))
+        clip_model.add_module("t5xxl", IntegratedT5(_strip(state, "text_encoders.t5xxl.transformer.")))
+        _text_processing_engine(clip_model.clip_l, "clip_l")  # the T5 engine wraps nothing
+        kmodel = KModel(unet_state, "const")
+        _flux_weightless_modules(kmodel.diffusion_model, guidance=not schnell)
+        kmodel.predictor = PredictionFlux(prediction_type="const", mu=1.0 if schnell else 1.15)
+        kmodel.storage_dtype, kmodel.computation_dtype = storage, torch.float32
+        unet = ModelPatcher(kmodel)
+        vae_model = tree_module(_strip(state, "vae."), requires_grad=True)
+        clip = CLIP(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model))
+        clip.tokenizer = _flux_tokenizers()
+        vae = SimpleNamespace(first_stage_model=vae_model, patcher=ModelPatcher(vae_model))
+        self.forge_objects = ForgeObjects(unet=unet, clip=clip, vae=vae, clipvision=None)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.model_config = SimpleNamespace(
+            huggingface_repo=f"black-forest-labs/FLUX.1-{'schnell' if schnell else 'dev'}")
+        self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = self.is_inpaint = False
+        self.use_distilled_cfg_scale = not schnell
+        self.first_stage_model = None
+        self.cond_stage_model = None
+        self.sd_checkpoint_info = info
+        self.filename = info.filename
+        self.sd_model_hash = info.shorthash
+
+
+def is_flux_state(state: dict) -> bool:
+    """Forge's test for a Flux checkpoint (``backend/loader.py``), with or without the LDM prefix."""
+    return any(k.endswith("double_blocks.0.img_attn.norm.key_norm.scale") for k in state)
+
+
+def forge_model(info):
     """Load ``info.filename`` the way Forge does: inside inference mode, so every tensor is an inference tensor."""
     with torch.inference_mode():
-        return ForgeEngine(load_file(info.filename), info)
+        state = load_file(info.filename)
+        if is_flux_state(state):
+            if not any(k.startswith("model.diffusion_model.") for k in state):  # Forge's preprocess_state_dict
+                state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+            return Flux(state, info)
+        return ForgeEngine(state, info)
 
 
 def generate(sd_model) -> None:

@@ -88,3 +88,42 @@ def start(root: Path, assets: Assets) -> FakeWebUI:
     generate(shared.sd_model)  # A1111 loads lazily here; Forge moves its parts to the GPU
     return FakeWebUI(root, shared.flavour, base, other, vae, assets.folder / "configs", xl,
                      assets.folder / "configs_xl", sd2, assets.folder / "configs_sd2", assets.parts)
+
+
+def write_flux_file(path: Path, seed: int = 0, *, schnell: bool = False, fp8: bool = False) -> dict:
+    """A tiny Flux.1 all-in-one file as Forge reads one (BFL transformer under ``model.diffusion_model.``,
+    LDM VAE under ``vae.``, CLIP-L and T5 under ``text_encoders.<name>.transformer.``); ``schnell`` leaves
+    out the guidance embedding, ``fp8`` stores the transformer in float8_e4m3fn (its RMSNorm scales in
+    bfloat16, so most tensors are fp8 and Forge keeps fp8 storage). Returns the
+    diffusers components it was written from."""
+    import torch
+
+    from ldm import clip_to_ldm
+    from tiny_dit import flux_to_bfl, t5_state, tiny_dit_components
+
+    parts = tiny_dit_components("flux", seed)
+    if schnell:
+        torch.manual_seed(seed)
+        parts["unet"] = type(parts["unet"]).from_config({**parts["unet"].config, "guidance_embeds": False})
+    transformer = flux_to_bfl(parts["unet"])
+    if fp8:
+        transformer = {k: v.to(torch.bfloat16 if k.endswith(".scale") else torch.float8_e4m3fn)
+                       for k, v in transformer.items()}
+    sd = {f"model.diffusion_model.{k}": v for k, v in transformer.items()}
+    sd.update(vae_to_ldm(parts["vae"], prefix="vae."))
+    clip, t5 = parts["text_encoders"]
+    sd.update(clip_to_ldm(clip, "text_encoders.clip_l.transformer."))
+    sd.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5_state(t5).items()})
+    save_state_dict(sd, path)
+    return parts
+
+
+def write_flux_configs(folder: Path, parts: dict) -> Path:
+    """The diffusers-format config folder of a tiny Flux model (configs only; the tokenizers come from the host)."""
+    folder = Path(folder)
+    parts["unet"].save_config(folder / "transformer")
+    parts["vae"].save_config(folder / "vae")
+    parts["noise_scheduler"].save_config(folder / "scheduler")
+    for name, te in zip(("text_encoder", "text_encoder_2"), parts["text_encoders"]):
+        te.config.save_pretrained(folder / name)
+    return folder

@@ -4,7 +4,8 @@
 spelling ``lora_unet_input_blocks_1_1_proj_in``, kohya diffusers spelling
 ``lora_unet_down_blocks_0_attentions_0_proj_in``, bare ``diffusion_model.<...>``) to the model key
 (``diffusion_model.input_blocks.1.1.proj_in.weight``); ``model_lora_keys_clip`` does the same for the
-text encoders (``lora_te_`` / ``lora_te1_`` for clip_l, ``lora_te2_`` for clip_g). ``load_lora(lora,
+text encoders (``lora_te_`` / ``lora_te1_`` for clip_l, ``lora_te2_`` for clip_g, ``lora_te3_`` (and
+``lora_te2_``) for Flux's t5xxl). ``load_lora(lora,
 to_load)`` returns the patches it built and the file keys it did not use. ``LoraLoader.refresh``
 merges a patcher's patches into the weights (fp32), keeping the originals in ``backup``.
 """
@@ -37,6 +38,10 @@ def model_lora_keys_clip(model, key_map=None):
             name = rest[len("transformer."):-len(".weight")].replace(".", "_")
             for prefix in prefixes.get(slot, ()):
                 key_map[f"{prefix}_{name}"] = key
+        if key.startswith("t5xxl.transformer.") and key.endswith(".weight"):  # Flux / SD3 T5 (lora_te3_)
+            name = key[len("t5xxl.transformer."):-len(".weight")].replace(".", "_")
+            key_map[f"lora_te3_{name}"] = key
+            key_map[f"lora_te2_{name}"] = key  # OneTrainer's Flux files, as Forge maps them
     return key_map
 
 
