@@ -256,3 +256,18 @@ def test_the_file_reader_takes_an_all_in_one_files_transformer_and_names_packed_
     with pytest.raises(ModelLoadError, match="flux1-dev-bnb-nf4.safetensors holds quantised weights .*bitsandbytes "
                                              "nf4/fp4.*choose a bf16, fp16 or plain fp8"):
         load_transformer_file(packed, "flux", config, None)
+
+
+def test_the_tabs_block_checkboxes_follow_the_loaded_flux_model(forge, tmp_path):
+    """"(the loaded model)" in the tab lists Flux's block ids when Forge has a Flux model loaded."""
+    from trainer.config.choices import FLUX_BLOCK_IDS
+    from trainer.ui import form
+    from trainer.ui.actions import TrainTrainUI, UiPaths
+
+    _, configs = forge()
+    host = _host(configs)
+    assert host.model_family("") == "flux"
+    ui = TrainTrainUI(host, standalone=False, paths=UiPaths.under(tmp_path))
+    first, _ = ui.blocks_for_model(form.LOADED_MODEL, "", ["BASE", "IN01"], [])
+    assert first["choices"] == list(FLUX_BLOCK_IDS)
+    assert first["value"] == [b for b in FLUX_BLOCK_IDS if b not in ("CLIP", "T5")]

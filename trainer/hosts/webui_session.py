@@ -103,9 +103,17 @@ class WebUIHost:
         self._vae_path(adapter, config_value(config, "vae"))
 
     def model_family(self, name: str) -> str | None:
-        """The family of the checkpoint ``name`` (read from its file's keys), None when it cannot be told."""
+        """The family of the checkpoint ``name`` (read from its file's keys; blank: the model the host has
+        loaded, by its flags and engine, without loading one), None when it cannot be told."""
         from trainer.hosts.standalone import family_of
 
+        if not name or name in _NOT_CHOSEN:
+            adapter = self.adapter
+            model = adapter.loaded_model(load=False)
+            try:
+                return adapter.family(model) if model is not None else None
+            except ModelLoadError:
+                return None
         info = self.adapter.find_checkpoint(name) if name and name not in _NOT_CHOSEN else None
         path = Path(info.filename) if info is not None else Path(name or "")
         return family_of(path) if name and path.exists() else None

@@ -118,7 +118,8 @@ class TrainTrainUI:
         the family has stay ticked; when none does, every block but a transformer's text encoders is."""
         finder = getattr(self.host, "model_family", None)
         chosen = (model_path or "").strip() or (model or "").strip()
-        family = finder(chosen) if finder is not None and chosen else None
+        loaded = not self.standalone and chosen in ("", ui_form.LOADED_MODEL)  # the web UI's loaded model
+        family = finder("" if loaded else chosen) if finder is not None and (chosen or loaded) else None
         return ui_form.block_updates(family, blocks), ui_form.block_updates(family, p2_blocks)
 
     def remember_model(self, model: str | None) -> None:

@@ -266,7 +266,8 @@ def _wire(demo: gr.Blocks, ui: TrainTrainUI, w: dict, train: dict, queue: dict, 
     # the block checkboxes list the chosen model's family's ids (Flux.1 / Z-Image: their own blocks)
     for chosen in (w["model"], w["model_path"]):
         chosen.change(ui.blocks_for_model, [w["model"], w["model_path"], *blocks], blocks)
-    demo.load(ui.page_load, [], [w["model"], *view, w["log"]])
+    demo.load(ui.page_load, [], [w["model"], *view, w["log"]]).then(  # the family of the model shown at load
+        ui.blocks_for_model, [w["model"], w["model_path"], *blocks], blocks)
     demo.load(ui.follow_at_load_shown, [], [w["progress"], w["message"], w["previews"]], show_progress="hidden")
 
 
