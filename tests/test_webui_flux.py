@@ -271,3 +271,26 @@ def test_the_tabs_block_checkboxes_follow_the_loaded_flux_model(forge, tmp_path)
     first, _ = ui.blocks_for_model(form.LOADED_MODEL, "", ["BASE", "IN01"], [])
     assert first["choices"] == list(FLUX_BLOCK_IDS)
     assert first["value"] == [b for b in FLUX_BLOCK_IDS if b not in ("CLIP", "T5")]
+
+
+def test_a_lora_merged_by_the_last_generation_is_not_trained_on(forge):
+    """A transformer carrying a generation's LoRA is read from the file (the same weights the file holds);
+    text encoders carrying one are refused, saying what to do, and the model stays where it was."""
+    from modules import shared
+
+    parts, configs = forge()
+    sd_model = shared.sd_model
+    objects = sd_model.forge_objects
+    objects.unet.lora_loader.backup = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}
+    host = _host(configs)
+    bundle = host.load(quick_config(lora_data_directory="x"))
+    try:
+        assert any("from disk" in m and "LoRA merged in" in m for m in host.messages)
+        _assert_like_components(bundle, parts)
+    finally:
+        host.restore()
+    objects.unet.lora_loader.backup = {}
+    objects.clip.patcher.lora_loader.backup = {"clip_l.transformer.x": torch.zeros(1)}
+    with pytest.raises(ModelLoadError, match="text encoders carry a LoRA merged in .*generate once without a LoRA"):
+        host.load(quick_config(lora_data_directory="x"))
+    assert shared.sd_model is sd_model and objects.unet.model.placement == "cuda"
