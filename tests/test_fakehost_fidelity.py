@@ -282,3 +282,32 @@ def test_fake_txt2img_and_lora_loader_have_the_real_names(flavour, record, fake_
     assert ["shallow_copy"] == [m for m in real["backend.diffusion_engine.base.ForgeObjects"] if m != "__init__"]
     assert _params(main_thread.run_and_wait_result) == real["modules_forge.main_thread.run_and_wait_result"]
     assert {k for k in shared.opts.data if "_t2i_" in k} <= set(real["forge_ui_preset_options"])
+
+
+@pytest.mark.parametrize("record_name", ["forge_flux.json.gz", "forge_flux-schnell.json.gz"])
+def test_forges_full_size_flux_model_becomes_the_diffusers_bundle(record_name, fake_models, tmp_path):
+    """What Forge holds for a full-size Flux.1 model (the fake, equal to the record above; meta tensors)
+    goes through the adapter and the bundle builder with the shipped configs: every tensor finds its place
+    in diffusers' FluxTransformer2DModel, AutoencoderKL, CLIPTextModel and T5EncoderModel, none is left over."""
+    from trainer.hosts.meta import meta_parts
+    from trainer.hosts.webui import ForgeAdapter
+    from trainer.hosts.webui_dit import flux_bundle_from_host_state
+    from trainer.hosts.webui_weights import normalise_keys
+
+    record = _read(HERE / "data" / "hosts" / record_name)
+    models = fake_models("forge", tmp_path / "webui")
+    info = SimpleNamespace(filename=str(tmp_path / "model.safetensors"), shorthash="0123456789", title="model")
+    with torch.inference_mode():
+        engine = models.Flux(_full_size_flux_file(record), info)
+    assert ForgeAdapter().family(engine) == "flux"
+    state, _, clone = ForgeAdapter().weights(engine, "flux", None)
+    bundle = flux_bundle_from_host_state(normalise_keys(state), tokenizers=["clip", "t5"], clone=clone, source="full size")
+    schnell = "schnell" in record_name
+    assert bundle.family.variant == ("schnell" if schnell else bundle.family.variant) and \
+        bool(bundle.unet.config.guidance_embeds) is not schnell
+    full = meta_parts("flux")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    guidance = sum(p.numel() for n, p in full["unet"].named_parameters() if "guidance_embedder" in n)
+    assert count(bundle.unet) == count(full["unet"]) - (guidance if schnell else 0)
+    assert count(bundle.vae) == count(full["vae"])
+    assert [count(te) for te in bundle.text_encoders] == [count(te) for te in full["text_encoders"]]

@@ -186,4 +186,6 @@ def _t5(state: dict, config_file: Any, source: str) -> Any:
     if "encoder.embed_tokens.weight" not in own and "shared.weight" in own \
             and "encoder.embed_tokens.weight" in model.state_dict():
         own["encoder.embed_tokens.weight"] = own["shared.weight"]
-    return _finish(assign_weights(model, own, "T5 text encoder", source))
+    model = assign_weights(model, own, "T5 text encoder", source)
+    model.tie_weights()  # one Parameter for both names again (transformers 5 keeps two modules, tied)
+    return _finish(model)
