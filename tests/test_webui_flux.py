@@ -159,6 +159,12 @@ def test_a_lora_run_on_the_loaded_flux_model_loads_in_forge_with_no_key_skipped(
             "lora_te3_encoder_block_0_layer_0_SelfAttention_q"} <= names
     assert all(f"{n}.alpha" in keys for n in names)
     assert all(keys[f"{n}.lora_up.weight"].abs().max() > 0 for n in names)  # every module trained (up starts at 0)
+    from safetensors import safe_open
+
+    with safe_open(str(saved), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("flux1", "flux-1-dev/lora")
+    assert meta["ss_sd_model_name"] == "flux1-dev"  # the host's checkpoint
     capsys.readouterr()
     objects = sd_model.forge_objects
     unet, clip = networks.load_lora_for_models(objects.unet, objects.clip, networks.load_lora_state_dict(str(saved)),

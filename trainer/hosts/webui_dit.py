@@ -64,7 +64,7 @@ def widen_fp8(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def describe_packed(state: Mapping[str, Any], keys: list[str]) -> str:
-    """"e.g. <key> (<dtype or class>)" for a message."""
+    """"e.g. <key>, <dtype or tensor class>" of the first of ``keys``, for a message."""
     key = keys[0]
     value = state[key]
     kind = type(value).__name__ if type(value).__name__ not in ("Tensor", "Parameter") else str(value.dtype)
