@@ -182,7 +182,8 @@ def _compare_flux(record: dict, models, info) -> None:
     kmodel = objects.unet.model
     assert type(kmodel).__name__ == record["kmodel_type"].rsplit(".", 1)[-1]
     assert type(kmodel.predictor).__name__ == record["predictor_type"].rsplit(".", 1)[-1]
-    assert (kmodel.predictor.prediction_type, kmodel.predictor.mu) == (record["prediction_type"], record["predictor_mu"])
+    predictor = kmodel.predictor
+    assert (predictor.prediction_type, predictor.mu) == (record["prediction_type"], record["predictor_mu"])
     assert str(kmodel.storage_dtype) == record["storage_dtype"]
     dit = kmodel.diffusion_model
     shapes = {k: [list(v.shape), str(v.dtype)] for k, v in dit.state_dict().items()}
@@ -301,7 +302,8 @@ def test_forges_full_size_flux_model_becomes_the_diffusers_bundle(record_name, f
         engine = models.Flux(_full_size_flux_file(record), info)
     assert ForgeAdapter().family(engine) == "flux"
     state, _, clone = ForgeAdapter().weights(engine, "flux", None)
-    bundle = flux_bundle_from_host_state(normalise_keys(state), tokenizers=["clip", "t5"], clone=clone, source="full size")
+    bundle = flux_bundle_from_host_state(normalise_keys(state), tokenizers=["clip", "t5"], clone=clone,
+                                         source="full size")
     schnell = "schnell" in record_name
     assert bundle.family.variant == ("schnell" if schnell else bundle.family.variant) and \
         bool(bundle.unet.config.guidance_embeds) is not schnell

@@ -145,7 +145,8 @@ def test_a_lora_run_on_the_loaded_flux_model_loads_in_forge_with_no_key_skipped(
     host = _host(configs)
     data = image_folder(tmp_path / "data", n=2)
     cfg = quick_config(lora_data_directory=str(data), train_iterations="3", train_batch_size="1",
-                       network_blocks="CLIP,T5,D00,D01,S00", save_lora_name="flux_host", host_check=True, preview_size="16")
+                       network_blocks="CLIP,T5,D00,D01,S00", save_lora_name="flux_host", host_check=True,
+                       preview_size="16")
     result = run_job(cfg, host=host, logs_dir=tmp_path / "logs", control=TrainControl())
     assert shared.sd_model is sd_model and _same(_host_tensors(sd_model), before)
     [check] = [c for c in result.load_checks if c.in_host]
@@ -224,7 +225,8 @@ def test_text_encoders_held_in_fp8_are_widened_and_packed_ones_refused(forge):
         host.restore()
     with torch.inference_mode():  # bitsandbytes nf4: packed bytes
         layer.q.weight = torch.nn.Parameter(torch.zeros(8, 1, dtype=torch.uint8), requires_grad=False)
-    with pytest.raises(ModelLoadError, match="holds its T5 text encoder quantised .*uint8.*choose an fp16, bf16 or fp8 T5"):
+    with pytest.raises(ModelLoadError,
+                       match="holds its T5 text encoder quantised .*uint8.*choose an fp16, bf16 or fp8 T5"):
         host.load(quick_config(lora_data_directory="x"))
 
 

@@ -128,7 +128,8 @@ def flux_to_bfl(transformer) -> dict:
 
     pair("x_embedder", "img_in")
     pair("context_embedder", "txt_in")
-    for src, dst in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in")):
+    for src, dst in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"),
+                     ("guidance_embedder", "guidance_in")):
         pair(f"time_text_embed.{src}.linear_1", f"{dst}.in_layer")
         pair(f"time_text_embed.{src}.linear_2", f"{dst}.out_layer")
     doubles = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}

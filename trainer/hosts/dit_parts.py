@@ -214,7 +214,8 @@ def _flux_narrow_linear1(convert: Any, state: dict, config: dict) -> dict:
     if width == _FLUX_WIDTH:
         return convert(dict(state))
     fused = {k: v for k, v in state.items() if k.startswith("single_blocks.") and ".linear1." in k}
-    stand_in = {k: torch.empty((3 * _FLUX_WIDTH + 4 * _FLUX_WIDTH, *v.shape[1:]), device="meta") for k, v in fused.items()}
+    stand_in = {k: torch.empty((3 * _FLUX_WIDTH + 4 * _FLUX_WIDTH, *v.shape[1:]), device="meta")
+                for k, v in fused.items()}
     out = convert({**state, **stand_in})
     for key, tensor in fused.items():
         block, kind = key.split(".")[1], key.rsplit(".", 1)[1]
