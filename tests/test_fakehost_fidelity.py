@@ -301,9 +301,8 @@ def test_forges_full_size_flux_model_becomes_the_diffusers_bundle(record_name, f
     with torch.inference_mode():
         engine = models.Flux(_full_size_flux_file(record), info)
     assert ForgeAdapter().family(engine) == "flux"
-    state, _, clone = ForgeAdapter().weights(engine, "flux", None)
-    bundle = flux_bundle_from_host_state(normalise_keys(state), tokenizers=["clip", "t5"], clone=clone,
-                                         source="full size")
+    state, _ = ForgeAdapter().weights(engine, "flux", None)
+    bundle = flux_bundle_from_host_state(normalise_keys(state), tokenizers=["clip", "t5"], source="full size")
     schnell = "schnell" in record_name
     assert bundle.family.variant == ("schnell" if schnell else bundle.family.variant) and \
         bool(bundle.unet.config.guidance_embeds) is not schnell

@@ -109,6 +109,8 @@ def test_the_loaded_flux_model_is_handed_over_and_put_back(forge):
         _assert_like_components(bundle, parts)
         assert not any(p.is_inference() for m in (bundle.unet, *bundle.text_encoders) for p in m.parameters())
         assert bundle.tokenizers[1] is sd_model.forge_objects.clip.tokenizer.t5xxl  # the host's own tokenizers
+        host_root = sd_model.forge_objects.unet.model.diffusion_model
+        assert bundle.unet.x_embedder.weight.data_ptr() == host_root.img_in.weight.data_ptr()  # shared, no copy
         assert sd_model.forge_objects.unet.model.placement == "cpu"  # offloaded while it trains
         assert not any("from disk" in m for m in host.messages)
     finally:

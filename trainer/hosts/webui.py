@@ -283,7 +283,7 @@ class ForgeAdapter(_HostCalls):
 
         objects = model.forge_objects
         if family == "flux":
-            return self._flux_weights(objects), {}, True
+            return self._flux_weights(objects), {}
         state = prefixed("model.diffusion_model.", objects.unet.model.diffusion_model.state_dict())
         state.update(prefixed("first_stage_model.", objects.vae.first_stage_model.state_dict()))
         layouts = {}

@@ -78,14 +78,13 @@ def flux_from_loaded(adapter: Any, model: Any, *, vae: Any, config_dir: Any, log
     its checkpoint file; text encoders held in fp8 are widened exactly; packed (nf4/GGUF) text encoders,
     and text encoders carrying a generation's LoRA, are refused with what to do. ``vae`` replaces the
     host's VAE; ``log`` receives what the user should know."""
-    from trainer.hosts.webui_weights import has_inference_tensors, normalise_keys
+    from trainer.hosts.webui_weights import normalise_keys
 
     merged = adapter.lora_merged_in(model)
     if "clip" in merged:
         raise ModelLoadError("the web UI's Flux text encoders carry a LoRA merged in by the last generation, and "
                              "their files are not known here; generate once without a LoRA, then train")
-    state, _, clone = adapter.weights(model, "flux", config_dir)
-    clone = clone or has_inference_tensors(state)
+    state, _ = adapter.weights(model, "flux", config_dir)
     state = normalise_keys(state)  # Forge's textual-inversion wrapper out of CLIP-L's key paths
     for name, prefix in (("CLIP-L", CLIP_L), ("T5", T5XXL)):
         own = part(state, prefix)
@@ -108,7 +107,7 @@ def flux_from_loaded(adapter: Any, model: Any, *, vae: Any, config_dir: Any, log
         transformer = transformer_from_file(Path(getattr(info, "filename", "") or ""), reason, config_dir, log)
         state = {k: v for k, v in state.items() if not k.startswith(TRANSFORMER)}
     return flux_bundle_from_host_state(state, tokenizers=adapter.tokenizers(model, "flux"), transformer=transformer,
-                                       vae=vae, config_dir=config_dir, clone=clone, source=source, metadata=metadata)
+                                       vae=vae, config_dir=config_dir, source=source, metadata=metadata)
 
 
 def transformer_from_file(filename: Path, reason: str, config_dir: Any, log: Any) -> Any:
@@ -131,13 +130,13 @@ def transformer_from_file(filename: Path, reason: str, config_dir: Any, log: Any
 
 
 def flux_bundle_from_host_state(state: Mapping[str, Any], *, tokenizers: list, transformer: Any = None,
-                                vae: Any = None, config_dir: Any = None, clone: bool = False,
+                                vae: Any = None, config_dir: Any = None,
                                 source: str = "the loaded model", metadata: Mapping[str, Any] | None = None) -> Any:
     """A frozen Flux.1 ModelBundle from the state dict of a web UI's loaded Flux model (``FLUX_PREFIXES``).
 
     ``tokenizers`` are the host's (CLIP-L, T5): the T5 tokenizer is not shipped with the trainer.
-    ``transformer`` / ``vae`` replace the state's (read from a file instead); ``clone`` copies every
-    tensor first (Forge's are inference tensors). Flux.1-schnell is told from dev by its missing
+    ``transformer`` / ``vae`` replace the state's (read from a file instead). The tensors are shared
+    with the host, inference tensors included (``webui_weights.outside_inference``). Flux.1-schnell is told from dev by its missing
     guidance embedding, as in a file.
     """
     from trainer.bundle import ModelBundle
@@ -145,13 +144,13 @@ def flux_bundle_from_host_state(state: Mapping[str, Any], *, tokenizers: list, t
     from trainer.hosts.components import ConfigFolders
     from trainer.hosts.dit_parts import SCHNELL_SCHEDULER, flow_scheduler, transformer_from_state
     from trainer.hosts.ldm_convert import build_text_encoder, build_vae
-    from trainer.hosts.webui_weights import clone_outside_inference
+    from trainer.hosts.webui_weights import outside_inference
 
     if len(tokenizers) != 2 or any(t is None for t in tokenizers):
         raise ModelLoadError("the web UI's Flux model has no CLIP-L and T5 tokenizers to hand over; choose the "
                              "transformer file as the Model and a Text Encoder folder with its tokenizers")
     folders = ConfigFolders("flux", config_dir)
-    weights = clone_outside_inference(state) if clone else dict(state)
+    weights = outside_inference(state)
     if transformer is None:
         transformer = transformer_from_state(part(weights, TRANSFORMER), "flux", folders.json("transformer"),
                                              source=source)

@@ -333,14 +333,14 @@ class WebUIHost:
         from trainer.hosts.webui_weights import bundle_from_host_state, normalise_keys, unusable_tensors
 
         family = adapter.family(model)
+        if adapter.lora_merged(model) and self._unmerge(adapter) and not adapter.lora_merged(model):
+            self.log(f"The LoRA the last generation merged into the {adapter.name} model was taken out with "
+                     f"{adapter.name}'s own loader (its next generation with a LoRA merges it again).")
         if family == "flux":
             return self._flux_from_loaded(adapter, model, vae_path)
         info = getattr(model, "sd_checkpoint_info", None)
         host_prediction = adapter.prediction(model)
         reason, state = None, None
-        if adapter.lora_merged(model) and self._unmerge(adapter) and not adapter.lora_merged(model):
-            self.log(f"The LoRA the last generation merged into the {adapter.name} model was taken out with "
-                     f"{adapter.name}'s own loader (its next generation with a LoRA merges it again).")
         if adapter.lora_merged(model):
             reason = "its weights carry a LoRA merged in by the last generation"
         else:
