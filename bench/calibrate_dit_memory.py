@@ -122,8 +122,10 @@ def fp32_kernels():
             dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in half]
             if func not in ops or not dtypes:
                 return func(*args, **kwargs)
-            up = [a.float() if isinstance(a, torch.Tensor) and a.dtype in half else a for a in args]
-            out = func(*up, **kwargs)
+
+            def up(a):
+                return a.float() if isinstance(a, torch.Tensor) and a.dtype in half else a
+            out = func(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
             cast = (lambda t: t.to(dtypes[0]) if isinstance(t, torch.Tensor) and t.dtype == torch.float32
                     and t.dim() > 1 and not _is_logsumexp(func, t) else t)
             return tuple(cast(t) for t in out) if isinstance(out, tuple) else cast(out)
@@ -246,8 +248,8 @@ def measure_block(block, args: tuple, grad_idx: tuple, checkpointing: bool, kern
             "out_bytes": sum(o.untyped_storage().nbytes() for o in outs)}
 
 
-def _t5(dtype, storage: str):
-    """Flux's T5-XXL encoder with one layer (full width), random weights, the trainer's network on it (T5)."""
+def _t5(dtype, storage: str, layers: int = 1):
+    """Flux's T5-XXL encoder with ``layers`` layers (full width), random weights, the trainer's network on it (T5)."""
     import torch
 
     from trainer.bundle import ModelBundle
@@ -258,7 +260,7 @@ def _t5(dtype, storage: str):
 
     folder = shipped_config_dir("flux")
     config = library_class("transformers", "AutoConfig").from_pretrained(str(folder / "text_encoder_2"))
-    config.num_layers = 1
+    config.num_layers = layers
     with torch.device("meta"):
         t5 = library_class("transformers", "T5EncoderModel")(config)
         settings = read_json(folder / "transformer" / "config.json")
@@ -267,7 +269,7 @@ def _t5(dtype, storage: str):
     with torch.no_grad():
         for p in t5.parameters():
             p.normal_(0, 0.02)
-    t5.requires_grad_(False)
+    t5.requires_grad_(False).eval()  # as the trainer holds it (ModelBundle.freeze): no dropout
     if storage == "fp8":
         from trainer.network.storage import store_weights
 
@@ -279,8 +281,10 @@ def _t5(dtype, storage: str):
     return t5, net
 
 
-def measure_t5(precision: str, tokens: int, storage: str, exact_kernels: bool) -> dict:
-    """One T5 layer's step (the encoder with one layer: embedding, the layer, final norm) at ``tokens``."""
+def measure_t5(precision: str, tokens: int, storage: str, exact_kernels: bool, layers: int = 1) -> dict:
+    """The step of the T5 encoder cut to ``layers`` layers (embedding, the layers, final norm) at ``tokens``;
+    the difference between 2 layers and 1 is one layer's kept memory (the relative position bias and the
+    embedding exist once)."""
     import contextlib
     import gc
 
@@ -288,7 +292,7 @@ def measure_t5(precision: str, tokens: int, storage: str, exact_kernels: bool) -
     from torch.utils._python_dispatch import _disable_current_modes
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    t5, net = _t5(dtype, storage)
+    t5, net = _t5(dtype, storage, layers)
     kernels = (contextlib.nullcontext() if exact_kernels or dtype == torch.float32 else fp32_kernels())
     ids = torch.randint(0, 32000, (1, tokens))
     gc.collect()
@@ -300,19 +304,19 @@ def measure_t5(precision: str, tokens: int, storage: str, exact_kernels: bool) -
             grad = torch.randn_like(out)
         out.backward(grad)
     return {"family": "t5", "precision": precision, "tokens": tokens, "storage": storage,
-            "blocks": {"t5 layer": {"kept": kept, "peak": tracker.peak, "rss_step": 0,
+            "blocks": {f"t5 encoder of {layers} layer(s)": {"kept": kept, "peak": tracker.peak, "rss_step": 0,
                                     "out_bytes": out.untyped_storage().nbytes()}}}
 
 
 def measure_point(family: str, precision: str, tokens: int, text: int, checkpointing: bool, storage: str,
-                  exact_kernels: bool = False) -> dict:
+                  exact_kernels: bool = False, t5_layers: int = 1) -> dict:
     import contextlib
     import time
 
     import torch
 
     if family == "t5":
-        return measure_t5(precision, tokens, storage, exact_kernels)
+        return measure_t5(precision, tokens, storage, exact_kernels, t5_layers)
 
     started = time.process_time()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -372,6 +376,7 @@ def main(argv=None) -> int:
     p.add_argument("--text", type=int, default=64, help="text tokens (a multiple of 32 for Z-Image)")
     p.add_argument("--checkpointing", default="off,on")
     p.add_argument("--storage", default="none", help="none | fp8 (base weights stored in fp8, upcast per layer)")
+    p.add_argument("--t5-layers", default="1,2", help="--family t5: encoder depths to measure (per layer = the difference)")
     p.add_argument("--exact-kernels", action="store_true",
                    help="bf16 matrix products with the bf16 kernels (slow on CPUs without bf16 units; same counts)")
     p.add_argument("--threads", type=int, default=2)
@@ -392,9 +397,11 @@ def main(argv=None) -> int:
             for storage in args.storage.split(","):
                 for ckpt in args.checkpointing.split(","):
                     rows: dict[str, list] = {}
-                    for tokens in (int(t) for t in args.tokens.split(",")):
+                    depths = [int(d) for d in args.t5_layers.split(",")] if family == "t5" else [1]
+                    for tokens, depth in ((int(t), d) for t in args.tokens.split(",") for d in depths):
                         point = dict(family=family, precision=precision, tokens=tokens, text=args.text,
-                                     checkpointing=ckpt == "on", storage=storage, exact_kernels=args.exact_kernels)
+                                     checkpointing=ckpt == "on", storage=storage, exact_kernels=args.exact_kernels,
+                                     t5_layers=depth)
                         run = subprocess.run([sys.executable, __file__, "--point", json.dumps(point),
                                               "--threads", str(args.threads)], capture_output=True, text=True)
                         if run.returncode:

@@ -40,8 +40,14 @@ def _candidates(est: MemoryEstimate) -> list[tuple[str, dict]]:
     if f["batch"] > 1:
         out.append((f"lower train_batch_size to 1 and set gradient_accumulation_steps to {f['batch']} "
                     "(same effective batch)", {"batch": 1}))
+    if f["device"] == "cuda" and f.get("unet_bytes", f["model_bytes"]) > 1:
+        out.append(("set memory_profile to low (or auto): among its savings, the base weights stored in fp8 and "
+                    "moved to the GPU only after caching", {"unet_bytes": 1, "unet_after_caching": True,
+                                                            "vae_in_training": False}))
     if f["train_te"]:
-        out.append(("remove BASE from network_blocks (do not train the text encoder)", {"train_te": False}))
+        named = " / ".join(f.get("te_trained") or ("BASE",))
+        out.append((f"remove {named} from network_blocks (do not train the text encoder; its outputs are then "
+                    "cached and it leaves the device)", {"train_te": False}))
     if not f["free_after_caching"] and f["vae_bytes"] == 4 and f["device"] == "cuda":
         out.append(("set train_VAE_precision to fp16 or bf16", {"vae_bytes": 2}))
     side = max(f["height"], f["width"])

@@ -59,6 +59,7 @@ class MemoryPlan:
     free: int | None = None
     choices: list = field(default_factory=list)
     hint: str = ""  # a slower profile that would fit, when this one does not
+    denoiser: str = "U-Net"  # what the messages call the trained model ("transformer" on Flux.1 / Z-Image)
 
     def lines(self) -> list[str]:
         how = "" if self.asked == self.profile else f" (asked: {self.asked})"
@@ -121,8 +122,10 @@ def _optimizer_choice(config, kind: str, *, bnb: bool) -> tuple[dict, str]:
             f"optimizers do not run on {kind}; Adafactor keeps factored second moments, a fraction of Adam's state")
 
 
-def options(config, kind: str, *, bf16: bool | None = None, bnb: bool | None = None) -> dict[str, _Option]:
-    """Each profile of PROFILES worked out for ``config`` on a device of ``kind``."""
+def options(config, kind: str, *, bf16: bool | None = None, bnb: bool | None = None,
+            denoiser: str = "U-Net") -> dict[str, _Option]:
+    """Each profile of PROFILES worked out for ``config`` on a device of ``kind``; ``denoiser`` names
+    the trained model in the reasons ("U-Net", or "transformer" for Flux.1 / Z-Image)."""
     from trainer.network.storage import fp8_supported
 
     bf16 = _bf16_ok(kind) if bf16 is None else bf16
@@ -146,7 +149,7 @@ def options(config, kind: str, *, bf16: bool | None = None, bnb: bool | None = N
             return
         opt.storage = half
         opt.facts["unet_bytes"] = 2
-        opt.choices.append(f"base weights: U-Net Linear/Conv weights stored in {half}, upcast per layer to "
+        opt.choices.append(f"base weights: {denoiser} Linear/Conv weights stored in {half}, upcast per layer to "
                            f"{precision} for compute (half the bytes of the weights)")
 
     balanced = _Option("balanced")
@@ -159,7 +162,7 @@ def options(config, kind: str, *, bf16: bool | None = None, bnb: bool | None = N
     if fp8_supported(kind):
         low.storage = "fp8"
         low.facts["unet_bytes"] = 1
-        low.choices.append(f"base weights: U-Net Linear/Conv weights stored in fp8 e4m3, upcast per layer to "
+        low.choices.append(f"base weights: {denoiser} Linear/Conv weights stored in fp8 e4m3, upcast per layer to "
                            f"{'fp16' if precision == 'model' else precision} for compute (a quarter of fp32's "
                            "bytes, half of fp16's)")
     else:
@@ -178,7 +181,7 @@ def options(config, kind: str, *, bf16: bool | None = None, bnb: bool | None = N
         low.defer_unet = True
         low.facts["unet_after_caching"] = True
         low.facts["vae_in_training"] = False  # every latent is cached before the U-Net arrives
-        low.choices.append("U-Net: moved to the GPU after latents and captions are cached (the VAE and the "
+        low.choices.append(f"{denoiser}: moved to the GPU after latents and captions are cached (the VAE and the "
                            "text encoders have left by then)")
     out["low"] = low
     for opt in (balanced, low):
@@ -206,17 +209,19 @@ def choose(estimates: dict[str, MemoryEstimate], free: int | None) -> tuple[str,
             why = "; ".join(f"{p} needs about {gib(estimates[p].total)}" for p in slower)
             return name, (f"{name}: fits in {gib(free)} free ({gib(estimates[name].total)} estimated"
                           + (f"; {why}" if why else "") + f"; {int(HEADROOM * 100)}% kept spare)")
-    return "low", f"low: nothing fits in {gib(free)} free; low needs the least ({gib(estimates['low'].total)})"
+    return "low", (f"low: nothing fits in {gib(free)} free with {int(HEADROOM * 100)}% kept spare; low needs the "
+                   f"least ({gib(estimates['low'].total)})")
 
 
 def plan(config, estimate: MemoryEstimate | None, device: Any, free: int | None, *,
          bf16: bool | None = None, bnb: bool | None = None) -> MemoryPlan:
     """The plan for ``config`` (its ``memory_profile``) given the speed-profile ``estimate``."""
-    from trainer.training.memory.estimate import device_kind
+    from trainer.training.memory.estimate import denoiser_name, device_kind
 
     kind = device_kind(device)
     asked = config.memory_profile
-    opts = options(config, kind, bf16=bf16, bnb=bnb)
+    denoiser = denoiser_name(estimate.facts["family"]) if estimate is not None else "U-Net"
+    opts = options(config, kind, bf16=bf16, bnb=bnb, denoiser=denoiser)
     estimates = {name: (estimate.with_facts(**o.facts) if o.facts else estimate)
                  for name, o in opts.items()} if estimate is not None else {}
     reason = None
@@ -234,7 +239,7 @@ def plan(config, estimate: MemoryEstimate | None, device: Any, free: int | None,
             changes["train_optimizer"] = PAGED[current]
             chosen = chosen.with_facts(offload_optimizer=True, optimizer=PAGED[current])
             choices.append(f"optimizer state: paged to system memory ({PAGED[current]}): the estimate still "
-                           "exceeds the free memory")
+                           f"exceeds the free memory less {int(HEADROOM * 100)}% kept spare")
         else:
             choices.append(f"optimizer state: stays on the GPU ({current} has no paged form)")
     hint = ""
@@ -247,7 +252,7 @@ def plan(config, estimate: MemoryEstimate | None, device: Any, free: int | None,
                     f"estimated")
     effective = _apply(config, changes)
     return MemoryPlan(asked=asked, profile=name, config=effective, storage=opt.storage, defer_unet=opt.defer_unet,
-                      estimate=chosen, free=free, choices=choices, hint=hint)
+                      estimate=chosen, free=free, choices=choices, hint=hint, denoiser=denoiser)
 
 
 def _apply(config, changes: dict):
@@ -285,7 +290,7 @@ def place_unet(unet, device, compute_dtype, memory_plan: MemoryPlan | None,
     if memory_plan.storage is not None:
         storage_dtype = getattr(torch, _STORAGE_DTYPES[memory_plan.storage])
         report = store_weights(unet, storage_dtype, compute_dtype)
-        log(f"  base weights: {report.layers} U-Net layers stored in {memory_plan.storage}, "
+        log(f"  base weights: {report.layers} {memory_plan.denoiser} layers stored in {memory_plan.storage}, "
             f"{report.bytes_before / 2**20:.0f} -> {report.bytes_after / 2**20:.0f} MiB")
     if memory_plan.defer_unet and here != torch.device(device):
         move_at_first_call(unet, device)
