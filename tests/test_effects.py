@@ -25,7 +25,8 @@ from trainer.config import TrainConfig
 from trainer.config.schema import EXTRA_KEYS
 from trainer.training.job import run_job
 
-pytestmark = pytest.mark.slow
+# one worker of a parallel run builds the world and runs them all
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tinyworld")]
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 N = 32           # images per measurement

@@ -99,6 +99,7 @@ def _random_ldm_state(kind: str, pool_size: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")  # one full-size model in memory at a time (test_memory too)
 def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
     """A full-architecture SD1.5 file (random fp16 weights, 2.1 GB) through the shipped configs."""
     from safetensors.torch import save_file
@@ -138,6 +139,7 @@ def test_full_size_sd15_single_file_loads_offline(tmp_path, no_network):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 def test_full_size_sdxl_single_file_loads_offline(tmp_path, no_network):
     """A full-architecture SDXL file (random fp16 weights, ~6.9 GB) loads offline in fp16."""
     from safetensors.torch import save_file

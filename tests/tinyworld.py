@@ -273,16 +273,25 @@ def _train(cfg: dict, log) -> tuple[dict, dict]:
 
 
 def load_or_train(cache_dir: Path, log=print) -> World:
-    """The world from ``cache_dir`` (a folder named by ``world_key()``), trained there if absent."""
-    from safetensors.torch import load_file, save_file
+    """The world from ``cache_dir`` (a folder named by ``world_key()``), trained there if absent.
+    Processes that ask at once (pytest-xdist workers, two test runs) take turns: one trains it,
+    the others wait for it and load it."""
+    from filelock import FileLock
 
     cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / "build.lock")):
+        return _load_or_train(cache_dir, log)
+
+
+def _load_or_train(cache_dir: Path, log) -> World:
+    from safetensors.torch import load_file, save_file
+
     unet_file, te_file = cache_dir / "unet.safetensors", cache_dir / "text_encoder.safetensors"
     t0 = time.perf_counter()
     if unet_file.is_file() and te_file.is_file():
         return World(load_file(str(unet_file)), load_file(str(te_file)), time.perf_counter() - t0, True)
     unet_state, te_state = train_world(log=log)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in te_state.items()}, str(te_file) + ".tmp")
     save_file({k: v.contiguous() for k, v in unet_state.items()}, str(unet_file) + ".tmp")
     Path(str(te_file) + ".tmp").replace(te_file)
