@@ -224,3 +224,34 @@ def test_a_lora_left_merged_by_the_last_generation_is_taken_out_not_read_from_di
     after = _all_weights(sd_model)
     assert all(torch.equal(after[k], before[k]) for k in before)  # the originals, LoRA out
     assert _same(render(), with_lora)  # and the host's next generation merges it again
+
+
+def test_the_merged_copies_are_handed_back_to_the_system_once_the_lora_is_off(webui, monkeypatch):
+    """A host generating with a LoRA merges copies of the weights it patches (real Forge with an
+    SDXL U-Net: ~5 GB that stayed resident). The host check, and a run that takes out a LoRA the
+    last generation left merged, hand the freed heap back (malloc_trim) after the LoRA is off."""
+    import trainer.heap
+    from helpers import quick_config
+    from modules import processing, shared
+    from trainer.hosts.webui import adapter
+
+    _, path = _saved(webui, "lierla", "trimmed")
+    sd_model = shared.sd_model
+    trims = []
+    monkeypatch.setattr(trainer.heap, "return_freed_memory",
+                        lambda: trims.append(adapter().lora_merged(sd_model)) or True)
+    host = _host(webui)
+    host.check_saved([(path, [1.0])], prompts=["a cat"], seed=3, size=(8, 8))
+    assert trims == [False]  # once, with the LoRA already taken off
+
+    trims.clear()
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=f"a cat <lora:{path.stem}:1>", seed=3, steps=2,
+                                                    width=16, height=16)
+    processing.process_images(p)
+    assert adapter().lora_merged(sd_model)
+    host.load(quick_config(lora_data_directory="x"))
+    try:
+        assert trims == [False]  # the LoRA the generation left was taken out, then the trim
+    finally:
+        host.restore()
+    assert trims[-1] is False and len(trims) == 2  # and the bundle's freed memory after the run

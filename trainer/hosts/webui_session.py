@@ -238,6 +238,7 @@ class WebUIHost:
                             loads.append(webui_txt2img.report(adapter.name, Path(path), echo.lines))
             finally:
                 webui_txt2img.drop_networks(adapter.name)
+                _return_freed()  # the merged copies the host's loader made for these files
         return loads, rows, setup
 
     @contextlib.contextmanager
@@ -377,6 +378,7 @@ class WebUIHost:
                 drop_networks(adapter.name)
         except Exception:  # noqa: BLE001 - a host without that loader: the file is read instead
             return False
+        _return_freed()  # the merged copies
         return True
 
     def _flux_from_loaded(self, adapter: Any, model: Any, vae_path: Path | None) -> Any:
@@ -465,6 +467,16 @@ def _checkpoint_meta(info: Any) -> dict:
     return {k: v for k, v in meta.items() if v}
 
 
+def _return_freed() -> None:
+    """Collect what was just let go and hand the freed heap back to the operating system: a host
+    generating with a LoRA merges copies of the weights it patches (Forge: an SDXL U-Net's worth),
+    and without the trim they stay in its resident memory after the LoRA is taken off."""
+    from trainer.heap import return_freed_memory
+
+    gc.collect()
+    return_freed_memory()
+
+
 def _release(bundle: Any) -> None:
     """Free the bundle's weights before the host's model goes back (the run is over by now).
 
@@ -473,13 +485,10 @@ def _release(bundle: Any) -> None:
     """
     if bundle is None:
         return
-    from trainer.heap import return_freed_memory
-
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         if module is not None:
             module.to("meta")
-    gc.collect()
-    return_freed_memory()  # else the freed copy stays in the host's resident memory, run after run
+    _return_freed()  # else the freed copy stays in the host's resident memory, run after run
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
