@@ -78,3 +78,21 @@ def test_a_run_checks_its_file_and_says_so(tmp_path):
     [check] = result.load_checks
     assert check.ok and check.file == result.saved[-1]
     assert any(line.startswith("load check of checked.safetensors (diffusers): loaded: ") for line in lines)
+
+
+def test_without_a_peft_backend_the_check_is_skipped_naming_what_is_too_old(bundles, tmp_path, monkeypatch):
+    """AUTOMATIC1111 1.8 pins transformers 4.30.2, below the 4.34 diffusers wants for its PEFT
+    backend (with peft installed): the check says so instead of "peft is not installed"."""
+    import importlib.metadata
+
+    import diffusers.utils
+    from diffusers.utils import constants
+
+    net = create_network(bundles["sd1"], _spec("lierla"))
+    path = save_network(net, tmp_path / "n.safetensors", metadata={}, dtype=torch.float32)
+    real = importlib.metadata.version
+    monkeypatch.setattr(diffusers.utils, "USE_PEFT_BACKEND", False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.30.2" if name == "transformers" else real(name))
+    check = check_file(path, bundles["sd1"])
+    assert check.skipped == ("diffusers loads LoRAs only through its PEFT backend, and here transformers is "
+                             f"4.30.2, below the {constants.MIN_TRANSFORMERS_VERSION} it needs")

@@ -197,12 +197,40 @@ def _pipeline(bundle, unet, encoders):
                                    requires_safety_checker=False)
 
 
+def _no_peft_backend() -> str:
+    """Why this diffusers has no PEFT backend (it loads LoRAs only through it), by its own rule:
+    peft and transformers each at least diffusers' minimum (AUTOMATIC1111 1.7-1.10 pin
+    transformers 4.30.2, below the 4.34 diffusers asks, so the check cannot run there)."""
+    import importlib.metadata
+
+    from diffusers.utils import constants
+    from packaging.version import Version
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    wants = {"peft": getattr(constants, "MIN_PEFT_VERSION", "?"),
+             "transformers": getattr(constants, "MIN_TRANSFORMERS_VERSION", "?")}
+    missing = []
+    for name, least in wants.items():
+        have = version(name)
+        if have is None:
+            missing.append(f"{name} is not installed")
+        elif least != "?" and Version(Version(have).base_version) < Version(least):
+            missing.append(f"{name} is {have}, below the {least} it needs")
+    why = "; ".join(missing) or "its PEFT backend is off"
+    return f"diffusers loads LoRAs only through its PEFT backend, and here {why}"
+
+
 def _check_diffusers(path: Path, bundle, tensors: dict) -> LoadCheck:
     from diffusers.utils import USE_PEFT_BACKEND
 
     result = LoadCheck(path, "diffusers", file_modules=len(_file_modules(tensors)))
     if not USE_PEFT_BACKEND:
-        result.skipped = "diffusers loads LoRAs through PEFT, which is not installed here"
+        result.skipped = _no_peft_backend()
         return result
     from peft.tuners.tuners_utils import BaseTunerLayer
 
