@@ -749,6 +749,50 @@ def test_a_flux_lora_run_trains_the_named_text_encoders(tmp_path):
     assert any("encoded at every step" in line for line in logs)
 
 
+@pytest.mark.slow
+def test_a_flux_run_training_one_encoder_caches_the_others_outputs_and_frees_it(tmp_path, monkeypatch):
+    """CLIP alone trains: T5's outputs are cached once, T5 leaves (meta), only CLIP encodes at each step,
+    and the trained weights are those of encoding both at every step with both kept (the earlier way)."""
+    from safetensors.torch import load_file
+
+    import trainer.modes.lora as lora_mode
+    from trainer.conditioning import PromptEncoder
+    from trainer.training.job import run_job
+
+    data = image_folder(tmp_path / "data", n=2)
+    cfg = dict(lora_data_directory=str(data), train_iterations="3", network_blocks="CLIP,D00")
+    calls, devices = [], {}
+    real_part, real_release = PromptEncoder.flux_part, lora_mode.release_unused
+
+    def spy_release(ctx, **kw):
+        real_release(ctx, **kw)
+        if "keep_encoder" in kw:
+            devices.update({i: next(e.parameters()).device.type for i, e in enumerate(ctx.bundle.text_encoders)})
+
+    monkeypatch.setattr(PromptEncoder, "flux_part", lambda self, prompts, part: calls.append(part) or
+                        real_part(self, prompts, part))
+    monkeypatch.setattr(lora_mode, "release_unused", spy_release)
+    logs = []
+    res = run_job(quick_config(**cfg, save_lora_name="cached"), host=TinyHost("flux", tmp_path / "out"),
+                  logs_dir=tmp_path / "logs", control=TrainControl(on_log=logs.append))
+    cached = load_file(str(res.saved[-1]))
+    assert any("T5 text encoder's outputs are cached" in line for line in logs), logs
+    assert devices == {0: "cpu", 1: "meta"}  # T5 released, CLIP kept
+    last_t5 = len(calls) - 1 - calls[::-1].index("T5")
+    assert calls[last_t5 + 1:].count("CLIP") >= 3 and "T5" not in calls[last_t5 + 1:]  # the steps: CLIP only
+
+    monkeypatch.setattr(lora_mode, "release_unused", lambda ctx, **kw: None if "keep_encoder" in kw
+                        else real_release(ctx, **kw))
+    monkeypatch.setattr(lora_mode.LoraTask, "conditioning",
+                        lambda self, idx: self.ctx.encoder.encode([self.prompts[i] for i in idx]))
+    res = run_job(quick_config(**cfg, save_lora_name="every_step"), host=TinyHost("flux", tmp_path / "out2"),
+                  logs_dir=tmp_path / "logs2")
+    every = load_file(str(res.saved[-1]))
+    assert cached.keys() == every.keys() and any(k.startswith("lora_te1_") for k in cached)
+    for key in cached:
+        assert torch.allclose(cached[key], every[key], rtol=1e-4, atol=1e-6), key
+
+
 # ----------------------------------------------------------------------------- Flux.1-schnell
 
 def _save_flux_folder(folder, parts):

@@ -406,16 +406,19 @@ class PromptEncoder:
 
 
     def _encode_flux(self, prompts: list[str], device) -> Conditioning:
-        clip_tok, t5_tok = self.tokenizers
-        clip, t5 = self.encoders
-        ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(device)
-        pooled = clip(ids, output_hidden_states=False).pooler_output
-        length = min(FLUX_T5_LENGTH, int(t5_tok.model_max_length))
-        ids = t5_tok(prompts, padding="max_length", max_length=length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
-        hidden = t5(ids, output_hidden_states=False)[0]
-        return Conditioning(hidden, pooled)
+        return Conditioning(self.flux_part(prompts, "T5"), self.flux_part(prompts, "CLIP"))
+
+    def flux_part(self, prompts: list[str], part: str) -> torch.Tensor:
+        """One Flux encoder's share of the conditioning: CLIP-L's pooled embedding ("CLIP") or T5's
+        hidden states ("T5"), so a run that trains one of them can cache the other's."""
+        index = FLUX_ENCODERS.index(part)
+        tokenizer, encoder = self.tokenizers[index], self.encoders[index]
+        device = next(encoder.parameters()).device
+        length = tokenizer.model_max_length if part == "CLIP" else min(FLUX_T5_LENGTH, int(tokenizer.model_max_length))
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=False)
+        return out.pooler_output if part == "CLIP" else out[0]
 
     def _encode_zimage(self, prompts: list[str], device) -> Conditioning:
         tokenizer, encoder = self.tokenizers[0], self.encoders[0]
@@ -445,6 +448,7 @@ def _final_layer_norm(encoder):
 
 
 FLUX_T5_LENGTH = 512       # FluxPipeline's max_sequence_length (dev; the longest schnell takes is 256)
+FLUX_ENCODERS = ("CLIP", "T5")  # Flux's text encoders by block id, in the bundle's order
 ZIMAGE_TEXT_LENGTH = 512   # ZImagePipeline's max_sequence_length
 
 

@@ -112,8 +112,8 @@ def flow_notes(cfg, ctx: ModeContext) -> None:
     if named and not trains_text_encoder(cfg):
         ctx.log(f"note: {' and '.join(named)} selected, but {cfg.mode} mode trains no text encoder; "
                 "prompts are encoded once and cached")
-    elif named and fam.te_kinds != ("qwen3",):
-        ctx.log(f"note: the {' and '.join(named)} text encoder(s) train; prompts are encoded at every step "
+    elif len(named) > 1 and fam.te_kinds != ("qwen3",):
+        ctx.log(f"note: the {' and '.join(named)} text encoders train; prompts are encoded at every step "
                 "(not cached), so the text encoders stay loaded")
     if "BASE" in cfg.network_blocks and not named:
         how = ("" if fam.te_kinds == ("qwen3",) else
@@ -125,16 +125,19 @@ def flow_notes(cfg, ctx: ModeContext) -> None:
                 "so every block is trained")
 
 
-def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = False) -> None:
+def release_unused(ctx: ModeContext, *, vae: bool = True, text_encoders: bool = False,
+                   keep_encoder: int | None = None) -> None:
     """Free frozen parts a run no longer needs once its latents / prompts are cached.
 
     The modules' tensors are swapped for meta tensors: memory the trainer owns is freed, while
     weights shared with a web-UI's own model stay untouched (the host still holds them). A run with
-    previews keeps them on the CPU instead (``ctx.extras["keep_for_previews"]``).
+    previews keeps them on the CPU instead (``ctx.extras["keep_for_previews"]``). ``keep_encoder``:
+    the index of a text encoder that stays (the one a Flux run trains while the other's are cached).
     """
     import gc
 
-    parts = ([ctx.bundle.vae] if vae else []) + (list(ctx.bundle.text_encoders) if text_encoders else [])
+    encoders = [e for i, e in enumerate(ctx.bundle.text_encoders) if i != keep_encoder] if text_encoders else []
+    parts = ([ctx.bundle.vae] if vae else []) + encoders
     # Previews during the run still need them: they wait on the CPU and come back for each preview.
     away = "cpu" if ctx.extras.get("keep_for_previews") else "meta"
     for module in parts:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.conditioning import sdxl_time_ids
+from trainer.conditioning import Conditioning, sdxl_time_ids
 from trainer.data.cache import LatentCache, TextCache
 from trainer.training.losses import add_noise, diffusion_loss, make_noise, sample_timesteps, training_target
 from trainer.modes.base import ModeContext, TrainTask, build_network, release_unused, to_device, unet_forward
@@ -67,7 +67,11 @@ class LoraTask(TrainTask):
         self.specs, self.cache = specs, cache
         self.prompts = prompts if prompts is not None else [s.item.prompt for s in specs]
         self.train_te = bool(network.te_modules)
-        self.text = None if self.train_te else TextCache(ctx.encoder).build(self.prompts)
+        # Flux training one of its two encoders: the other's output is cached and it can leave
+        trained = sorted({m.block for m in network.te_modules})
+        self.live_encoder = trained[0] if ctx.bundle.family.name == "flux" and len(trained) == 1 else None
+        cache_text = not self.train_te or self.live_encoder is not None
+        self.text = TextCache(ctx.encoder).build(self.prompts) if cache_text else None
         groups = group_by_bucket(specs)
         self.batcher = BucketBatcher(groups, cfg.train_batch_size,
                                      num_multiply=cfg.image_num_multiply, seed=cfg.train_seed)
@@ -87,6 +91,10 @@ class LoraTask(TrainTask):
 
     def conditioning(self, idx: list[int]):
         prompts = [self.prompts[i] for i in idx]
+        if self.live_encoder is not None:  # the trained encoder's share fresh, the frozen one's cached
+            cached, fresh = self.text.get(prompts), self.ctx.encoder.flux_part(prompts, self.live_encoder)
+            return Conditioning(cached.hidden, fresh) if self.live_encoder == "CLIP" else \
+                Conditioning(fresh, cached.pooled)
         if self.train_te:
             return self.ctx.encoder.encode(prompts)
         return self.text.get(prompts)
@@ -141,4 +149,10 @@ def build_tasks(cfg, ctx: ModeContext):
     task = LoraTask(cfg, ctx, specs=specs, cache=cache, network=net)
     if not task.train_te:
         release_unused(ctx, vae=False, text_encoders=True)  # captions are cached
+    elif task.live_encoder is not None:  # Flux: the frozen encoder's outputs are cached
+        from trainer.conditioning import FLUX_ENCODERS
+
+        release_unused(ctx, vae=False, text_encoders=True, keep_encoder=FLUX_ENCODERS.index(task.live_encoder))
+        ctx.log(f"the frozen {'T5' if task.live_encoder == 'CLIP' else 'CLIP'} text encoder's outputs are cached; "
+                f"only {task.live_encoder} encodes at every step")
     yield task

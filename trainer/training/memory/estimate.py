@@ -203,7 +203,8 @@ def compute(facts: dict, parts: dict) -> MemoryEstimate:
     cached_with = {k: v for k, v in weights.items()
                    if not (k == f"{denoiser} weights" and facts.get("unet_after_caching"))}
     phases["caching latents"] = {"runtime": runtime, **cached_with, "VAE encode (largest bucket)": encode}
-    phases["training"] = {"runtime": runtime, **_kept(weights, facts), **_network(facts, parts), **_work(facts)}
+    phases["training"] = {"runtime": runtime, **_kept(weights, facts, parts["params"]), **_network(facts, parts),
+                          **_work(facts)}
     if facts.get("preview_cells"):
         # A preview brings the VAE and text encoders back beside the network and its optimizer state;
         # the step's activations are freed by then. The decode is priced with the encode's formula
@@ -312,13 +313,19 @@ def _weights(params: dict, model_bytes: float, vae_bytes: int, te_bytes: int | N
             "VAE weights": params["vae"] * vae_bytes}
 
 
-def _kept(weights: dict, facts: dict) -> dict:
+def _kept(weights: dict, facts: dict, params: dict) -> dict:
     out = dict(weights)
     if facts["free_after_caching"]:
         if not facts.get("vae_in_training"):
             out.pop("VAE weights")
         if not facts["train_te"]:
             out.pop("text encoder weights")
+        elif facts["family"] == "flux" and len(facts.get("te_trained", ())) == 1:
+            # one Flux encoder trains: the other's outputs are cached and it leaves (modes/lora.py)
+            from trainer.conditioning import FLUX_ENCODERS
+
+            share = params["text_encoders"][FLUX_ENCODERS.index(facts["te_trained"][0])] / sum(params["text_encoders"])
+            out["text encoder weights"] = out["text encoder weights"] * share
     return out
 
 
