@@ -67,7 +67,7 @@ from typing import Callable, Iterable, Mapping
 TRAINER_IMPORTS = """\
 import diffusers, transformers, accelerate
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDPMScheduler, EulerDiscreteScheduler
-from diffusers.utils import USE_PEFT_BACKEND
+from diffusers.utils import USE_PEFT_BACKEND, constants
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D

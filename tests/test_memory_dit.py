@@ -105,8 +105,8 @@ def test_cached_text_encoder_outputs_free_the_encoders():
     clip_params, t5_params = memory.PARAMS["flux"]["text_encoders"]
     # one encoder trains: the other's outputs are cached and it leaves before training
     assert t5.phase == "training" and t5.breakdown["text encoder weights"] == t5_params * 2
-    clip = memory.estimate_peak(_config(**{"network_blocks(BASE = TextEncoder)": ["CLIP", *(b for b in FLUX_T5 if b != "T5")]}),
-                                "flux", "cuda")
+    clip_blocks = ["CLIP", *(b for b in FLUX_T5 if b != "T5")]
+    clip = memory.estimate_peak(_config(**{"network_blocks(BASE = TextEncoder)": clip_blocks}), "flux", "cuda")
     assert clip.facts["te_trained"] == ("CLIP",)
     assert clip.phases["training"] < t5.phases["training"] - 8 * GiB  # T5-XXL (9.5 GB in bf16) gone
     assert "text encoder forward + backward" in t5.breakdown
