@@ -47,19 +47,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import run_point, vm_kb  # noqa: E402
 
 MiB = 2**20
 
 
-def _rss_kb(field: str = "VmRSS") -> int:
-    import re
-
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
 
 
 def live_tracker():
@@ -231,7 +229,7 @@ def measure_block(block, args: tuple, grad_idx: tuple, checkpointing: bool, kern
         args[i] = args[i].detach().clone().requires_grad_(True)
     gc.collect()
     tracker = live_tracker()
-    before = _rss_kb()
+    before = vm_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
     with kernels, tracker:
         if checkpointing:
@@ -243,7 +241,7 @@ def measure_block(block, args: tuple, grad_idx: tuple, checkpointing: bool, kern
         with _disable_current_modes(), torch.no_grad():  # the incoming gradients are not the block's
             grads = [torch.randn_like(o) for o in outs]
         torch.autograd.backward(outs, grads)
-    hwm = _rss_kb("VmHWM")
+    hwm = vm_kb("VmHWM")
     return {"kept": kept, "peak": tracker.peak, "rss_step": (hwm - before) * 1024,
             "out_bytes": sum(o.untyped_storage().nbytes() for o in outs)}
 
@@ -402,12 +400,9 @@ def main(argv=None) -> int:
                         point = dict(family=family, precision=precision, tokens=tokens, text=args.text,
                                      checkpointing=ckpt == "on", storage=storage, exact_kernels=args.exact_kernels,
                                      t5_layers=depth)
-                        run = subprocess.run([sys.executable, __file__, "--point", json.dumps(point),
-                                              "--threads", str(args.threads)], capture_output=True, text=True)
-                        if run.returncode:
-                            sys.stderr.write(run.stderr[-3000:])
+                        r = run_point(__file__, point, args.threads)
+                        if r is None:
                             return 1
-                        r = json.loads(run.stdout.strip().splitlines()[-1])
                         total = tokens + (0 if family == "t5" else args.text)
                         for kind, m in r["blocks"].items():
                             rows.setdefault(kind, []).append((total, m))

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
+from common import run_point, vm_kb  # noqa: E402
 
-def _rss_kb(field: str = "VmRSS") -> int:
-    import re
 
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
 
 
 def _random_module(module, dtype):
@@ -97,7 +94,7 @@ def measure_point(family: str, precision: str, resolution: int, batch: int, chec
     noisy = torch.randn(batch, 4, resolution // 8, resolution // 8, dtype=dtype)
     cond = Conditioning(torch.randn(batch, 77, width, dtype=dtype),
                         torch.randn(batch, 1280, dtype=dtype) if family == "sdxl" else None)
-    before = _rss_kb()
+    before = vm_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         if text_encoder:
@@ -108,7 +105,7 @@ def measure_point(family: str, precision: str, resolution: int, batch: int, chec
             loss = unet_forward(bundle, noisy, torch.tensor([500] * batch), cond,
                                 sdxl_time_ids(size, (0, 0), size)).float().pow(2).mean()
     loss.backward()
-    peak = _rss_kb("VmHWM")
+    peak = vm_kb("VmHWM")
     return {"family": family, "precision": precision, "resolution": resolution, "batch": batch,
             "checkpointing": checkpointing, "text_encoder": text_encoder,
             "step_bytes": (peak - before) * 1024, "per_cell": (peak - before) * 1024 / (cells * batch),
@@ -138,12 +135,9 @@ def main(argv=None) -> int:
             for res in resolutions:
                 point = dict(family=args.family, precision=precision, resolution=res, batch=args.batch,
                              checkpointing=ckpt == "on", text_encoder=args.text_encoder)
-                out = subprocess.run([sys.executable, __file__, "--point", json.dumps(point),
-                                      "--threads", str(args.threads)], capture_output=True, text=True)
-                if out.returncode:
-                    sys.stderr.write(out.stderr[-3000:])
+                r = run_point(__file__, point, args.threads)
+                if r is None:
                     return 1
-                r = json.loads(out.stdout.strip().splitlines()[-1])
                 what = "per prompt" if args.text_encoder else f"{res} px: per latent cell"
                 value = r["per_prompt"] if args.text_encoder else r["per_cell"]
                 print(f"{args.family} {precision} checkpointing {ckpt} batch {args.batch} {what}: "

@@ -96,15 +96,30 @@ class Measurement:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def _vm_kb(field_name: str) -> int:
+def vm_kb(field_name: str) -> int:
+    """A ``/proc/self/status`` memory field of this process (VmRSS, VmHWM, ...) in KiB; 0 if absent."""
     text = Path("/proc/self/status").read_text()
     match = re.search(rf"{field_name}:\s+(\d+)", text)
     return int(match[1]) if match else 0
 
 
+def run_point(script: str, point: dict, threads: int) -> dict | None:
+    """Run ``script --point <json> --threads N`` in a fresh process (each measuring script measures
+    one point so) and return the JSON object its last output line holds; None, with its stderr
+    tail written out, when it fails."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, script, "--point", json.dumps(point), "--threads", str(threads)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        sys.stderr.write(run.stderr[-3000:])
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def rss_mb() -> float:
     """Current resident memory of this process (MiB)."""
-    return _vm_kb("VmRSS") / 1024
+    return vm_kb("VmRSS") / 1024
 
 
 class Meter:
@@ -145,7 +160,7 @@ class Meter:
 
         # The reset below also resets getrusage's ru_maxrss (both read the kernel's hiwater mark),
         # so the peak so far (model loading, caching, first step) is kept here first.
-        self.before_reset_mb = max(_vm_kb("VmHWM") / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        self.before_reset_mb = max(vm_kb("VmHWM") / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         try:  # Linux: writing 5 resets VmHWM, so later readings cover the training steps only
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -158,7 +173,7 @@ class Meter:
         """Collect the peaks once training is over."""
         import torch
 
-        self.m.train_rss_mb = _vm_kb("VmHWM") / 1024
+        self.m.train_rss_mb = vm_kb("VmHWM") / 1024
         self.m.peak_rss_mb = max(self.before_reset_mb, self.m.train_rss_mb,
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if self.cuda:
