@@ -8,7 +8,6 @@ every key of the file. Quantised transformers are read from the file instead, or
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,9 @@ import torch
 from helpers import image_folder, quick_config
 from trainer.hosts.base import ModelLoadError
 from trainer.training.control import TrainControl
+from test_webui import FAKEHOST
+from test_webui import _purge_fake_host as _purge
 from trainer.training.job import run_job
-
-FAKEHOST = Path(__file__).resolve().parent / "fakehost"
-_FAKE_MODULES = ("modules", "modules_forge", "backend", "networks", "fakehost_setup", "fakehost_models",
-                 "fakehost_lora", "launch")
-
-
-def _purge() -> None:
-    for name in list(sys.modules):
-        if name.split(".")[0] in _FAKE_MODULES:
-            del sys.modules[name]
 
 
 @pytest.fixture
