@@ -166,12 +166,13 @@ def load_transformer_file(path: Path, family_name: str, config: dict, dtype: Any
     return transformer_from_state(state, family_name, config, dtype=dtype, source=path.name)
 
 
-# Keys that only packed (quantised) files have: bitsandbytes' nf4/fp4 quant state, fp8 "scaled" weights.
-_PACKED_MARKERS = (".quant_state.", "bitsandbytes__", ".absmax", ".quant_map", "scale_weight")
+# Keys that only packed (quantised) files have: bitsandbytes' nf4/fp4 quant state, fp8 "scaled" weights
+# (the web UI's loaded Flux model is checked with the same list: webui_dit.packed_keys).
+PACKED_MARKERS = (".quant_state.", "bitsandbytes__", ".absmax", ".quant_map", "scale_weight")
 
 
 def _refuse_packed(keys, name: str) -> None:
-    packed = next((k for k in keys if any(m in k for m in _PACKED_MARKERS)), None)
+    packed = next((k for k in keys if any(m in k for m in PACKED_MARKERS)), None)
     if packed is not None:
         raise ModelLoadError(f"{name} holds quantised weights (e.g. {packed}: bitsandbytes nf4/fp4 or scaled fp8), "
                              "which cannot be trained; choose a bf16, fp16 or plain fp8 version of the model")

@@ -30,7 +30,6 @@ T5XXL = "text_encoders.t5xxl.transformer."
 FLUX_PREFIXES = {"transformer": TRANSFORMER, "vae": VAE, "clip_l": CLIP_L, "t5xxl": T5XXL}
 # A float8 weight widens to bfloat16 exactly (fewer exponent and mantissa bits).
 _FP8 = ("torch.float8_e4m3fn", "torch.float8_e5m2", "torch.float8_e4m3fnuz", "torch.float8_e5m2fnuz")
-_PACKED_KEY_MARKERS = (".quant_state.", "bitsandbytes__", ".absmax", ".quant_map", ".scale_weight")
 
 
 def part(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -41,11 +40,12 @@ def part(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def packed_keys(state: Mapping[str, Any]) -> list[str]:
     """Keys whose tensors cannot be used as they are: fp8 storage, tensor subclasses, and the packed
     bytes and quant state of bitsandbytes / GGUF weights (integer tensors; a Flux model has none)."""
+    from trainer.hosts.dit_parts import PACKED_MARKERS
     from trainer.hosts.webui_weights import unusable_tensors
 
     bad = set(unusable_tensors(state))
     for key, value in state.items():
-        if any(m in key for m in _PACKED_KEY_MARKERS) or not getattr(value, "is_floating_point", lambda: False)():
+        if any(m in key for m in PACKED_MARKERS) or not getattr(value, "is_floating_point", lambda: False)():
             bad.add(key)
     return sorted(bad)
 
