@@ -301,7 +301,7 @@ class ForgeAdapter(_HostCalls):
     def _flux_weights(objects: Any) -> dict:
         """Forge's Flux engine as its all-in-one checkpoint keys it (``webui_dit.FLUX_PREFIXES``): the
         transformer in BFL names, the VAE in LDM names, CLIP-L and T5 in transformers' names."""
-        from trainer.hosts.webui_dit import CLIP_L, T5XXL, TRANSFORMER, VAE
+        from trainer.hosts.webui_dit import CLIP_L, T5XXL, TRANSFORMER, VAE, part
         from trainer.hosts.webui_weights import hf_text_encoder_state, prefixed
 
         state = prefixed(TRANSFORMER, objects.unet.model.diffusion_model.state_dict())
@@ -315,8 +315,7 @@ class ForgeAdapter(_HostCalls):
             if key == "clip_l":
                 state.update(prefixed(prefix, hf_text_encoder_state(encoder.state_dict(), with_projection=False)))
             else:  # IntegratedT5: transformers' T5 names under transformer., beside a logit_scale
-                state.update(prefixed(prefix, {k[len("transformer."):]: v for k, v in encoder.state_dict().items()
-                                               if k.startswith("transformer.")}))
+                state.update(prefixed(prefix, part(encoder.state_dict(), "transformer.")))
         return state
 
     def tokenizers(self, model: Any, family: str) -> list:
